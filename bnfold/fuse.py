@@ -1,0 +1,368 @@
+"""The fold pass: apply the rules to every BatchNorm site of a captured graph.
+
+Walks the graph in data-flow order.  For each BN it runs the checks every fold
+needs, once, here (eval mode, running statistics, constant parameters, a plain
+forward, finite values), then tries a backward fold into the producer of its
+input, then a forward fold into the consumer of its output.  Each BN ends up
+either folded (a ``Decision`` naming the layer, direction and rule) or kept with
+a ``Reason``.
+
+Safety: the model handed in is never modified.  The graph module built by
+capture shares the model's leaf modules, so a folded layer is always a new module
+object with new tensors, installed in the graph module's own hierarchy; a layer
+called from several places gets its own folded copy at the folded call site.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from bnfold import folding
+from bnfold.graph import (
+    BNSite,
+    ChannelLaw,
+    bn_site,
+    carry_law,
+    is_layout_node,
+    value_users,
+    shape_of,
+)
+from bnfold.rules import Direction, FoldRule, Reason, rules_for
+
+__all__ = ["Decision", "FoldOutcome", "fold_graph"]
+
+_PLAIN_BN_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
+_PLAIN_LAYER_FORWARDS = {
+    nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
+    nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward, nn.ConvTranspose3d.forward,
+    nn.Linear.forward,
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened to one BN site."""
+
+    bn: str
+    kind: str
+    into: str | None = None
+    direction: Direction | None = None
+    rule: str | None = None
+    reason: Reason | None = None
+    detail: str = ""
+
+    @property
+    def folded(self) -> bool:
+        return self.into is not None
+
+
+@dataclass
+class FoldOutcome:
+    module: fx.GraphModule
+    decisions: list[Decision]
+    shapes_known: bool
+
+
+@dataclass
+class _Plan:
+    rule: FoldRule
+    layer_node: fx.Node
+    layer: nn.Module
+    s: torch.Tensor
+    t: torch.Tensor
+
+
+class _Declined(Exception):
+    def __init__(self, reason: Reason, detail: str):
+        super().__init__(reason.value)
+        self.reason, self.detail = reason, detail
+
+
+def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -> FoldOutcome:
+    """Fold every BN of ``gm`` that folds exactly; ``original``'s modules stay untouched."""
+    protected = {id(m) for m in original.modules()} - {id(gm)}
+    calls = Counter(
+        id(gm.get_submodule(str(n.target))) for n in gm.graph.nodes if n.op == "call_module"
+    )
+    decisions: list[Decision] = []
+    erased: set[fx.Node] = set()
+    removed_modules: list[str] = []
+    copies = Counter[str]()
+    for node in list(gm.graph.nodes):
+        if node in erased:
+            continue
+        site = bn_site(gm, node)
+        if site is None:
+            continue
+        try:
+            _check_site(site)
+            plan = _try_backward(gm, site, shapes_known)
+        except _Declined as first:
+            plan = None
+            back_reason = first
+            try:
+                plan = _try_forward(gm, site, shapes_known)
+            except _Declined as second:
+                keep = second if second.reason not in (Reason.NO_NEIGHBOUR,) else back_reason
+                if back_reason.reason in (
+                    Reason.TRAIN_MODE, Reason.NO_RUNNING_STATS, Reason.NOT_CONSTANT,
+                    Reason.CUSTOM_FORWARD, Reason.NONFINITE_STATS,
+                ):
+                    keep = back_reason
+                detail = keep.detail
+                if keep is second and back_reason.detail:
+                    detail = f"{second.detail}; backward: {back_reason.detail}"
+                elif keep is back_reason and second.detail and keep.reason is Reason.NO_NEIGHBOUR:
+                    detail = f"{back_reason.detail}; {second.detail}"
+                decisions.append(Decision(site.name, site.kind, reason=keep.reason, detail=detail))
+                continue
+        try:
+            into = _apply(gm, site, plan, calls, protected, copies)
+        except _Declined as e:
+            decisions.append(Decision(site.name, site.kind, reason=e.reason, detail=e.detail))
+            continue
+        erased.update(_remove_bn(gm, site))
+        if site.module is not None:
+            removed_modules.append(str(site.node.target) if site.node.op == "call_module" else "")
+        decisions.append(
+            Decision(site.name, site.kind, into=into, direction=plan.rule.direction,
+                     rule=plan.rule.name)
+        )
+    gm.graph.eliminate_dead_code()
+    _drop_unused(gm, protected)
+    gm.recompile()
+    return FoldOutcome(gm, decisions, shapes_known)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_site(site: BNSite) -> None:
+    m = site.module
+    if m is not None and getattr(m, "track_running_stats", True) is False:
+        raise _Declined(Reason.NO_RUNNING_STATS, "track_running_stats=False")
+    if site.running_mean is None or site.running_var is None:
+        if not site.constant:
+            raise _Declined(Reason.NOT_CONSTANT, "statistics are not constant buffers")
+        raise _Declined(Reason.NO_RUNNING_STATS, "no running_mean/running_var buffers")
+    if not site.constant:
+        raise _Declined(Reason.NOT_CONSTANT, "parameters are not constant buffers")
+    if m is not None and m.training or site.training:
+        raise _Declined(Reason.TRAIN_MODE, "module.training is True; call model.eval()")
+    if (
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and type(m).forward not in _PLAIN_BN_FORWARDS
+    ):
+        raise _Declined(Reason.CUSTOM_FORWARD, f"{type(m).__name__}.forward is overridden")
+    for label, tensor in (("running_mean", site.running_mean), ("running_var", site.running_var),
+                          ("weight", site.weight), ("bias", site.bias)):
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise _Declined(Reason.NONFINITE_STATS, f"{label} has NaN/Inf")
+
+
+def _describe(gm: fx.GraphModule, node: object) -> str:
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
+    if node.op == "placeholder":
+        return f"the model input {node.target!r}"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+def _plain_layer(layer: nn.Module) -> None:
+    if type(layer).forward not in _PLAIN_LAYER_FORWARDS:
+        raise _Declined(Reason.CUSTOM_LAYER, f"{type(layer).__name__}.forward is overridden")
+
+
+def _try_backward(gm: fx.GraphModule, site: BNSite, shapes_known: bool) -> _Plan:
+    path: list[fx.Node] = []
+    n = site.input
+    while isinstance(n, fx.Node) and is_layout_node(gm, n):
+        if len(value_users(n)) != 1:
+            raise _Declined(Reason.PRODUCER_SHARED_OUTPUT, f"{n.name} feeds {len(n.users)} nodes")
+        path.append(n)
+        n = n.args[0]  # type: ignore[assignment]
+    if not isinstance(n, fx.Node) or n.op != "call_module":
+        raise _Declined(Reason.NO_NEIGHBOUR, f"input comes from {_describe(gm, n)}")
+    layer = gm.get_submodule(str(n.target))
+    rule = rules_for(layer, Direction.BACKWARD)
+    if rule is None:
+        raise _Declined(Reason.NO_NEIGHBOUR, f"input comes from {_describe(gm, n)}")
+    users = value_users(n)
+    if len(users) != 1:
+        raise _Declined(
+            Reason.PRODUCER_SHARED_OUTPUT,
+            f"{n.target}'s output also feeds "
+            + ", ".join(u.name for u in users if u is not (path[-1] if path else site.node)),
+        )
+    _plain_layer(layer)
+    out_features = getattr(layer, "out_channels", getattr(layer, "out_features", -1))
+    if out_features != site.channels:
+        raise _Declined(
+            Reason.CHANNEL_MISMATCH, f"{n.target} has {out_features} outputs, BN {site.channels}"
+        )
+    if shapes_known and shape_of(n) is not None:
+        law = ChannelLaw.at_axis(shape_of(n), rule.channel_axis)  # type: ignore[arg-type]
+        for step in reversed(path):
+            carried = carry_law(gm, step, law)
+            if carried is None:
+                raise _Declined(Reason.CHANNEL_MISMATCH, f"channels do not survive {step.name}")
+            law = carried
+        bn_in = shape_of(site.input)
+        if bn_in is None or law.axis_in(bn_in) != 1:
+            raise _Declined(
+                Reason.CHANNEL_MISMATCH,
+                f"{n.target}'s features are not the BN's channel axis at {bn_in}",
+            )
+    elif path or rule.channel_axis != 1:
+        raise _Declined(Reason.NEEDS_SHAPES, f"{n.target} -> {site.name}")
+    s, t = folding.bn_affine(site.running_mean, site.running_var, site.weight, site.bias,  # type: ignore[arg-type]
+                             site.eps)
+    return _Plan(rule, n, layer, s, t)
+
+
+def _try_forward(gm: fx.GraphModule, site: BNSite, shapes_known: bool) -> _Plan:
+    path: list[fx.Node] = []
+    n = site.node
+    while True:
+        users = value_users(n)
+        if len(users) != 1:
+            if not users:
+                raise _Declined(Reason.NO_NEIGHBOUR, "its output is a model output")
+            raise _Declined(
+                Reason.OUTPUT_SHARED, f"{n.name} feeds " + ", ".join(u.name for u in users)
+            )
+        (u,) = users
+        if not is_layout_node(gm, u):
+            break
+        path.append(u)
+        n = u
+    if u.op != "call_module" or u.args[0] is not n:
+        raise _Declined(Reason.NO_NEIGHBOUR, f"output goes to {_describe(gm, u)}")
+    layer = gm.get_submodule(str(u.target))
+    rule = rules_for(layer, Direction.FORWARD)
+    if rule is None:
+        raise _Declined(Reason.NO_NEIGHBOUR, f"output goes to {_describe(gm, u)}")
+    _plain_layer(layer)
+    if rule.zero_padding_breaks and _pads_with_zeros(layer):
+        raise _Declined(Reason.ZERO_PADDING, f"{u.target} has padding={layer.padding}")
+    s, t = folding.bn_affine(site.running_mean, site.running_var, site.weight, site.bias,  # type: ignore[arg-type]
+                             site.eps)
+    channels = site.channels
+    if shapes_known and shape_of(site.node) is not None:
+        law = ChannelLaw.at_axis(shape_of(site.node), 1)  # type: ignore[arg-type]
+        for step in path:
+            carried = carry_law(gm, step, law)
+            if carried is None:
+                raise _Declined(Reason.CHANNEL_MISMATCH, f"channels do not survive {step.name}")
+            law = carried
+        x = shape_of(n)
+        if x is None:
+            raise _Declined(Reason.NEEDS_SHAPES, f"{site.name} -> {u.target}")
+        if rule.channel_axis == 1:
+            if law.axis_in(x) != 1:
+                raise _Declined(Reason.CHANNEL_MISMATCH, f"BN channels are not {u.target}'s input")
+        else:
+            features = x[-1]
+            if features % (law.inner * law.channels):
+                raise _Declined(
+                    Reason.CHANNEL_MISMATCH, f"BN channels do not map onto {u.target}'s features"
+                )
+            index = (torch.arange(features) // law.inner) % law.channels
+            s, t = s[index], t[index]
+    elif path or rule.channel_axis != 1:
+        raise _Declined(Reason.NEEDS_SHAPES, f"{site.name} -> {u.target}")
+    in_features = getattr(layer, "in_channels", getattr(layer, "in_features", -1))
+    if rule.channel_axis == 1 and in_features != channels:
+        raise _Declined(Reason.CHANNEL_MISMATCH, f"{u.target} takes {in_features} channels")
+    return _Plan(rule, u, layer, s, t)
+
+
+def _pads_with_zeros(layer: nn.Module) -> bool:
+    if getattr(layer, "padding_mode", "zeros") != "zeros":
+        return False  # reflect/replicate/circular pad with BN outputs: exact
+    padding = layer.padding
+    if padding == "valid":
+        return False
+    if padding == "same":
+        return any(k > 1 for k in layer.kernel_size)  # type: ignore[union-attr]
+    return any(p != 0 for p in padding)  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- rewriting
+
+
+def _apply(
+    gm: fx.GraphModule,
+    site: BNSite,
+    plan: _Plan,
+    calls: Counter[int],
+    protected: set[int],
+    copies: Counter[str],
+) -> str:
+    layer = plan.layer
+    groups = int(getattr(layer, "groups", 1))
+    fold = folding.fold_backward if plan.rule.direction is Direction.BACKWARD else folding.fold_forward
+    w64, b64 = fold(layer.weight, layer.bias, plan.s, plan.t, plan.rule.kind, groups)  # type: ignore[arg-type]
+    dtype = layer.weight.dtype  # type: ignore[union-attr]
+    w, w_over = folding.cast(w64, dtype)
+    b, b_over = folding.cast(b64, layer.bias.dtype if layer.bias is not None else dtype)  # type: ignore[union-attr]
+    if w_over or b_over:
+        raise _Declined(Reason.OVERFLOW, f"folded values exceed {dtype}")
+    new = copy.copy(layer)
+    new._parameters = dict(layer._parameters)  # type: ignore[assignment]
+    new._buffers = dict(layer._buffers)  # type: ignore[assignment]
+    new._modules = dict(layer._modules)  # type: ignore[assignment]
+    requires_grad = bool(layer.weight.requires_grad)  # type: ignore[union-attr]
+    new.weight = nn.Parameter(w, requires_grad=requires_grad)
+    new.bias = nn.Parameter(b, requires_grad=requires_grad)
+    target = str(plan.layer_node.target)
+    parent_name, _, leaf = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    if calls[id(layer)] <= 1 and id(parent) not in protected:
+        setattr(parent, leaf, new)
+    else:
+        copies[target] += 1
+        new_target = f"{target.replace('.', '_')}_bnfold{copies[target]}"
+        gm.add_submodule(new_target, new)
+        plan.layer_node.target = new_target
+    calls[id(new)] = 1
+    return target
+
+
+def _remove_bn(gm: fx.GraphModule, site: BNSite) -> set[fx.Node]:
+    site.node.replace_all_uses_with(site.input)
+    gone = {site.node, *site.extra_nodes}
+    gm.graph.erase_node(site.node)
+    for extra in site.extra_nodes:
+        if not extra.users:
+            gm.graph.erase_node(extra)
+    return gone
+
+
+def _drop_unused(gm: fx.GraphModule, protected: set[int]) -> None:
+    """Delete modules no node uses any more, never touching the original model's modules."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for name, _ in list(gm.named_modules()):
+        if not name or any(u == name or u.startswith(name + ".") for u in used):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        try:
+            parent = gm.get_submodule(parent_name) if parent_name else gm
+        except AttributeError:
+            continue  # already removed with its parent
+        if id(parent) not in protected and hasattr(parent, leaf):
+            delattr(parent, leaf)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

@@ -1,0 +1,339 @@
+"""Capture a model's data flow and describe its BatchNorm sites.
+
+Capture uses ``torch.fx.symbolic_trace`` with BatchNorm, Conv and Linear modules as
+leaves, so a module called twice shows up as two call sites and the order of the
+graph is the order data flows, not the order modules were registered.  When
+example inputs are known, ``torch.fx.passes.shape_prop.ShapeProp`` records every
+tensor's shape, which is what proves that a BN's channel axis lines up with a
+layer's features through flatten/reshape/transpose.
+
+Channel tracking: a contiguous tensor whose channel ``c`` of ``C`` sits at
+``(flat_index // inner) % C`` keeps that law through every reshape/view/flatten
+(they keep the row-major order); a permute moves the axis and with it ``inner``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bnfold.errors import CaptureError
+
+__all__ = [
+    "BNSite",
+    "ChannelLaw",
+    "bn_site",
+    "capture",
+    "is_bn_module",
+    "propagate_shapes",
+]
+
+_BN_FUNCTIONS = {F.batch_norm, torch.batch_norm}
+_ATEN_BN = {torch.ops.aten.batch_norm.default}
+_ATEN_BN_NO_TRAINING = {torch.ops.aten._native_batch_norm_legit_no_training.default}
+_RESHAPE_METHODS = {"flatten", "reshape", "view", "view_as", "reshape_as", "squeeze", "unsqueeze"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_PERMUTE_METHODS = {"transpose", "permute"}
+_PERMUTE_FUNCTIONS = {torch.transpose, torch.permute}
+_IDENTITY_METHODS = {"contiguous", "clone"}
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def is_bn_module(module: nn.Module) -> bool:
+    """BatchNorm1d/2d/3d, their subclasses, SyncBatchNorm, torchvision's FrozenBatchNorm2d."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return type(module).__name__ == "FrozenBatchNorm2d" and hasattr(module, "running_var")
+
+
+def bn_kind(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+class _Tracer(fx.Tracer):
+    """Keep BN, conv and linear modules (subclasses included) as single call sites."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if is_bn_module(m) or isinstance(
+            m, (nn.modules.conv._ConvNd, nn.Linear, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                nn.AdaptiveAvgPool3d, nn.Flatten)
+        ):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def capture(module: nn.Module) -> fx.GraphModule:
+    """The model's data flow as an fx graph (sharing, not copying, the model's modules)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise CaptureError(
+            "a TorchScript model's data flow cannot be captured for folding",
+            hint="save model.state_dict() and pass --arch, or save a torch.export archive",
+        )
+    if isinstance(module, fx.GraphModule):
+        return module
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as e:  # noqa: BLE001 - tracing user code raises anything
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CaptureError(
+            f"torch.fx could not trace the model: {first}",
+            hint="data-dependent control flow cannot be traced; export it with torch.export "
+            "and pass the .pt2 file",
+        ) from e
+    name = module.__class__.__name__
+    return fx.GraphModule(module, graph, name)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Record every node's output shape in ``node.meta['shape']`` by running the graph."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            node.meta["shape"] = tuple(int(d) for d in meta.shape)
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    return node.meta.get("shape") if isinstance(node, fx.Node) else None
+
+
+@dataclass
+class BNSite:
+    """One BatchNorm call in the graph, with its parameters (views of the model's tensors)."""
+
+    node: fx.Node  # the node whose output is the normalised tensor
+    input: fx.Node
+    name: str
+    kind: str
+    module: nn.Module | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    training: bool
+    extra_nodes: tuple[fx.Node, ...] = ()  # e.g. the getitem after a native batch_norm
+    constant: bool = True
+
+    @property
+    def channels(self) -> int:
+        ref = self.running_mean if self.running_mean is not None else self.weight
+        return int(ref.shape[0]) if ref is not None else -1
+
+
+def _attr(gm: fx.GraphModule, node: Any) -> torch.Tensor | None | bool:
+    """The tensor a get_attr node names; False when the argument is not a constant."""
+    if node is None:
+        return None
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        obj: Any = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj if isinstance(obj, torch.Tensor) else False
+    return False
+
+
+def bn_site(gm: fx.GraphModule, node: fx.Node) -> BNSite | None:
+    """The BN site at ``node``, or None when the node is not a BatchNorm."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if not is_bn_module(module):
+            return None
+        return BNSite(
+            node=node,
+            input=node.args[0],  # type: ignore[arg-type]
+            name=str(node.target),
+            kind=bn_kind(module),
+            module=module,
+            running_mean=getattr(module, "running_mean", None),
+            running_var=getattr(module, "running_var", None),
+            weight=getattr(module, "weight", None),
+            bias=getattr(module, "bias", None),
+            eps=float(module.eps),  # type: ignore[arg-type]
+            training=bool(module.training)
+            and not (getattr(module, "track_running_stats", True) is False),
+        )
+    if node.op != "call_function":
+        return None
+    if node.target in _BN_FUNCTIONS:
+        bound = _bind(node, F.batch_norm)
+        if node.target is torch.batch_norm:
+            bound = _bind_aten_order(node)
+        params = {
+            k: bound.get(k) for k in ("running_mean", "running_var", "weight", "bias")
+        }
+        training, eps, extra = bound.get("training", False), bound.get("eps", 1e-5), ()
+        out = node
+    elif node.target in _ATEN_BN:
+        bound = _bind_aten_order(node)
+        params = {k: bound.get(k) for k in ("running_mean", "running_var", "weight", "bias")}
+        training, eps, extra, out = bound.get("training"), bound.get("eps"), (), node
+    elif node.target in _ATEN_BN_NO_TRAINING:
+        a = node.args
+        params = {"weight": a[1], "bias": a[2], "running_mean": a[3], "running_var": a[4]}
+        training, eps = False, a[6]
+        users = list(node.users)
+        if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
+            return None
+        out, extra = users[0], (node,)
+    else:
+        return None
+    tensors = {k: _attr(gm, v) for k, v in params.items()}
+    constant = all(v is not False for v in tensors.values()) and isinstance(training, bool)
+    name = _functional_name(node, params)
+    return BNSite(
+        node=out,
+        input=node.args[0],  # type: ignore[arg-type]
+        name=name,
+        kind="functional batch_norm",
+        module=None,
+        running_mean=tensors["running_mean"] or None,  # type: ignore[arg-type]
+        running_var=tensors["running_var"] or None,  # type: ignore[arg-type]
+        weight=tensors["weight"] or None,  # type: ignore[arg-type]
+        bias=tensors["bias"] or None,  # type: ignore[arg-type]
+        eps=float(eps) if isinstance(eps, (int, float)) else 1e-5,
+        training=bool(training) if isinstance(training, bool) else True,
+        extra_nodes=extra,
+        constant=constant,
+    )
+
+
+def _functional_name(node: fx.Node, params: dict[str, Any]) -> str:
+    mean = params.get("running_mean")
+    if isinstance(mean, fx.Node) and mean.op == "get_attr":
+        target = str(mean.target)
+        return target.rsplit(".", 1)[0] if "." in target else target
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return str(list(stack.values())[-1][0]) or node.name
+    return node.name
+
+
+def _bind(node: fx.Node, fn: Any) -> dict[str, Any]:
+    try:
+        return dict(inspect.signature(fn).bind(*node.args, **node.kwargs).arguments)
+    except TypeError:
+        return {}
+
+
+def _bind_aten_order(node: fx.Node) -> dict[str, Any]:
+    names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
+             "eps", "cudnn_enabled")
+    bound = dict(zip(names, node.args, strict=False))
+    bound.update(node.kwargs)
+    return bound
+
+
+# --------------------------------------------------------------------------- channel laws
+
+
+@dataclass(frozen=True)
+class ChannelLaw:
+    """Channel ``c`` of ``channels`` sits at ``(flat_index // inner) % channels``."""
+
+    channels: int
+    inner: int
+
+    @staticmethod
+    def at_axis(shape: Sequence[int], axis: int) -> ChannelLaw:
+        axis = axis % len(shape)
+        return ChannelLaw(int(shape[axis]), math.prod(shape[axis + 1 :]))
+
+    def axis_in(self, shape: Sequence[int]) -> int | None:
+        """The axis of ``shape`` that holds exactly the channels, or None."""
+        for axis in range(len(shape)):
+            if shape[axis] == self.channels and math.prod(shape[axis + 1 :]) == self.inner:
+                return axis
+        return None
+
+
+_SHAPE_ONLY_METHODS = {"reshape_as", "view_as", "expand_as", "new_zeros", "new_ones", "new_empty"}
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node``'s values; uses of its shape alone (``y.reshape_as(node)``,
+    ``node.size()``, ``node.shape``) do not change when a fold rescales the values."""
+    users = []
+    for u in node.users:
+        if u.op == "call_method" and u.target in _SHAPE_ONLY_METHODS and node not in u.args[:1]:
+            continue
+        if u.op == "call_method" and u.target in ("size", "dim"):
+            continue
+        if u.op == "call_function" and u.target is getattr and u.args[1] in ("shape", "ndim"):
+            continue
+        users.append(u)
+    return users
+
+
+def is_layout_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A node that only moves elements (or is the identity in eval)."""
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS | _PERMUTE_METHODS | _IDENTITY_METHODS
+    if node.op == "call_function":
+        return node.target in _RESHAPE_FUNCTIONS | _PERMUTE_FUNCTIONS
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        return isinstance(m, (*_IDENTITY_MODULES, nn.Flatten)) or _is_global_pool(m)
+    return False
+
+
+def _is_global_pool(m: nn.Module) -> bool:
+    if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        size = m.output_size
+        sizes = size if isinstance(size, tuple) else (size,)
+        return all(s == 1 for s in sizes)
+    return False
+
+
+def carry_law(gm: fx.GraphModule, node: fx.Node, law: ChannelLaw) -> ChannelLaw | None:
+    """The channel law after ``node`` given the law of its input, or None if it breaks."""
+    src, dst = shape_of(node.args[0]), shape_of(node)  # type: ignore[arg-type]
+    if src is None or dst is None:
+        return None
+    is_module = node.op == "call_module"
+    module = gm.get_submodule(str(node.target)) if is_module else None
+    if module is not None and _is_global_pool(module):
+        axis = law.axis_in(src)
+        if axis != 1:
+            return None
+        return ChannelLaw.at_axis(dst, 1)
+    if (node.op == "call_method" and node.target in _PERMUTE_METHODS) or (
+        node.op == "call_function" and node.target in _PERMUTE_FUNCTIONS
+    ):
+        axis = law.axis_in(src)
+        if axis is None:
+            return None
+        order = _permutation(node, len(src))
+        if order is None:
+            return None
+        return ChannelLaw.at_axis(dst, order.index(axis))
+    # reshape, view, flatten, squeeze, identity: row-major order is unchanged
+    return law if math.prod(src) == math.prod(dst) else None
+
+
+def _permutation(node: fx.Node, rank: int) -> list[int] | None:
+    args = list(node.args[1:])
+    if node.target in ("transpose", torch.transpose):
+        if len(args) != 2:
+            return None
+        a, b = (int(x) % rank for x in args)
+        order = list(range(rank))
+        order[a], order[b] = order[b], order[a]
+        return order
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    dims = node.kwargs.get("dims", dims)
+    try:
+        return [int(d) % rank for d in dims]
+    except (TypeError, ValueError):
+        return None

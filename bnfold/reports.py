@@ -1,0 +1,147 @@
+"""Reports: what each command found, as plain frozen data.
+
+No tensors, no rich, no torch here: ``cli/render.py`` turns these objects into a
+table, JSON or markdown, and tests read the numbers directly.  Every top-level
+report carries ``schema_version``; JSON keys are the field names below and only
+ever gain new fields within one schema version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Spread:
+    """min / median / max of one per-channel vector."""
+
+    min: float
+    median: float
+    max: float
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One finding about a BN layer: a stable code and a sentence for people."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class BNLayerReport:
+    """Statistics, fold decision and diagnostics of one BatchNorm layer."""
+
+    name: str
+    kind: str
+    channels: int
+    eps: float
+    eps_known: bool  # False when read from a bare state_dict (eps is not stored there)
+    momentum: float | None
+    affine: bool | None
+    track_running_stats: bool | None
+    num_batches_tracked: int | None
+    training: bool | None
+    running_mean: Spread | None
+    running_var: Spread | None
+    gamma: Spread | None
+    beta: Spread | None
+    fold_scale: Spread | None  # gamma / sqrt(running_var + eps)
+    fold_into: str | None
+    fold_direction: str | None  # "backward" (into the producer) or "forward" (into the consumer)
+    reason: str | None  # why it does not fold (a Reason code), None when it folds or unknown
+    reason_detail: str | None
+    warnings: tuple[str, ...]
+    diagnostics: tuple[Diagnostic, ...]
+
+
+@dataclass(frozen=True)
+class InspectSummary:
+    bn_layers: int
+    foldable: int | None  # None when the architecture is unknown
+    params_removed: int  # BN parameters (gamma, beta) of the foldable layers
+    buffers_removed: int  # running_mean, running_var, num_batches_tracked of the foldable layers
+    bias_params_added: int  # biases created in layers that had none
+    warnings_by_code: dict[str, int]
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    model: str
+    format: str
+    architecture_known: bool
+    order: str  # "data-flow", "registration" or "file"
+    layers: tuple[BNLayerReport, ...]
+    summary: InspectSummary
+    thresholds: dict[str, float]
+    notes: tuple[str, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class FoldedSite:
+    bn: str
+    into: str
+    direction: str
+    rule: str
+    bn_kind: str
+
+
+@dataclass(frozen=True)
+class SkippedSite:
+    bn: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    name: str
+    shape: tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    reference_max_abs: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Verification:
+    passed: bool
+    atol: float
+    rtol: float
+    inputs: int  # how many input batches were compared
+    input_source: str  # "random (seeded)" or the .npz path plus random
+    max_abs_error: float
+    max_rel_error: float
+    outputs: tuple[OutputCheck, ...]
+    fold_max_abs_error_fp64: float | None  # folded vs original PyTorch model, both in float64
+    baseline_max_abs_error: float | None  # original model in float32 vs float64: the noise floor
+
+
+@dataclass(frozen=True)
+class FuseReport:
+    model: str
+    format: str
+    output: str | None
+    exporter: str
+    opset: int | None
+    folded: tuple[FoldedSite, ...]
+    skipped: tuple[SkippedSite, ...]
+    params_before: int
+    params_after: int
+    onnx_nodes: int | None
+    onnx_bn_nodes: int | None
+    verification: Verification | None
+    torch_output: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+
+
+def to_dict(report: Any) -> dict[str, Any]:
+    """A report as JSON-ready plain data (tuples become lists)."""
+    return dataclasses.asdict(report)
