@@ -1,0 +1,82 @@
+"""``bnfold fuse``: fold every BatchNorm that folds exactly, export ONNX, verify."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+import typer
+
+from bnfold.cli.common import (
+    ARCH,
+    ARCH_KWARGS,
+    DEBUG,
+    INPUT_SHAPE,
+    TRUST_PICKLE,
+    OutputFormat,
+    Progress,
+    handle_errors,
+    parse_arch_kwargs,
+    stdout_console,
+)
+
+
+class Exporter(str, enum.Enum):
+    dynamo = "dynamo"
+    legacy = "legacy"
+
+
+@handle_errors
+def fuse_command(
+    model: Path = typer.Argument(..., help="Model file (any format bnfold loads)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the folded ONNX model here."),
+    arch: str | None = ARCH,
+    arch_kwargs: str | None = ARCH_KWARGS,
+    trust_pickle: bool = TRUST_PICKLE,
+    input_shape: list[str] | None = INPUT_SHAPE,
+    input_dtype: str = typer.Option("float32", "--input-dtype", help="Input dtype."),
+    inputs: Path | None = typer.Option(
+        None, "--inputs", help=".npz of real inputs (one array per model input) to verify on."
+    ),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (exporter default)."),
+    exporter: Exporter = typer.Option(Exporter.dynamo, "--exporter", help="ONNX exporter."),
+    static_batch: bool = typer.Option(False, "--static-batch",
+                                      help="Do not make the batch axis dynamic."),
+    atol: float | None = typer.Option(None, "--atol", help="Absolute tolerance (1e-5 for "
+                                      "float32)."),
+    rtol: float | None = typer.Option(None, "--rtol", help="Tolerance relative to the output's "
+                                      "largest magnitude (1e-4 for float32)."),
+    save_torch: Path | None = typer.Option(
+        None, "--save-torch", help="Also save the folded PyTorch model (a torch.export .pt2)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
+    debug: bool = DEBUG,
+) -> None:
+    """Fold BatchNorm exactly, export ONNX and prove it in onnxruntime (exit 1 if not)."""
+    from bnfold.cli import render
+    from bnfold.inputs import check_dtype, parse_shape
+    from bnfold.pipeline import FuseOptions, run_fuse
+
+    opts = FuseOptions(
+        model=model,
+        out=out,
+        arch=arch,
+        arch_kwargs=parse_arch_kwargs(arch_kwargs),
+        trust_pickle=trust_pickle,
+        input_shapes=[parse_shape(s) for s in input_shape or []],
+        input_dtype=check_dtype(input_dtype),
+        inputs_npz=inputs,
+        opset=opset,
+        exporter=exporter.value,
+        dynamic_batch=not static_batch,
+        atol=atol,
+        rtol=rtol,
+        save_torch=save_torch,
+        force=force,
+    )
+    progress = Progress(enabled=None if fmt is OutputFormat.table else False)
+    report = run_fuse(opts, step=progress.step)
+    render.emit(report, fmt.value, stdout_console())
+    if report.verification is not None and not report.verification.passed:
+        raise typer.Exit(1)

@@ -1,0 +1,169 @@
+"""Export a (folded) PyTorch model to ONNX, atomically.
+
+Exporters: ``dynamo`` (``torch.onnx.export(dynamo=True)``, the default of modern
+torch, needs onnxscript) and ``legacy`` (the TorchScript-based exporter,
+``dynamo=False``).  Both may fold or rewrite further on their own (constant
+folding, their own Conv+BN fusion); bnfold reports what *it* folded and counts the
+BatchNormalization nodes left in the file separately.
+
+The file is written to a temporary folder next to the destination and moved into
+place only when the export succeeded, so a failed run leaves no partial output and
+an existing file intact.  Models whose weights exceed 2 GB (protobuf's limit) are
+written with external data in ``<out>.data`` beside the ``.onnx`` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bnfold.errors import ExportError, OutputError
+
+__all__ = ["EXPORTERS", "ExportResult", "atomic_output", "export_onnx", "onnx_counts"]
+
+EXPORTERS = ("dynamo", "legacy")
+_TWO_GB = 2**31 - 2**20  # a margin below protobuf's 2 GiB
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    exporter: str
+    opset: int
+    nodes: int
+    bn_nodes: int
+    external_data: bool
+    notes: tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def atomic_output(dest: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder next to ``dest``; on success move every file in it into
+    ``dest``'s folder (the main file last), on failure remove it all."""
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise OutputError(f"{dest} exists", hint="pass --force to overwrite it")
+    if dest.is_dir():
+        raise OutputError(f"{dest} is a directory")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"the folder {parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".bnfold-tmp", dir=parent))
+    try:
+        yield tmp
+        main = tmp / dest.name
+        for extra in sorted(tmp.iterdir()):
+            if extra != main:
+                os.replace(extra, parent / extra.name)
+        os.replace(main, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    folder: Path,
+    name: str,
+    *,
+    exporter: str = "dynamo",
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+) -> ExportResult:
+    """Write ``folder/name`` (plus ``name.data`` for big models); return what was written."""
+    path = Path(folder) / name
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
+        b.numel() * b.element_size() for b in module.buffers()
+    )
+    external = n_bytes > _TWO_GB
+    notes: list[str] = []
+    inputs = tuple(example_inputs)
+    names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        try:
+            if exporter == "dynamo":
+                _export_dynamo(module, inputs, path, opset, dynamic_batch, external, notes)
+            elif exporter == "legacy":
+                _export_legacy(module, inputs, path, opset, dynamic_batch, names, external)
+            else:
+                raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
+        except ExportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - exporters raise anything
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ExportError(
+                f"torch.onnx.export ({exporter}) failed: {type(e).__name__}: {first}",
+                hint="try --exporter legacy" if exporter == "dynamo" else "try --exporter dynamo",
+            ) from e
+    nodes, bn_nodes, used_opset = onnx_counts(path)
+    return ExportResult(path, exporter, used_opset, nodes, bn_nodes, external, tuple(notes))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporters print progress to stdout; machine output must stay clean."""
+    import io
+    import sys
+
+    saved = sys.stdout
+    sys.stdout = io.StringIO()
+    try:
+        yield
+    finally:
+        sys.stdout = saved
+
+
+def _export_dynamo(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
+                   opset: int | None, dynamic_batch: bool, external: bool,
+                   notes: list[str]) -> None:
+    kwargs: dict[str, object] = {"dynamo": True, "external_data": external}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        try:
+            program = torch.onnx.export(
+                module, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), **kwargs
+            )
+        except Exception as e:  # noqa: BLE001 - fall back to a static batch, and say so
+            notes.append(f"dynamic batch axis not exportable ({type(e).__name__}); "
+                         "exported with a static batch")
+            program = torch.onnx.export(module, inputs, **kwargs)
+    else:
+        program = torch.onnx.export(module, inputs, **kwargs)
+    program.save(str(path), external_data=external)
+
+
+def _export_legacy(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
+                   opset: int | None, dynamic_batch: bool, names: list[str],
+                   external: bool) -> None:
+    dynamic_axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    torch.onnx.export(
+        module, inputs, str(path), dynamo=False, input_names=names,
+        dynamic_axes=dynamic_axes, opset_version=opset or 17,
+    )
+    if external:
+        import onnx
+
+        model = onnx.load(str(path))
+        onnx.save(model, str(path), save_as_external_data=True,
+                  location=path.name + ".data", all_tensors_to_one_file=True)
+
+
+def onnx_counts(path: Path) -> tuple[int, int, int]:
+    """(nodes, BatchNormalization nodes, default-domain opset) of an ONNX file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = list(model.graph.node)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return len(nodes), sum(n.op_type == "BatchNormalization" for n in nodes), opset

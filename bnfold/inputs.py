@@ -1,0 +1,105 @@
+"""Example inputs: parse ``--input-shape``, infer a shape when the first layer decides it,
+make seeded random batches and read ``--inputs data.npz``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bnfold.errors import BnfoldError, LoadError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import fx
+
+__all__ = ["infer_example_inputs", "parse_shape", "random_batches", "read_npz"]
+
+_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
+_SPATIAL = {1: 256, 2: 64, 3: 16}  # a size any conv stack with global pooling accepts
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> (1, 3, 224, 224)."""
+    parts = text.replace("x", ",").replace(" ", "").split(",")
+    try:
+        shape = tuple(int(p) for p in parts if p)
+    except ValueError as e:
+        raise BnfoldError(f"--input-shape {text!r} is not a comma-separated list of sizes") from e
+    if not shape or any(d <= 0 for d in shape):
+        raise BnfoldError(f"--input-shape {text!r} must list positive sizes")
+    return shape
+
+
+def check_dtype(name: str) -> str:
+    if name not in _DTYPES:
+        raise BnfoldError(f"--input-dtype {name!r} is not one of {', '.join(_DTYPES)}")
+    return name
+
+
+def infer_example_inputs(gm: fx.GraphModule, batch: int = 2) -> list[torch.Tensor] | None:
+    """One random input when the model has one input and its first layer fixes the shape."""
+    import torch
+    from torch import nn
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return None
+    frontier = list(placeholders[0].users)
+    seen = set()
+    while frontier:  # look through shape-free ops (e.g. a leading dropout) for the first layer
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            m = gm.get_submodule(str(node.target))
+            if isinstance(m, nn.modules.conv._ConvNd):
+                dims = len(m.kernel_size)
+                shape = (batch, m.in_channels, *([_SPATIAL[dims]] * dims))
+                return [torch.randn(shape, generator=torch.Generator().manual_seed(0))]
+            if isinstance(m, nn.Linear):
+                return [torch.randn(batch, m.in_features,
+                                    generator=torch.Generator().manual_seed(0))]
+            return None
+        if node.op == "call_method" and node.target in ("contiguous", "float"):
+            frontier.extend(node.users)
+            continue
+        return None
+    return None
+
+
+def random_batches(
+    shapes: Sequence[tuple[int, ...]], dtype: str, count: int, seed: int = 0
+) -> list[list[torch.Tensor]]:
+    """``count`` batches of seeded standard-normal inputs (integers: 0..9)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        batch = []
+        for shape in shapes:
+            if dtype.startswith("int"):
+                batch.append(torch.randint(0, 10, shape, generator=gen, dtype=getattr(torch, dtype)))
+            else:
+                batch.append(torch.randn(shape, generator=gen).to(getattr(torch, dtype)))
+        out.append(batch)
+    return out
+
+
+def read_npz(path: Path) -> list[list[torch.Tensor]]:
+    """Batches from an .npz: one array per model input, in the file's key order; each
+    array's first axis is the batch."""
+    import torch
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = [data[k] for k in data.files]
+    except (OSError, ValueError) as e:
+        raise LoadError(f"cannot read inputs: {e}", path=path) from e
+    if not arrays:
+        raise LoadError("the .npz holds no arrays", path=path)
+    return [[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]]

@@ -1,0 +1,205 @@
+"""The ``fuse`` job end to end: load -> capture -> fold -> export -> verify -> report.
+
+Library code: it prints nothing; ``step`` (a context-manager factory) lets the CLI
+show progress.  The loaded model is never modified, the input file is never
+written, and the output appears only when every step before writing succeeded
+(verification failures still write the file: the report says it failed and the
+CLI exits 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager
+
+from bnfold.errors import BnfoldError, OutputError
+from bnfold.reports import FoldedSite, FuseReport, SkippedSite
+
+__all__ = ["FuseOptions", "run_fuse"]
+
+
+@dataclass
+class FuseOptions:
+    model: Path
+    out: Path | None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
+    input_shapes: Sequence[tuple[int, ...]] = ()
+    input_dtype: str = "float32"
+    inputs_npz: Path | None = None
+    opset: int | None = None
+    exporter: str = "dynamo"
+    dynamic_batch: bool = True
+    atol: float | None = None
+    rtol: float | None = None
+    verify_batches: int = 3
+    seed: int = 0
+    save_torch: Path | None = None
+    force: bool = False
+
+
+@contextlib.contextmanager
+def _no_progress(label: str) -> Iterator[None]:
+    yield
+
+
+def run_fuse(
+    opts: FuseOptions, step: Callable[[str], ContextManager[None]] = _no_progress
+) -> FuseReport:
+    """Fold, export and verify; return the report (verification may have failed)."""
+    from bnfold.fuse import count_params, fold_graph
+    from bnfold.graph import capture, propagate_shapes
+    from bnfold.inputs import infer_example_inputs, random_batches, read_npz
+    from bnfold.loading import load_model
+
+    _check_outputs(opts)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 4)
+        clock = now
+
+    with step(f"Loading {opts.model.name}"):
+        loaded = load_model(opts.model, arch=opts.arch, arch_kwargs=opts.arch_kwargs,
+                            trust_pickle=opts.trust_pickle)
+    if loaded.onnx_model is not None:
+        raise BnfoldError("folding ONNX models is not supported yet", path=opts.model,
+                          hint="pass the PyTorch model this ONNX file was exported from")
+    if loaded.module is None:
+        raise BnfoldError(
+            "a bare state_dict has no architecture to fold", path=opts.model,
+            hint="pass --arch (e.g. torchvision:resnet50 or mypkg.models:Net)",
+        )
+    original = loaded.module
+    lap("load")
+    with step("Capturing the data flow"):
+        gm = capture(original)
+        if opts.input_shapes:
+            example = random_batches(opts.input_shapes, opts.input_dtype, 1, seed=opts.seed)[0]
+        else:
+            inferred = infer_example_inputs(gm, batch=2)
+            if inferred is None:
+                raise BnfoldError(
+                    "cannot infer the input shape: the first layer does not decide it",
+                    hint="pass --input-shape, e.g. --input-shape 1,3,224,224",
+                )
+            example = inferred
+        try:
+            propagate_shapes(gm, example)
+        except Exception as e:  # noqa: BLE001 - user models raise anything
+            raise BnfoldError(
+                f"the model does not run on inputs of shape "
+                f"{', '.join(str(list(t.shape)) for t in example)}: {type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0][:200]}",
+                hint="pass the right --input-shape",
+            ) from e
+    lap("capture")
+    with step("Folding BatchNorm layers"):
+        params_before = count_params(original)
+        outcome = fold_graph(gm, original, shapes_known=True)
+        folded_model = outcome.module
+    lap("fold")
+    folded = tuple(
+        FoldedSite(d.bn, d.into, d.direction.value, d.rule or "", d.kind)  # type: ignore[arg-type, union-attr]
+        for d in outcome.decisions if d.folded
+    )
+    skipped = tuple(
+        SkippedSite(d.bn, d.reason.value if d.reason else "", d.detail or
+                    (d.reason.explanation if d.reason else ""))
+        for d in outcome.decisions if not d.folded
+    )
+    report_kwargs: dict[str, Any] = {}
+    notes = list(loaded.notes)
+    if opts.out is not None:
+        from bnfold.export import atomic_output, export_onnx
+        from bnfold.verify import verify_onnx
+
+        export_example = [_batch_of_two(t) for t in example] if opts.dynamic_batch else example
+        with atomic_output(opts.out, force=opts.force) as tmp:
+            with step(f"Exporting ONNX ({opts.exporter})"):
+                result = export_onnx(folded_model, export_example, tmp, opts.out.name,
+                                     exporter=opts.exporter, opset=opts.opset,
+                                     dynamic_batch=opts.dynamic_batch)
+                notes.extend(result.notes)
+            lap("export")
+            with step("Verifying in onnxruntime"):
+                batches = random_batches(
+                    [tuple(t.shape) for t in example], opts.input_dtype, opts.verify_batches,
+                    seed=opts.seed + 1,
+                )
+                source = f"{opts.verify_batches} random (seeded)"
+                if opts.inputs_npz is not None:
+                    batches = read_npz(opts.inputs_npz) + batches
+                    source = f"{opts.inputs_npz} + {source}"
+                verification = verify_onnx(
+                    original, result.path, batches, atol=opts.atol, rtol=opts.rtol,
+                    input_source=source, folded=folded_model,
+                )
+            lap("verify")
+        report_kwargs.update(
+            exporter=f"torch.onnx.export({'dynamo=True' if opts.exporter == 'dynamo' else 'dynamo=False'})",
+            opset=result.opset, onnx_nodes=result.nodes, onnx_bn_nodes=result.bn_nodes,
+            verification=verification, output=str(opts.out),
+        )
+        if result.bn_nodes < len(skipped):
+            notes.append(
+                f"the exporter removed {len(skipped) - result.bn_nodes} more BatchNormalization "
+                "nodes on its own; the table shows what bnfold folded"
+            )
+    else:
+        report_kwargs.update(exporter="none", opset=None, onnx_nodes=None, onnx_bn_nodes=None,
+                             verification=None, output=None)
+    torch_out = None
+    if opts.save_torch is not None:
+        torch_out = _save_torch(folded_model, example, opts)
+        notes.append(f"folded PyTorch model saved as a torch.export archive ({opts.save_torch})")
+    return FuseReport(
+        model=str(opts.model),
+        format=loaded.format.value,
+        folded=folded,
+        skipped=skipped,
+        params_before=params_before,
+        params_after=count_params(folded_model),
+        torch_output=torch_out,
+        timings=timings,
+        notes=tuple(notes),
+        **report_kwargs,
+    )
+
+
+def _batch_of_two(t: Any) -> Any:
+    """Exporting a dynamic batch axis needs an example batch > 1."""
+    if t.dim() > 0 and t.shape[0] == 1:
+        return t.expand(2, *t.shape[1:]).contiguous()
+    return t
+
+
+def _check_outputs(opts: FuseOptions) -> None:
+    for out in (opts.out, opts.save_torch, opts.model if False else None):
+        if out is None:
+            continue
+        if out.resolve() == opts.model.resolve():
+            raise OutputError(f"refusing to overwrite the input {opts.model}",
+                              hint="choose another output path")
+        if out.exists() and not opts.force:
+            raise OutputError(f"{out} exists", hint="pass --force to overwrite it")
+
+
+def _save_torch(model: Any, example: Sequence[Any], opts: FuseOptions) -> str:
+    import torch
+
+    from bnfold.export import atomic_output
+
+    assert opts.save_torch is not None
+    with atomic_output(opts.save_torch, force=opts.force) as tmp:
+        program = torch.export.export(model, tuple(example))
+        torch.export.save(program, tmp / opts.save_torch.name)
+    return str(opts.save_torch)

@@ -1,0 +1,442 @@
+"""Per-BatchNorm statistics and diagnostics -> ``InspectReport``.
+
+Fold scale: folding multiplies channel ``c`` of the neighbouring layer's weights by
+``s[c] = gamma[c] / sqrt(running_var[c] + eps)``; its spread within a layer is
+what per-tensor quantisation of the folded weights has to cover.
+
+Diagnostics (codes are stable; thresholds are ``Thresholds`` fields, overridable
+from the CLI with ``--threshold NAME=VALUE``):
+
+==================  ==================================================================
+code                fires when
+==================  ==================================================================
+stale_stats         num_batches_tracked == 0, or running_mean == 0 and running_var == 1
+                    in every channel (statistics never updated)
+dead_channels       |gamma| < ``dead_gamma`` (default 1e-3) in some channel
+tiny_variance       running_var + eps < ``tiny_variance`` (default 1e-4) in some channel:
+                    folding multiplies its weights by more than 100·|gamma|
+large_scale_spread  max|s| / min|s| over live channels > ``scale_spread`` (default 100)
+nonfinite           NaN or Inf in any parameter or statistic
+negative_variance   running_var < 0 in some channel
+train_mode          the module is in training mode
+no_running_stats    track_running_stats=False or no running buffers
+==================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bnfold.reports import BNLayerReport, Diagnostic, InspectReport, InspectSummary, Spread
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+    from bnfold.fuse import Decision
+    from bnfold.loading import LoadedModel
+
+__all__ = ["CODES", "BNRecord", "Thresholds", "inspect_model", "layer_report"]
+
+CODES = (
+    "stale_stats",
+    "dead_channels",
+    "tiny_variance",
+    "large_scale_spread",
+    "nonfinite",
+    "negative_variance",
+    "train_mode",
+    "no_running_stats",
+)
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+DEFAULT_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    dead_gamma: float = 1e-3
+    tiny_variance: float = 1e-4
+    scale_spread: float = 100.0
+
+    def with_overrides(self, overrides: dict[str, float]) -> Thresholds:
+        names = {f.name for f in fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(
+                f"unknown threshold {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}"
+            )
+        return Thresholds(**{**asdict(self), **overrides})
+
+
+@dataclass
+class BNRecord:
+    """One BN layer's raw numbers (float64 arrays) and facts, before summarising."""
+
+    name: str
+    kind: str
+    channels: int
+    eps: float = DEFAULT_EPS
+    eps_known: bool = True
+    momentum: float | None = None
+    affine: bool | None = None
+    track_running_stats: bool | None = None
+    num_batches_tracked: int | None = None
+    training: bool | None = None
+    mean: np.ndarray | None = None
+    var: np.ndarray | None = None
+    gamma: np.ndarray | None = None
+    beta: np.ndarray | None = None
+    fold_into: str | None = None
+    fold_direction: str | None = None
+    reason: str | None = None
+    reason_detail: str | None = None
+    bias_added: int = 0
+
+
+def _spread(a: np.ndarray | None) -> Spread | None:
+    if a is None or a.size == 0:
+        return None
+    with np.errstate(invalid="ignore"):
+        return Spread(float(np.min(a)), float(np.median(a)), float(np.max(a)))
+
+
+def fold_scale(rec: BNRecord) -> np.ndarray | None:
+    if rec.var is None:
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = 1.0 / np.sqrt(rec.var + rec.eps)
+    return s * rec.gamma if rec.gamma is not None else s
+
+
+def diagnose(rec: BNRecord, th: Thresholds) -> list[Diagnostic]:
+    out: list[Diagnostic] = []
+    arrays = [a for a in (rec.mean, rec.var, rec.gamma, rec.beta) if a is not None]
+    if rec.training:
+        out.append(Diagnostic("train_mode", "in training mode: it normalises with batch statistics"))
+    if rec.track_running_stats is False or rec.mean is None or rec.var is None:
+        out.append(Diagnostic("no_running_stats", "no running statistics: it cannot be folded"))
+    if any(not np.isfinite(a).all() for a in arrays):
+        bad = sum(int((~np.isfinite(a)).sum()) for a in arrays)
+        out.append(Diagnostic("nonfinite", f"{bad} NaN/Inf values in its parameters/statistics"))
+    if rec.mean is not None and rec.var is not None:
+        if rec.num_batches_tracked == 0:
+            out.append(Diagnostic("stale_stats", "num_batches_tracked is 0: statistics never updated"))
+        elif np.all(rec.mean == 0) and np.all(rec.var == 1):
+            out.append(Diagnostic("stale_stats", "running_mean is all 0 and running_var all 1: "
+                                  "statistics look never updated"))
+        neg = int((rec.var < 0).sum())
+        if neg:
+            out.append(Diagnostic("negative_variance", f"{neg} channels have running_var < 0"))
+        with np.errstate(invalid="ignore"):
+            tiny = int(((rec.var + rec.eps) < th.tiny_variance).sum())
+        if tiny:
+            out.append(Diagnostic(
+                "tiny_variance",
+                f"{tiny} channels have running_var+eps < {th.tiny_variance:g}: folding scales "
+                f"their weights by over {1 / math.sqrt(th.tiny_variance):.0f}x|gamma|",
+            ))
+    if rec.gamma is not None:
+        with np.errstate(invalid="ignore"):
+            dead = int((np.abs(rec.gamma) < th.dead_gamma).sum())
+        if dead:
+            out.append(Diagnostic(
+                "dead_channels", f"{dead} of {rec.channels} channels have |gamma| < {th.dead_gamma:g}"
+            ))
+    s = fold_scale(rec)
+    if s is not None:
+        live = np.abs(s[np.isfinite(s)])
+        if rec.gamma is not None:
+            with np.errstate(invalid="ignore"):
+                live = np.abs(s[np.isfinite(s) & (np.abs(rec.gamma) >= th.dead_gamma)])
+        live = live[live > 0]
+        if live.size >= 2:
+            ratio = float(live.max() / live.min())
+            if ratio > th.scale_spread:
+                out.append(Diagnostic(
+                    "large_scale_spread",
+                    f"fold scales span {ratio:.3g}x (> {th.scale_spread:g}): per-tensor "
+                    "quantisation of the folded weights will lose the small channels",
+                ))
+    return out
+
+
+def layer_report(rec: BNRecord, th: Thresholds) -> BNLayerReport:
+    diags = diagnose(rec, th)
+    return BNLayerReport(
+        name=rec.name,
+        kind=rec.kind,
+        channels=rec.channels,
+        eps=rec.eps,
+        eps_known=rec.eps_known,
+        momentum=rec.momentum,
+        affine=rec.affine,
+        track_running_stats=rec.track_running_stats,
+        num_batches_tracked=rec.num_batches_tracked,
+        training=rec.training,
+        running_mean=_spread(rec.mean),
+        running_var=_spread(rec.var),
+        gamma=_spread(rec.gamma),
+        beta=_spread(rec.beta),
+        fold_scale=_spread(fold_scale(rec)),
+        fold_into=rec.fold_into,
+        fold_direction=rec.fold_direction,
+        reason=rec.reason,
+        reason_detail=rec.reason_detail,
+        warnings=tuple(d.code for d in diags),
+        diagnostics=tuple(diags),
+    )
+
+
+# --------------------------------------------------------------------------- collection
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    if t is None:
+        return None
+    import torch
+
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+def record_from_module(name: str, m: Any) -> BNRecord:
+    """A record of a BN module (eager, TorchScript or torchvision's FrozenBatchNorm2d)."""
+    weight = getattr(m, "weight", None)
+    mean = getattr(m, "running_mean", None)
+    nbt = getattr(m, "num_batches_tracked", None)
+    kind = getattr(m, "original_name", None) or type(m).__name__
+    ref = mean if mean is not None else weight
+    return BNRecord(
+        name=name,
+        kind=str(kind),
+        channels=int(getattr(m, "num_features", ref.shape[0] if ref is not None else 0)),
+        eps=float(m.eps),
+        momentum=None if getattr(m, "momentum", None) is None else float(m.momentum),
+        affine=bool(getattr(m, "affine", weight is not None)),
+        track_running_stats=bool(getattr(m, "track_running_stats", mean is not None)),
+        num_batches_tracked=int(nbt) if nbt is not None else None,
+        training=bool(m.training),
+        mean=_np(mean),
+        var=_np(getattr(m, "running_var", None)),
+        gamma=_np(weight),
+        beta=_np(getattr(m, "bias", None)),
+    )
+
+
+def records_from_state_dict(sd: dict[str, torch.Tensor]) -> list[BNRecord]:
+    """Group keys into BN layers by their running_mean/running_var buffers (file order)."""
+    records = []
+    for key in sd:
+        if not key.endswith(".running_mean") and key != "running_mean":
+            continue
+        prefix = key[: -len("running_mean")]
+        if prefix + "running_var" not in sd:
+            continue
+        nbt = sd.get(prefix + "num_batches_tracked")
+        weight = sd.get(prefix + "weight")
+        records.append(BNRecord(
+            name=prefix.rstrip(".") or "<root>",
+            kind="BatchNorm" if nbt is not None else "BatchNorm (no num_batches_tracked)",
+            channels=int(sd[key].shape[0]),
+            eps_known=False,
+            affine=weight is not None,
+            num_batches_tracked=int(nbt) if nbt is not None else None,
+            mean=_np(sd[key]),
+            var=_np(sd[prefix + "running_var"]),
+            gamma=_np(weight),
+            beta=_np(sd.get(prefix + "bias")),
+            reason="architecture_unknown",
+            reason_detail="only weights were loaded; pass --arch to see which layer each BN "
+            "folds into",
+        ))
+    return records
+
+
+def records_from_onnx(model: onnx.ModelProto) -> list[BNRecord]:
+    """Every BatchNormalization node, in graph (topological) order."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers = Counter(i for n in model.graph.node for i in n.input)
+    records = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "BatchNormalization":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        arrays = []
+        for name in node.input[1:5]:
+            init = inits.get(name)
+            arrays.append(numpy_helper.to_array(init).astype(np.float64) if init else None)
+        gamma, beta, mean, var = arrays
+        training = bool(attrs["training_mode"].i) if "training_mode" in attrs else False
+        rec = BNRecord(
+            name=node.name or f"BatchNormalization_{i}",
+            kind="ONNX BatchNormalization",
+            channels=int(next((a.size for a in arrays if a is not None), 0)),
+            eps=float(attrs["epsilon"].f) if "epsilon" in attrs else DEFAULT_EPS,
+            momentum=float(attrs["momentum"].f) if "momentum" in attrs else 0.9,
+            affine=True,
+            track_running_stats=mean is not None,
+            training=training,
+            mean=mean,
+            var=var,
+            gamma=gamma,
+            beta=beta,
+        )
+        producer = producers.get(node.input[0])
+        if any(a is None for a in arrays):
+            rec.reason, rec.reason_detail = "not_constant", "parameters are not initializers"
+        elif producer is not None and producer.op_type in ("Conv", "ConvTranspose") and (
+            consumers[node.input[0]] == 1 and producer.input[1] in inits
+        ):
+            rec.fold_into, rec.fold_direction = producer.name or producer.output[0], "backward"
+        else:
+            what = producer.op_type if producer is not None else "a graph input"
+            rec.reason = "no_foldable_neighbour"
+            rec.reason_detail = f"input comes from {what}"
+        records.append(rec)
+    return records
+
+
+def _apply_decisions(records: list[BNRecord], decisions: Sequence[Decision],
+                     module: torch.nn.Module) -> list[BNRecord]:
+    """Order records as the graph calls them and attach each fold decision."""
+    by_name = {r.name: r for r in records}
+    ordered: list[BNRecord] = []
+    seen: Counter[str] = Counter()
+    for d in decisions:
+        base = by_name.get(d.bn)
+        if base is None:  # a functional batch_norm: no module record
+            base = BNRecord(name=d.bn, kind=d.kind, channels=0)
+        seen[d.bn] += 1
+        rec = base if seen[d.bn] == 1 else BNRecord(**{**base.__dict__})
+        if seen[d.bn] > 1:
+            rec.name = f"{d.bn}#{seen[d.bn]}"
+        rec.fold_into = d.into
+        rec.fold_direction = d.direction.value if d.direction is not None else None
+        rec.reason = d.reason.value if d.reason is not None else None
+        rec.reason_detail = d.detail or (d.reason.explanation if d.reason is not None else None)
+        if d.into is not None:
+            try:
+                layer = module.get_submodule(d.into)
+                if getattr(layer, "bias", 0) is None:
+                    rec.bias_added = int(getattr(layer, "out_channels", getattr(
+                        layer, "out_features", 0)))
+            except AttributeError:
+                pass
+        ordered.append(rec)
+    for rec in records:  # BN modules the graph never calls
+        if seen[rec.name] == 0:
+            rec.reason, rec.reason_detail = "not_called", "the forward pass never calls this BN"
+            ordered.append(rec)
+    return ordered
+
+
+def inspect_model(
+    loaded: LoadedModel,
+    thresholds: Thresholds | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+) -> InspectReport:
+    """Statistics, fold decisions and diagnostics of every BN in ``loaded``."""
+    th = thresholds or Thresholds()
+    notes = list(loaded.notes)
+    order = "file"
+    if loaded.onnx_model is not None:
+        records = records_from_onnx(loaded.onnx_model)
+        order = "data-flow"
+    elif loaded.module is not None:
+        from bnfold.graph import is_bn_module
+
+        module = loaded.module
+        records = [
+            record_from_module(name, m)
+            for name, m in module.named_modules()
+            if is_bn_module(m) or getattr(m, "original_name", "") in _TS_BN_NAMES
+        ]
+        order = "registration"
+        try:
+            outcome = plan_folds(module, example_inputs)
+        except Exception as e:  # noqa: BLE001 - inspect still reports statistics
+            from bnfold.errors import BnfoldError
+
+            why = e.one_line() if isinstance(e, BnfoldError) else f"{type(e).__name__}: {e}"
+            notes.append(f"fold analysis unavailable: {why}")
+            for rec in records:
+                rec.reason, rec.reason_detail = "capture_failed", why
+        else:
+            decisions, shape_note = outcome
+            if shape_note:
+                notes.append(shape_note)
+            records = _apply_decisions(records, decisions, module)
+            order = "data-flow"
+    else:
+        assert loaded.state_dict is not None
+        records = records_from_state_dict(loaded.state_dict)
+        notes.append(
+            "eps and momentum are not stored in a state_dict: fold scales assume eps=1e-5; "
+            "pass --arch for exact values and fold targets"
+        )
+    layers = tuple(layer_report(r, th) for r in records)
+    return InspectReport(
+        model=str(loaded.path),
+        format=loaded.format.value,
+        architecture_known=loaded.architecture_known,
+        order=order,
+        layers=layers,
+        summary=_summary(records, layers, loaded.architecture_known),
+        thresholds=asdict(th),
+        notes=tuple(notes),
+    )
+
+
+_TS_BN_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "FrozenBatchNorm2d"}
+
+
+def plan_folds(
+    module: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | None
+) -> tuple[list[Decision], str | None]:
+    """Run the fold pass on a throwaway capture: what would fold, and why not."""
+    from bnfold.fuse import fold_graph
+    from bnfold.graph import capture, propagate_shapes
+    from bnfold.inputs import infer_example_inputs
+
+    gm = capture(module)
+    note = None
+    shapes = False
+    inputs = list(example_inputs) if example_inputs is not None else None
+    if inputs is None:
+        inputs = infer_example_inputs(gm)
+        if inputs is None:
+            note = "input shape not inferred; pass --input-shape for folds that need shapes"
+    if inputs is not None:
+        try:
+            propagate_shapes(gm, inputs)
+            shapes = True
+        except Exception as e:  # noqa: BLE001 - a wrong guess of the input shape
+            note = f"shapes unknown ({type(e).__name__}); pass --input-shape"
+    outcome = fold_graph(gm, module, shapes_known=shapes)
+    return outcome.decisions, note
+
+
+def _summary(records: list[BNRecord], layers: Sequence[BNLayerReport], known: bool) -> InspectSummary:
+    folding = [r for r in records if r.fold_into is not None]
+    params = sum((r.gamma.size if r.gamma is not None else 0) + (
+        r.beta.size if r.beta is not None else 0) for r in folding)
+    buffers = sum((r.mean.size if r.mean is not None else 0) + (
+        r.var.size if r.var is not None else 0) + (1 if r.num_batches_tracked is not None else 0)
+        for r in folding)
+    counts: Counter[str] = Counter(code for layer in layers for code in layer.warnings)
+    return InspectSummary(
+        bn_layers=len(layers),
+        foldable=len(folding) if known else None,
+        params_removed=int(params),
+        buffers_removed=int(buffers),
+        bias_params_added=sum(r.bias_added for r in folding),
+        warnings_by_code={code: counts[code] for code in CODES if counts[code]},
+    )

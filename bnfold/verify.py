@@ -1,0 +1,168 @@
+"""Verification: the exported ONNX graph against the original model.
+
+The original model runs in PyTorch eager (eval) and, as the reference, again in
+float64; the ONNX file runs in onnxruntime on the CPU provider with every graph
+optimisation off, so that onnxruntime's own fusions cannot hide a mistake.  Both
+see the same seeded random batches (and ``--inputs`` when given).
+
+Per output: ``max_abs_error = max |onnx - ref|`` and
+``max_rel_error = max_abs_error / max |ref|`` (relative to the output's scale, so
+outputs near zero do not blow it up).  An output passes when
+``max_abs_error <= atol + rtol * max |ref|``.  Defaults (float32 models):
+atol 1e-5, rtol 1e-4 — about a hundred times float32's rounding noise through a
+deep network, and far below the error of a single wrongly folded channel
+(tests/test_verify.py pins that).  float16/bfloat16 models get atol 1e-3 and
+rtol 1e-2.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bnfold.errors import VerifyError
+from bnfold.reports import OutputCheck, Verification
+
+__all__ = ["DEFAULT_TOLERANCES", "flatten_outputs", "verify_onnx"]
+
+DEFAULT_TOLERANCES = {
+    torch.float32: (1e-5, 1e-4),
+    torch.float64: (1e-8, 1e-7),
+    torch.float16: (1e-3, 1e-2),
+    torch.bfloat16: (1e-2, 5e-2),
+}
+_FP64_REFERENCE_LIMIT = 2**30  # bytes of float64 weights; beyond it the float32 run is the reference
+
+
+def flatten_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
+    """A model's outputs (tensor, tuple, list, dict, nested) in export order, named."""
+    from torch.utils._pytree import tree_flatten_with_path, keystr
+
+    leaves, _ = tree_flatten_with_path(out)
+    named = []
+    for path, leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            named.append((keystr(path) or "output", leaf))
+    return named
+
+
+def verify_onnx(
+    original: torch.nn.Module,
+    onnx_path: Path,
+    batches: Sequence[Sequence[torch.Tensor]],
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    input_source: str = "random (seeded)",
+    folded: torch.nn.Module | None = None,
+) -> Verification:
+    """Run ``original`` and the ONNX file on ``batches``; compare against float64."""
+    import onnxruntime as ort
+
+    dtype = next((p.dtype for p in original.parameters() if p.is_floating_point()), torch.float32)
+    d_atol, d_rtol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+        raise VerifyError(f"onnxruntime cannot load the exported model: {e}") from e
+    feeds_names = [i.name for i in session.get_inputs()]
+    n_bytes = sum(p.numel() * 8 for p in original.parameters())
+    ref_model = copy.deepcopy(original).double() if n_bytes <= _FP64_REFERENCE_LIMIT else None
+    folded64 = copy.deepcopy(folded).double() if folded is not None and ref_model else None
+
+    worst: dict[int, list[float]] = {}
+    names: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    fold_err = 0.0 if folded64 is not None else None
+    base_err = 0.0 if ref_model is not None else None
+    with torch.no_grad():
+        for batch in batches:
+            if len(batch) != len(feeds_names):
+                raise VerifyError(
+                    f"the exported model takes {len(feeds_names)} inputs, got {len(batch)}"
+                )
+            eager = flatten_outputs(original(*batch))
+            if ref_model is not None:
+                ref = [t for _, t in flatten_outputs(ref_model(*_double(batch)))]
+                base_err = max(base_err or 0.0, *(_max_abs(e.double(), r) for (_, e), r in
+                                                  zip(eager, ref, strict=True)))
+            else:
+                ref = [t.double() for _, t in eager]
+            if folded64 is not None:
+                got = [t for _, t in flatten_outputs(folded64(*_double(batch)))]
+                fold_err = max(fold_err or 0.0, *(_max_abs(g, r) for g, r in
+                                                  zip(got, ref, strict=True)))
+            feeds = {n: _to_numpy(t) for n, t in zip(feeds_names, batch, strict=True)}
+            try:
+                onnx_out = session.run(None, feeds)
+            except Exception as e:  # noqa: BLE001
+                raise VerifyError(f"onnxruntime failed to run the exported model: {e}") from e
+            if len(onnx_out) != len(ref):
+                raise VerifyError(
+                    f"the exported model has {len(onnx_out)} outputs, the original {len(ref)}"
+                )
+            names = [n for n, _ in eager]
+            shapes = [tuple(t.shape) for _, t in eager]
+            for i, (o, r) in enumerate(zip(onnx_out, ref, strict=True)):
+                got_t = torch.from_numpy(np.asarray(o)).double()
+                if tuple(got_t.shape) != tuple(r.shape):
+                    raise VerifyError(
+                        f"output {names[i]} has shape {tuple(got_t.shape)} in ONNX, "
+                        f"{tuple(r.shape)} in PyTorch"
+                    )
+                err = _max_abs(got_t, r)
+                scale = float(r.abs().max()) if r.numel() else 0.0
+                prev = worst.get(i, [0.0, 0.0])
+                worst[i] = [max(prev[0], err), max(prev[1], scale)]
+    outputs = []
+    for i, name in enumerate(names):
+        err, scale = worst[i]
+        outputs.append(OutputCheck(
+            name=name,
+            shape=shapes[i],
+            max_abs_error=err,
+            max_rel_error=err / scale if scale > 0 else err,
+            reference_max_abs=scale,
+            passed=bool(err <= atol + rtol * scale),
+        ))
+    return Verification(
+        passed=all(o.passed for o in outputs),
+        atol=atol,
+        rtol=rtol,
+        inputs=len(batches),
+        input_source=input_source,
+        max_abs_error=max((o.max_abs_error for o in outputs), default=0.0),
+        max_rel_error=max((o.max_rel_error for o in outputs), default=0.0),
+        outputs=tuple(outputs),
+        fold_max_abs_error_fp64=fold_err,
+        baseline_max_abs_error=base_err,
+    )
+
+
+def _double(batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.double() if t.is_floating_point() else t for t in batch]
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    diff = (a.double() - b.double()).abs()
+    return float(torch.nan_to_num(diff, nan=float("inf")).max())
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype is torch.bfloat16:
+        import ml_dtypes  # shipped with onnx
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.detach().cpu().numpy()
