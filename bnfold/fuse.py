@@ -29,6 +29,7 @@ from bnfold.graph import (
     ChannelLaw,
     bn_site,
     carry_law,
+    has_plain_forward,
     is_layout_node,
     value_users,
     shape_of,
@@ -37,7 +38,6 @@ from bnfold.rules import Direction, FoldRule, Reason, rules_for
 
 __all__ = ["Decision", "FoldOutcome", "fold_graph"]
 
-_PLAIN_BN_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
 _PLAIN_LAYER_FORWARDS = {
     nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
     nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward, nn.ConvTranspose3d.forward,
@@ -102,25 +102,16 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
             continue
         try:
             _check_site(site)
+        except _Declined as e:
+            decisions.append(Decision(site.name, site.kind, reason=e.reason, detail=e.detail))
+            continue
+        try:
             plan = _try_backward(gm, site, shapes_known)
-        except _Declined as first:
-            plan = None
-            back_reason = first
+        except _Declined as back:
             try:
                 plan = _try_forward(gm, site, shapes_known)
-            except _Declined as second:
-                keep = second if second.reason not in (Reason.NO_NEIGHBOUR,) else back_reason
-                if back_reason.reason in (
-                    Reason.TRAIN_MODE, Reason.NO_RUNNING_STATS, Reason.NOT_CONSTANT,
-                    Reason.CUSTOM_FORWARD, Reason.NONFINITE_STATS,
-                ):
-                    keep = back_reason
-                detail = keep.detail
-                if keep is second and back_reason.detail:
-                    detail = f"{second.detail}; backward: {back_reason.detail}"
-                elif keep is back_reason and second.detail and keep.reason is Reason.NO_NEIGHBOUR:
-                    detail = f"{back_reason.detail}; {second.detail}"
-                decisions.append(Decision(site.name, site.kind, reason=keep.reason, detail=detail))
+            except _Declined as fwd:
+                decisions.append(_kept(site, back, fwd))
                 continue
         try:
             into = _apply(gm, site, plan, calls, protected, copies)
@@ -140,6 +131,20 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
     return FoldOutcome(gm, decisions, shapes_known)
 
 
+def _kept(site: BNSite, back: _Declined, fwd: _Declined) -> Decision:
+    """The decision for a BN neither direction can fold: the more telling reason first.
+
+    A backward attempt that found no layer at all says less than a forward attempt
+    that found a layer and was blocked (zero padding, shared output), and vice versa.
+    """
+    if back.reason is Reason.NO_NEIGHBOUR and fwd.reason is not Reason.NO_NEIGHBOUR:
+        main, other = fwd, back
+    else:
+        main, other = back, fwd
+    return Decision(site.name, site.kind, reason=main.reason,
+                    detail=f"{main.detail}; {other.detail}")
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -155,10 +160,7 @@ def _check_site(site: BNSite) -> None:
         raise _Declined(Reason.NOT_CONSTANT, "parameters are not constant buffers")
     if m is not None and m.training or site.training:
         raise _Declined(Reason.TRAIN_MODE, "module.training is True; call model.eval()")
-    if (
-        isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and type(m).forward not in _PLAIN_BN_FORWARDS
-    ):
+    if m is not None and not has_plain_forward(m):
         raise _Declined(Reason.CUSTOM_FORWARD, f"{type(m).__name__}.forward is overridden")
     for label, tensor in (("running_mean", site.running_mean), ("running_var", site.running_var),
                           ("weight", site.weight), ("bias", site.bias)):

@@ -58,11 +58,32 @@ def bn_kind(module: nn.Module) -> str:
     return type(module).__name__
 
 
+_PLAIN_BN_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
+
+
+def has_plain_forward(module: nn.Module) -> bool:
+    """True for BN modules whose forward is torch's own (or FrozenBatchNorm2d's)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return type(module).forward in _PLAIN_BN_FORWARDS
+    return True
+
+
 class _Tracer(fx.Tracer):
-    """Keep BN, conv and linear modules (subclasses included) as single call sites."""
+    """Keep BN, conv and linear modules (subclasses included) as single call sites.
+
+    BN subclasses that override forward (timm's BatchNormAct2d: BN, then dropout and
+    an activation) are traced through, so their inner functional batch_norm becomes a
+    site of its own; ``opaque_custom_bn`` keeps them whole when they cannot be traced.
+    """
+
+    def __init__(self, opaque_custom_bn: bool = False):
+        super().__init__()
+        self.opaque_custom_bn = opaque_custom_bn
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_bn_module(m) or isinstance(
+        if is_bn_module(m):
+            return self.opaque_custom_bn or has_plain_forward(m)
+        if isinstance(
             m, (nn.modules.conv._ConvNd, nn.Linear, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                 nn.AdaptiveAvgPool3d, nn.Flatten)
         ):
@@ -80,7 +101,10 @@ def capture(module: nn.Module) -> fx.GraphModule:
     if isinstance(module, fx.GraphModule):
         return module
     try:
-        graph = _Tracer().trace(module)
+        try:
+            graph = _Tracer().trace(module)
+        except Exception:  # noqa: BLE001 - retry with custom BN subclasses kept whole
+            graph = _Tracer(opaque_custom_bn=True).trace(module)
     except Exception as e:  # noqa: BLE001 - tracing user code raises anything
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CaptureError(
@@ -192,21 +216,31 @@ def bn_site(gm: fx.GraphModule, node: fx.Node) -> BNSite | None:
     tensors = {k: _attr(gm, v) for k, v in params.items()}
     constant = all(v is not False for v in tensors.values()) and isinstance(training, bool)
     name = _functional_name(node, params)
+    kind = "functional batch_norm"
+    try:
+        owner = gm.get_submodule(name)
+        kind = f"{type(owner).__name__} (traced)" if type(owner) is not nn.Module else kind
+    except AttributeError:
+        pass
     return BNSite(
         node=out,
         input=node.args[0],  # type: ignore[arg-type]
         name=name,
-        kind="functional batch_norm",
+        kind=kind,
         module=None,
-        running_mean=tensors["running_mean"] or None,  # type: ignore[arg-type]
-        running_var=tensors["running_var"] or None,  # type: ignore[arg-type]
-        weight=tensors["weight"] or None,  # type: ignore[arg-type]
-        bias=tensors["bias"] or None,  # type: ignore[arg-type]
+        running_mean=_tensor_or_none(tensors["running_mean"]),  # type: ignore[arg-type]
+        running_var=_tensor_or_none(tensors["running_var"]),  # type: ignore[arg-type]
+        weight=_tensor_or_none(tensors["weight"]),  # type: ignore[arg-type]
+        bias=_tensor_or_none(tensors["bias"]),  # type: ignore[arg-type]
         eps=float(eps) if isinstance(eps, (int, float)) else 1e-5,
         training=bool(training) if isinstance(training, bool) else True,
         extra_nodes=extra,
         constant=constant,
     )
+
+
+def _tensor_or_none(value: Any) -> torch.Tensor | None:
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _functional_name(node: fx.Node, params: dict[str, Any]) -> str:
