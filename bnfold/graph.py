@@ -79,10 +79,23 @@ class _Tracer(fx.Tracer):
     def __init__(self, opaque_custom_bn: bool = False):
         super().__init__()
         self.opaque_custom_bn = opaque_custom_bn
+        self._traceable: dict[type, bool] = {}
+
+    def _can_trace(self, m: nn.Module) -> bool:
+        """Whether a custom BN's own forward traces (checked once per class)."""
+        if type(m) not in self._traceable:
+            try:
+                _Tracer(opaque_custom_bn=True).trace(m)
+                self._traceable[type(m)] = True
+            except Exception:  # noqa: BLE001 - e.g. a Python branch on the input's rank
+                self._traceable[type(m)] = False
+        return self._traceable[type(m)]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_bn_module(m):
-            return self.opaque_custom_bn or has_plain_forward(m)
+            if has_plain_forward(m) or self.opaque_custom_bn:
+                return True
+            return not self._can_trace(m)
         if isinstance(
             m, (nn.modules.conv._ConvNd, nn.Linear, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                 nn.AdaptiveAvgPool3d, nn.Flatten)

@@ -1,0 +1,58 @@
+"""Hypothesis strategies for layer configurations and BatchNorm statistics (one place)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    dims: int
+    transpose: bool
+    groups: int
+    c_in: int
+    c_out: int
+    kernel: int
+    stride: int
+    dilation: int
+    padding: int
+    padding_mode: str
+    bias: bool
+    output_padding: int
+
+
+@st.composite
+def conv_configs(draw: st.DrawFn, transpose: bool | None = None) -> ConvConfig:
+    dims = draw(st.integers(1, 3))
+    is_t = draw(st.booleans()) if transpose is None else transpose
+    groups = draw(st.integers(1, 4))
+    c_in = groups * draw(st.integers(1, 3))
+    c_out = groups * draw(st.integers(1, 3))
+    kernel = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 2))
+    dilation = draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 2))
+    modes = ["zeros"] if is_t else ["zeros", "reflect", "replicate", "circular"]
+    padding_mode = draw(st.sampled_from(modes))
+    output_padding = draw(st.integers(0, max(0, min(stride, dilation) - 1))) if is_t else 0
+    return ConvConfig(dims, is_t, groups, c_in, c_out, kernel, stride, dilation, padding,
+                      padding_mode, draw(st.booleans()), output_padding)
+
+
+@dataclass(frozen=True)
+class BNConfig:
+    eps: float
+    affine: bool
+    var_scale: float  # variances drawn around this magnitude (tiny to huge)
+    seed: int
+
+
+bn_configs = st.builds(
+    BNConfig,
+    eps=st.sampled_from([1e-5, 1e-3, 1e-1, 1e-8]),
+    affine=st.booleans(),
+    var_scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e2, 1e4]),
+    seed=st.integers(0, 2**16),
+)

@@ -1,0 +1,150 @@
+"""The fold maths (bnfold/folding.py) against a float64 reference, for random layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from bnfold.folding import FoldKind, bn_affine, cast, fold_backward, fold_forward
+from tests.strategies import BNConfig, ConvConfig, bn_configs, conv_configs
+
+
+def make_conv(cfg: ConvConfig, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if cfg.transpose:
+        cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[cfg.dims - 1]
+        return cls(cfg.c_in, cfg.c_out, cfg.kernel, stride=cfg.stride, padding=cfg.padding,
+                   output_padding=cfg.output_padding, groups=cfg.groups, bias=cfg.bias,
+                   dilation=cfg.dilation).double()
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[cfg.dims - 1]
+    return cls(cfg.c_in, cfg.c_out, cfg.kernel, stride=cfg.stride, padding=cfg.padding,
+               padding_mode=cfg.padding_mode, groups=cfg.groups, bias=cfg.bias,
+               dilation=cfg.dilation).double()
+
+
+def make_bn(channels: int, cfg: BNConfig) -> nn.Module:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bn = nn.BatchNorm1d(channels, eps=cfg.eps, affine=cfg.affine).double().eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
+        bn.running_var.copy_(cfg.var_scale * (0.1 + torch.rand(channels, generator=gen,
+                                                                dtype=torch.float64)))
+        if cfg.affine:
+            bn.weight.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
+            bn.bias.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
+    return bn
+
+
+def apply_bn(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Eval BatchNorm along axis 1 of any-rank ``y``, the way BatchNorm1d/2d/3d do."""
+    shape = [1, -1] + [1] * (y.dim() - 2)
+    out = (y - bn.running_mean.reshape(shape)) / torch.sqrt(bn.running_var.reshape(shape) + bn.eps)
+    if bn.affine:
+        out = out * bn.weight.reshape(shape) + bn.bias.reshape(shape)
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def input_for(cfg: ConvConfig, seed: int, length: int = 7) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, cfg.c_in, *([length] * cfg.dims), generator=gen, dtype=torch.float64)
+
+
+def with_weights(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> nn.Module:
+    layer.weight = nn.Parameter(w)
+    layer.bias = nn.Parameter(b)
+    return layer
+
+
+@given(conv_configs(), bn_configs, st.integers(0, 1000))
+def test_backward_fold_matches_float64_reference(cfg: ConvConfig, bn_cfg: BNConfig, seed: int):
+    """conv/conv-transpose(any groups, stride, dilation, padding) then BN == folded layer."""
+    conv = make_conv(cfg, seed)
+    bn = make_bn(cfg.c_out, bn_cfg)
+    x = input_for(cfg, seed)
+    with torch.no_grad():
+        expected = apply_bn(bn, conv(x))
+        s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        kind = FoldKind.CONVT_OUT if cfg.transpose else FoldKind.CONV_OUT
+        w, b = fold_backward(conv.weight, conv.bias, s, t, kind, cfg.groups)
+        got = with_weights(conv, w, b)(x)
+    assert got.dtype == torch.float64
+    assert rel_err(got, expected) < 1e-9
+
+
+@given(conv_configs(transpose=False), bn_configs, st.integers(0, 1000))
+def test_forward_fold_into_conv_matches_reference(cfg: ConvConfig, bn_cfg: BNConfig, seed: int):
+    """BN then conv == conv with the BN folded into its input side, without zero padding."""
+    conv = make_conv(cfg, seed)
+    if cfg.padding_mode == "zeros":
+        conv.padding = (0,) * cfg.dims  # zero padding makes a forward fold inexact
+    bn = make_bn(cfg.c_in, bn_cfg)
+    x = input_for(cfg, seed, length=9)
+    with torch.no_grad():
+        expected = conv(apply_bn(bn, x))
+        s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        w, b = fold_forward(conv.weight, conv.bias, s, t, FoldKind.CONV_IN, cfg.groups)
+        got = with_weights(conv, w, b)(x)
+    assert rel_err(got, expected) < 1e-9
+
+
+@given(st.integers(1, 9), st.integers(1, 9), bn_configs, st.booleans(), st.integers(0, 999))
+def test_linear_folds_both_directions(n_in: int, n_out: int, bn_cfg: BNConfig, bias: bool,
+                                      seed: int):
+    """Linear then BN1d, and BN1d then Linear, fold exactly."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(n_in, n_out, bias=bias).double()
+    x = torch.randn(5, n_in, dtype=torch.float64)
+    with torch.no_grad():
+        bn = make_bn(n_out, bn_cfg)
+        s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        w, b = fold_backward(lin.weight, lin.bias, s, t, FoldKind.LINEAR_OUT)
+        assert rel_err(x @ w.T + b, apply_bn(bn, lin(x))) < 1e-9
+        bn_in = make_bn(n_in, bn_cfg)
+        s, t = bn_affine(bn_in.running_mean, bn_in.running_var, bn_in.weight, bn_in.bias,
+                         bn_in.eps)
+        w, b = fold_forward(lin.weight, lin.bias, s, t, FoldKind.LINEAR_IN)
+        assert rel_err(x @ w.T + b, lin(apply_bn(bn_in, x))) < 1e-9
+
+
+def test_grouped_conv_transpose_scales_the_right_slices():
+    """ConvTranspose groups=2: output channel j of group g is weight[g-th half, j].
+
+    torch.nn.utils.fusion scales axis 1 as if groups were 1, which is wrong here;
+    pin the exact slice arithmetic with hand-made numbers.
+    """
+    w = torch.ones(4, 3, 1, 1, dtype=torch.float64)  # C_in=4, C_out/groups=3, groups=2 -> C_out=6
+    s = torch.arange(1.0, 7.0, dtype=torch.float64)
+    new_w, _ = fold_backward(w, None, s, torch.zeros(6, dtype=torch.float64),
+                             FoldKind.CONVT_OUT, groups=2)
+    assert new_w[:2, :, 0, 0].tolist() == [[1, 2, 3], [1, 2, 3]]
+    assert new_w[2:, :, 0, 0].tolist() == [[4, 5, 6], [4, 5, 6]]
+
+
+def test_affine_parts_are_the_eval_batchnorm():
+    """bn_affine gives s = gamma/sqrt(var+eps), t = beta - mean*s, exactly, in float64."""
+    s, t = bn_affine(torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0]),
+                     torch.tensor([0.5]), eps=1.0)
+    assert s.dtype == torch.float64
+    assert s.item() == pytest.approx(1.0)
+    assert t.item() == pytest.approx(-0.5)
+    s, t = bn_affine(torch.tensor([2.0]), torch.tensor([0.0]), None, None, eps=0.25)
+    assert (s.item(), t.item()) == (2.0, -4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cast_reports_overflow_only_when_it_happens(dtype):
+    """cast() flags values that became Inf in the target dtype, not values already Inf."""
+    big = torch.tensor([1e39, 1.0], dtype=torch.float64)
+    out, overflow = cast(big, dtype)
+    assert overflow is True
+    assert out.dtype == dtype
+    fine, overflow = cast(torch.tensor([1.0, float("inf")], dtype=torch.float64), dtype)
+    assert overflow is False
+    assert fine[0].item() == 1.0
