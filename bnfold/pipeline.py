@@ -82,8 +82,11 @@ def run_fuse(
     lap("load")
     with step("Capturing the data flow"):
         gm = capture(original)
+        real = read_npz(opts.inputs_npz) if opts.inputs_npz is not None else None
         if opts.input_shapes:
             example = random_batches(opts.input_shapes, opts.input_dtype, 1, seed=opts.seed)[0]
+        elif real is not None:
+            example = [t[:2] for t in real[0]]  # the real inputs decide the shape
         else:
             inferred = infer_example_inputs(gm, batch=2)
             if inferred is None:
@@ -136,8 +139,8 @@ def run_fuse(
                     seed=opts.seed + 1,
                 )
                 source = f"{opts.verify_batches} random (seeded)"
-                if opts.inputs_npz is not None:
-                    batches = read_npz(opts.inputs_npz) + batches
+                if real is not None:
+                    batches = real + batches
                     source = f"{opts.inputs_npz} + {source}"
                 verification = verify_onnx(
                     original, result.path, batches, atol=opts.atol, rtol=opts.rtol,

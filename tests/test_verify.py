@@ -1,0 +1,102 @@
+"""Verification (bnfold/verify.py): passes a correct export, catches one wrong channel,
+handles several outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from bnfold.export import export_onnx
+from bnfold.fuse import fold_graph
+from bnfold.graph import capture, propagate_shapes
+from bnfold.inputs import random_batches
+from bnfold.verify import verify_onnx
+from tests.models import randomize_all
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    c = 3
+    for width in (8, 16, 16, 32):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        c = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
+    return randomize_all(nn.Sequential(*layers))
+
+
+def folded_export(model: nn.Module, x: torch.Tensor, path):
+    gm = capture(model)
+    propagate_shapes(gm, [x])
+    outcome = fold_graph(gm, model, shapes_known=True)
+    export_onnx(outcome.module, [x], path.parent, path.name)
+    return outcome
+
+
+def test_correct_fold_passes_with_default_tolerances(tmp_path):
+    """A correctly folded export passes, with errors at float32 noise level."""
+    model = small_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    out = folded_export(model, x, tmp_path / "m.onnx")
+    v = verify_onnx(model, tmp_path / "m.onnx", random_batches([(2, 3, 16, 16)], "float32", 3),
+                    folded=out.module)
+    assert v.passed
+    assert v.max_rel_error < 1e-5
+    assert (v.atol, v.rtol) == (1e-6, 1e-5)
+    assert v.fold_max_abs_error_fp64 is not None and v.fold_max_abs_error_fp64 < 1e-5
+
+
+@pytest.mark.parametrize("factor", [1.01, 0.99, -1.0])
+def test_one_wrongly_folded_channel_fails(tmp_path, factor):
+    """Scaling one live output channel of one conv by 1% (or flipping it) fails verification."""
+    model = small_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    folded_export(model, x, tmp_path / "m.onnx")
+    with torch.no_grad():  # the channel of the third conv that is most alive after its ReLU
+        channel = int(model[:9](x).mean((0, 2, 3)).argmax())
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    target = convs[2].input[1]
+    for init in proto.graph.initializer:
+        if init.name == target:
+            w = numpy_helper.to_array(init).copy()
+            w[channel] *= factor
+            init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    v = verify_onnx(model, tmp_path / "bad.onnx", random_batches([(2, 3, 16, 16)], "float32", 3))
+    assert not v.passed
+    assert v.max_rel_error > 1e-5
+
+
+class TwoHeads(nn.Module):
+    def __init__(self, as_dict: bool):
+        super().__init__()
+        self.as_dict = as_dict
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.a = nn.Linear(4, 2)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)).mean((2, 3))
+        if self.as_dict:
+            return {"first": self.a(h), "second": self.b(h)}
+        return self.a(h), self.b(h)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_multi_output_models_are_compared_per_output(tmp_path, as_dict):
+    """Tuple and dict outputs: one check per output, named, with its own shape."""
+    model = randomize_all(TwoHeads(as_dict))
+    x = torch.randn(2, 3, 6, 6)
+    out = folded_export(model, x, tmp_path / "m.onnx")
+    v = verify_onnx(model, tmp_path / "m.onnx", random_batches([(2, 3, 6, 6)], "float32", 2),
+                    folded=out.module)
+    assert v.passed
+    assert [o.shape for o in v.outputs] == [(2, 2), (2, 3)]
+    if as_dict:
+        assert [o.name for o in v.outputs] == ["['first']", "['second']"]
