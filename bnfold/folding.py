@@ -20,8 +20,9 @@ element the consumer reads went through the BN, i.e. no zero padding)::
     W'[o, i, k] = W[o, i, k] * s[i]     b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[i]
 
 where for grouped convolutions ``i`` runs over the input channels of the group of
-``o``.  Every function takes and returns torch tensors; results are float64 and
-``cast`` brings them back to the parameter dtype once, reporting overflow.
+``o``.  Every function takes and returns torch tensors; products are computed in float64 and
+rounded once, to ``dtype`` (float64 unless asked), and ``overflowed`` tells whether the
+rounding overflowed the dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import enum
 
 import torch
 
-__all__ = ["FoldKind", "bn_affine", "cast", "fold_backward", "fold_forward"]
+__all__ = ["FoldKind", "bn_affine", "cast", "fold_backward", "fold_forward", "overflowed"]
 
 
 class FoldKind(str, enum.Enum):
@@ -67,20 +68,27 @@ def fold_backward(
     t: torch.Tensor,
     kind: FoldKind,
     groups: int = 1,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold ``s * y + t`` into the layer producing ``y``; returns float64 (W', b')."""
-    w = weight.detach().to(torch.float64)
+    """Fold ``s * y + t`` into the layer producing ``y``; returns (W', b') in ``dtype``.
+
+    The product is computed in float64 (``s`` is float64, so torch promotes) and written
+    straight into a ``dtype`` tensor: one pass over the weights, one rounding.
+    """
+    w = weight.detach()
     extra = [1] * (w.dim() - 2)
+    out = torch.empty(w.shape, dtype=dtype)
     if kind in (FoldKind.CONV_OUT, FoldKind.LINEAR_OUT):
-        w = w * s.reshape(-1, 1, *extra)
+        torch.mul(w, s.reshape(-1, 1, *extra), out=out)
     elif kind is FoldKind.CONVT_OUT:
         c_in, c_out_g = w.shape[0], w.shape[1]
-        grouped = w.reshape(groups, c_in // groups, c_out_g, *w.shape[2:])
-        w = (grouped * s.reshape(groups, 1, c_out_g, *extra)).reshape(w.shape)
+        grouped = (groups, c_in // groups, c_out_g, *w.shape[2:])
+        torch.mul(w.reshape(grouped), s.reshape(groups, 1, c_out_g, *extra),
+                  out=out.view(grouped))
     else:
         raise ValueError(f"{kind} is not a backward fold")
     b = t.clone() if bias is None else bias.detach().to(torch.float64) * s + t
-    return w, b
+    return out, b.to(dtype)
 
 
 def fold_forward(
@@ -90,29 +98,40 @@ def fold_forward(
     t: torch.Tensor,
     kind: FoldKind,
     groups: int = 1,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``s * x + t`` into the layer consuming it; ``s``/``t`` are per input feature."""
-    w = weight.detach().to(torch.float64)
+    w = weight.detach()
     c_out = w.shape[0]
     b = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(
         torch.float64
     )
+    out = torch.empty(w.shape, dtype=dtype)
     if kind is FoldKind.LINEAR_IN:
-        return w * s.reshape(1, -1), b + w @ t
+        torch.mul(w, s.reshape(1, -1), out=out)
+        return out, (b + w.to(torch.float64) @ t).to(dtype)
     if kind is not FoldKind.CONV_IN:
         raise ValueError(f"{kind} is not a forward fold")
     c_in_g = w.shape[1]
     extra = [1] * (w.dim() - 2)
-    grouped = w.reshape(groups, c_out // groups, c_in_g, *w.shape[2:])
-    s_g = s.reshape(groups, 1, c_in_g, *extra)
-    new_w = (grouped * s_g).reshape(w.shape)
-    summed = grouped.reshape(groups, c_out // groups, c_in_g, -1).sum(dim=-1)
+    grouped = (groups, c_out // groups, c_in_g, *w.shape[2:])
+    torch.mul(w.reshape(grouped), s.reshape(groups, 1, c_in_g, *extra), out=out.view(grouped))
+    summed = w.reshape(groups, c_out // groups, c_in_g, -1).sum(dim=-1, dtype=torch.float64)
     shift = torch.einsum("goi,gi->go", summed, t.reshape(groups, c_in_g)).reshape(c_out)
-    return new_w, b + shift
+    return out, (b + shift).to(dtype)
 
 
 def cast(value: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     """``value`` cast once to ``dtype``; the flag says whether a finite value overflowed."""
     out = value.to(dtype)
-    overflow = bool((~torch.isfinite(out) & torch.isfinite(value)).any())
-    return out, overflow
+    return out, overflowed(out, value)
+
+
+def overflowed(result: torch.Tensor, *sources: torch.Tensor) -> bool:
+    """Whether ``result`` holds Inf/NaN that none of ``sources`` (same shape) had."""
+    if result.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(result))).all()):
+        return False  # the common case: one cheap reduction, no mask
+    bad = ~torch.isfinite(result)
+    for src in sources:
+        bad &= torch.isfinite(src.to(torch.float64) if src.dtype != result.dtype else src)
+    return bool(bad.any())

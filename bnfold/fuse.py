@@ -314,11 +314,11 @@ def _apply(
     layer = plan.layer
     groups = int(getattr(layer, "groups", 1))
     fold = folding.fold_backward if plan.rule.direction is Direction.BACKWARD else folding.fold_forward
-    w64, b64 = fold(layer.weight, layer.bias, plan.s, plan.t, plan.rule.kind, groups)  # type: ignore[arg-type]
     dtype = layer.weight.dtype  # type: ignore[union-attr]
-    w, w_over = folding.cast(w64, dtype)
-    b, b_over = folding.cast(b64, layer.bias.dtype if layer.bias is not None else dtype)  # type: ignore[union-attr]
-    if w_over or b_over:
+    w, b = fold(layer.weight, layer.bias, plan.s, plan.t, plan.rule.kind, groups, dtype)  # type: ignore[arg-type]
+    if layer.bias is not None and layer.bias.dtype != dtype:  # type: ignore[union-attr]
+        b = b.to(layer.bias.dtype)  # type: ignore[union-attr]
+    if folding.overflowed(w, layer.weight) or folding.overflowed(b):  # type: ignore[arg-type]
         raise _Declined(Reason.OVERFLOW, f"folded values exceed {dtype}")
     new = copy.copy(layer)
     new._parameters = dict(layer._parameters)  # type: ignore[assignment]

@@ -130,11 +130,21 @@ def capture(module: nn.Module) -> fx.GraphModule:
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
-    """Record every node's output shape in ``node.meta['shape']`` by running the graph."""
+    """Record every node's output shape in ``node.meta['shape']``.
+
+    Runs the graph on fake tensors (shapes only, no arithmetic, no memory for weights);
+    models whose code fake tensors cannot run are run for real.
+    """
     from torch.fx.passes.shape_prop import ShapeProp
 
     with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+        try:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            ShapeProp(gm, fake_mode=mode).propagate(*example_inputs)
+        except Exception:  # noqa: BLE001 - data-dependent code: fall back to real tensors
+            ShapeProp(gm).propagate(*example_inputs)
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):

@@ -116,8 +116,8 @@ def load_model(
             raise ArchError("--arch does not apply to ONNX models", path=path)
         if loaded.module is None:
             assert loaded.state_dict is not None
-            loaded.module = build_arch(arch, arch_kwargs or {})
-            loaded.notes.extend(_fill_module(loaded.module, loaded.state_dict, path))
+            loaded.module, notes = _build_filled(arch, arch_kwargs or {}, loaded.state_dict, path)
+            loaded.notes.extend(notes)
             loaded.module.eval()
             loaded.arch = arch
         else:
@@ -538,7 +538,32 @@ def _import_callable(source: str, name: str, spec: str) -> Any:
         raise ArchError(f"--arch {spec!r}: {source} has no attribute {name!r}") from e
 
 
-def _fill_module(module: torch.nn.Module, sd: dict[str, Any], path: Path) -> list[str]:
+def _build_filled(
+    spec: str, kwargs: Mapping[str, Any], sd: dict[str, Any], path: Path
+) -> tuple[torch.nn.Module, list[str]]:
+    """Build ``spec`` and load ``sd`` into it.
+
+    The model is first built on the meta device, which skips the random initialisation
+    of weights about to be overwritten (seconds for big models); when that fails, or
+    leaves a tensor the file does not fill, it is built normally.
+    """
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = build_arch(spec, kwargs)
+        notes = _fill_module(model, sd, path, assign=True)
+        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            return model, notes
+    except Exception:  # noqa: BLE001 - retried below, where errors are reported
+        pass
+    model = build_arch(spec, kwargs)
+    return model, _fill_module(model, sd, path)
+
+
+def _fill_module(
+    module: torch.nn.Module, sd: dict[str, Any], path: Path, *, assign: bool = False
+) -> list[str]:
     """Load ``sd`` into ``module`` strictly, with one readable error listing every misfit."""
     expected = module.state_dict()
     notes: list[str] = []
@@ -568,7 +593,7 @@ def _fill_module(module: torch.nn.Module, sd: dict[str, Any], path: Path) -> lis
             hint="check --arch and --arch-kwargs",
             path=path,
         )
-    module.load_state_dict(sd, strict=True)
+    module.load_state_dict(sd, strict=True, assign=assign)
     return notes
 
 

@@ -37,7 +37,7 @@ class FuseOptions:
     dynamic_batch: bool = True
     atol: float | None = None
     rtol: float | None = None
-    verify_batches: int = 3
+    verify_batches: int = 2
     seed: int = 0
     save_torch: Path | None = None
     force: bool = False

@@ -38,6 +38,9 @@ def fuse_command(
     inputs: Path | None = typer.Option(
         None, "--inputs", help=".npz of real inputs (one array per model input) to verify on."
     ),
+    verify_batches: int = typer.Option(
+        2, "--verify-batches", min=1, help="Seeded random input batches to verify on."
+    ),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (exporter default)."),
     exporter: Exporter = typer.Option(Exporter.dynamo, "--exporter", help="ONNX exporter."),
     static_batch: bool = typer.Option(False, "--static-batch",
@@ -73,6 +76,7 @@ def fuse_command(
         atol=atol,
         rtol=rtol,
         save_torch=save_torch,
+        verify_batches=verify_batches,
         force=force,
     )
     progress = Progress(enabled=None if fmt is OutputFormat.table else False)

@@ -1,0 +1,163 @@
+"""Builders of broken and hostile model files, shared by the loader and CLI tests.
+
+Each builder writes one file under a folder it is given and returns its path; none
+of them needs the network.  The hostile pickles only ever touch a marker file in
+that folder, so a test can prove the payload did (or did not) run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import random
+import struct
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class TouchOnUnpickle:
+    """Unpickling this runs ``Path(marker).touch()``: code execution, observable on disk."""
+
+    def __init__(self, marker: Path):
+        self.marker = Path(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def hostile_torch_save(folder: Path, marker: Path, name: str = "evil.pt") -> Path:
+    """A torch.save zip whose pickle touches ``marker`` when loaded with weights_only=False."""
+    path = folder / name
+    torch.save({"weights": TouchOnUnpickle(marker)}, path)
+    return path
+
+
+def hostile_export_archive(exported: Path, folder: Path, marker: Path) -> Path:
+    """A copy of a torch.export archive whose sample inputs are a pickle that touches ``marker``.
+
+    torch.export.load falls back to ``weights_only=False`` for the sample inputs, so
+    plain torch runs this payload.
+    """
+    payload = io.BytesIO()
+    torch.save((TouchOnUnpickle(marker),), payload)
+    path = folder / "evil_export.pt2"
+    with zipfile.ZipFile(exported) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("sample_inputs/model.pt"):
+                data = payload.getvalue()
+            dst.writestr(info, data)
+    return path
+
+
+def truncated(source: Path, folder: Path, keep: int, name: str = "truncated.pt") -> Path:
+    """The first ``keep`` bytes of ``source`` (negative: drop that many from the end)."""
+    data = source.read_bytes()
+    path = folder / name
+    path.write_bytes(data[:keep])
+    return path
+
+
+def bit_flipped(source: Path, folder: Path, offset: int, bit: int = 4,
+                name: str = "flipped.pt") -> Path:
+    """``source`` with one bit flipped at byte ``offset``."""
+    data = bytearray(source.read_bytes())
+    data[offset] ^= 1 << bit
+    path = folder / name
+    path.write_bytes(bytes(data))
+    return path
+
+
+def central_directory_offsets(zip_path: Path) -> list[int]:
+    """Byte offsets of every central-directory record (``PK\\x01\\x02``) of a zip file."""
+    data = zip_path.read_bytes()
+    offsets = []
+    start = data.find(b"PK\x01\x02")
+    while start != -1:
+        offsets.append(start)
+        start = data.find(b"PK\x01\x02", start + 1)
+    return offsets
+
+
+def random_bytes(folder: Path, seed: int, size: int = 4096) -> Path:
+    """``size`` seeded random bytes (never starting like a zip, pickle or text file)."""
+    rng = random.Random(seed)
+    data = bytearray(rng.randrange(256) for _ in range(size))
+    data[0] = 0xFE  # not 'P' (zip), not 0x80 (pickle), not printable
+    path = folder / f"random{seed}.bin"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def foreign_zip(folder: Path) -> Path:
+    """A valid zip archive that holds no model."""
+    path = folder / "archive.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("readme.txt", "not a model\n")
+        zf.writestr("data/numbers.csv", "1,2,3\n")
+    return path
+
+
+def safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """(header, data section) of a safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def write_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    """A safetensors file from a header and a data section, with no checks at all."""
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + data)
+    return path
+
+
+def onnx_conv_bn(var_location: str | None = None, channels: int = 4):
+    """ONNX ModelProto: Conv -> BatchNormalization (epsilon 1e-3), built by hand.
+
+    With ``var_location`` the BN's running variance lives in that external data
+    file (``channels`` float32 values at offset 0) instead of inside the model.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = channels
+    inits = [
+        numpy_helper.from_array(np.ones((c, 3, 3, 3), np.float32), "w"),
+        numpy_helper.from_array(np.full(c, 2.0, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(c, np.float32), "beta"),
+        numpy_helper.from_array(np.arange(c, dtype=np.float32), "mean"),
+        numpy_helper.from_array(np.full(c, 4.0, np.float32), "var"),
+    ]
+    if var_location is not None:
+        var = inits[4]
+        var.ClearField("raw_data")
+        var.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", var_location), ("offset", "0"), ("length", str(4 * c))):
+            entry = var.external_data.add()
+            entry.key, entry.value = key, value
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y"], name="conv"),
+        helper.make_node("BatchNormalization", ["y", "gamma", "beta", "mean", "var"], ["z"],
+                         name="bn", epsilon=1e-3),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def small_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A Conv2d(3, 8) + BatchNorm2d(8) state_dict with non-trivial statistics."""
+    from tests.models import ConvBN, randomize_all
+
+    torch.manual_seed(seed)
+    model: nn.Module = randomize_all(ConvBN(), seed)
+    return model.state_dict()
