@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -26,6 +26,8 @@ from torch import fx, nn
 from bnfold import folding
 from bnfold.graph import (
     BNSite,
+    FunctionalLayer,
+    functional_layer,
     ChannelLaw,
     bn_site,
     carry_law,
@@ -34,7 +36,7 @@ from bnfold.graph import (
     value_users,
     shape_of,
 )
-from bnfold.rules import Direction, FoldRule, Reason, rules_for
+from bnfold.rules import Direction, FoldRule, Reason, function_rule, rules_for
 
 __all__ = ["Decision", "FoldOutcome", "fold_graph"]
 
@@ -56,6 +58,7 @@ class Decision:
     rule: str | None = None
     reason: Reason | None = None
     detail: str = ""
+    site: BNSite | None = field(default=None, compare=False, repr=False)
 
     @property
     def folded(self) -> bool:
@@ -73,7 +76,7 @@ class FoldOutcome:
 class _Plan:
     rule: FoldRule
     layer_node: fx.Node
-    layer: nn.Module
+    layer: nn.Module | FunctionalLayer
     s: torch.Tensor
     t: torch.Tensor
 
@@ -92,7 +95,6 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
     )
     decisions: list[Decision] = []
     erased: set[fx.Node] = set()
-    removed_modules: list[str] = []
     copies = Counter[str]()
     for node in list(gm.graph.nodes):
         if node in erased:
@@ -103,7 +105,8 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
         try:
             _check_site(site)
         except _Declined as e:
-            decisions.append(Decision(site.name, site.kind, reason=e.reason, detail=e.detail))
+            decisions.append(Decision(site.name, site.kind, reason=e.reason, detail=e.detail,
+                                      site=site))
             continue
         try:
             plan = _try_backward(gm, site, shapes_known)
@@ -116,14 +119,13 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
         try:
             into = _apply(gm, site, plan, calls, protected, copies)
         except _Declined as e:
-            decisions.append(Decision(site.name, site.kind, reason=e.reason, detail=e.detail))
+            decisions.append(Decision(site.name, site.kind, reason=e.reason, detail=e.detail,
+                                      site=site))
             continue
         erased.update(_remove_bn(gm, site))
-        if site.module is not None:
-            removed_modules.append(str(site.node.target) if site.node.op == "call_module" else "")
         decisions.append(
             Decision(site.name, site.kind, into=into, direction=plan.rule.direction,
-                     rule=plan.rule.name)
+                     rule=plan.rule.name, site=site)
         )
     gm.graph.eliminate_dead_code()
     _drop_unused(gm, protected)
@@ -142,7 +144,7 @@ def _kept(site: BNSite, back: _Declined, fwd: _Declined) -> Decision:
     else:
         main, other = back, fwd
     return Decision(site.name, site.kind, reason=main.reason,
-                    detail=f"{main.detail}; {other.detail}")
+                    detail=f"{main.detail}; {other.detail}", site=site)
 
 
 # --------------------------------------------------------------------------- checks
@@ -193,11 +195,16 @@ def _try_backward(gm: fx.GraphModule, site: BNSite, shapes_known: bool) -> _Plan
             raise _Declined(Reason.PRODUCER_SHARED_OUTPUT, f"{n.name} feeds {len(n.users)} nodes")
         path.append(n)
         n = n.args[0]  # type: ignore[assignment]
-    if not isinstance(n, fx.Node) or n.op != "call_module":
+    if not isinstance(n, fx.Node) or n.op not in ("call_module", "call_function"):
         raise _Declined(Reason.NO_NEIGHBOUR, f"input comes from {_describe(gm, n)}")
-    layer = gm.get_submodule(str(n.target))
-    rule = rules_for(layer, Direction.BACKWARD)
-    if rule is None:
+    layer: nn.Module | FunctionalLayer | None
+    if n.op == "call_function":
+        layer = functional_layer(gm, n)
+        rule = function_rule(n.target) if layer is not None else None
+    else:
+        layer = gm.get_submodule(str(n.target))
+        rule = rules_for(layer, Direction.BACKWARD)
+    if rule is None or layer is None:
         raise _Declined(Reason.NO_NEIGHBOUR, f"input comes from {_describe(gm, n)}")
     users = value_users(n)
     if len(users) != 1:
@@ -206,7 +213,8 @@ def _try_backward(gm: fx.GraphModule, site: BNSite, shapes_known: bool) -> _Plan
             f"{n.target}'s output also feeds "
             + ", ".join(u.name for u in users if u is not (path[-1] if path else site.node)),
         )
-    _plain_layer(layer)
+    if isinstance(layer, nn.Module):
+        _plain_layer(layer)
     out_features = getattr(layer, "out_channels", getattr(layer, "out_features", -1))
     if out_features != site.channels:
         raise _Declined(
@@ -320,6 +328,8 @@ def _apply(
         b = b.to(layer.bias.dtype)  # type: ignore[union-attr]
     if folding.overflowed(w, layer.weight) or folding.overflowed(b):  # type: ignore[arg-type]
         raise _Declined(Reason.OVERFLOW, f"folded values exceed {dtype}")
+    if isinstance(layer, FunctionalLayer):
+        return _install_functional(gm, plan.layer_node, layer, w, b)
     new = copy.copy(layer)
     new._parameters = dict(layer._parameters)  # type: ignore[assignment]
     new._buffers = dict(layer._buffers)  # type: ignore[assignment]
@@ -339,6 +349,29 @@ def _apply(
         plan.layer_node.target = new_target
     calls[id(new)] = 1
     return target
+
+
+def _install_functional(gm: fx.GraphModule, node: fx.Node, layer: FunctionalLayer,
+                        w: torch.Tensor, b: torch.Tensor) -> str:
+    """Point a functional conv/linear call at new folded constants (never the old ones)."""
+    base = layer.weight_target.replace(".", "_")
+    name, k = f"{base}_bnfold", 1
+    while hasattr(gm, name):
+        k += 1
+        name = f"{base}_bnfold{k}"
+    gm.register_parameter(name, nn.Parameter(w, requires_grad=False))
+    gm.register_parameter(name + "_bias", nn.Parameter(b, requires_grad=False))
+    with gm.graph.inserting_before(node):
+        w_node = gm.graph.get_attr(name)
+        b_node = gm.graph.get_attr(name + "_bias")
+    node.update_arg(1, w_node)
+    if "bias" in node.kwargs:
+        node.update_kwarg("bias", b_node)
+    elif len(node.args) >= 3:
+        node.update_arg(2, b_node)
+    else:
+        node.args = (*node.args[:2], b_node)
+    return layer.weight_target.rsplit(".", 1)[0] if "." in layer.weight_target else node.name
 
 
 def _remove_bn(gm: fx.GraphModule, site: BNSite) -> set[fx.Node]:
@@ -367,4 +400,6 @@ def _drop_unused(gm: fx.GraphModule, protected: set[int]) -> None:
 
 
 def count_params(module: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in module.parameters())
+    """Values a model stores: parameters and floating-point buffers (BN statistics too)."""
+    floats = [b for b in module.buffers() if b.is_floating_point()]
+    return sum(math.prod(t.shape) for t in (*module.parameters(), *floats))

@@ -14,6 +14,7 @@ Channel tracking: a contiguous tensor whose channel ``c`` of ``C`` sits at
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import operator
@@ -40,9 +41,17 @@ _BN_FUNCTIONS = {F.batch_norm, torch.batch_norm}
 _ATEN_BN = {torch.ops.aten.batch_norm.default}
 _ATEN_BN_NO_TRAINING = {torch.ops.aten._native_batch_norm_legit_no_training.default}
 _RESHAPE_METHODS = {"flatten", "reshape", "view", "view_as", "reshape_as", "squeeze", "unsqueeze"}
-_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_aten = torch.ops.aten
+_RESHAPE_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+    _aten.flatten.using_ints, _aten.reshape.default, _aten.view.default,
+    _aten._unsafe_view.default, _aten.squeeze.dim, _aten.squeeze.dims, _aten.unsqueeze.default,
+    _aten.reshape_as.default, _aten.view_as.default, _aten.contiguous.default,
+    _aten.clone.default,
+}
 _PERMUTE_METHODS = {"transpose", "permute"}
-_PERMUTE_FUNCTIONS = {torch.transpose, torch.permute}
+_PERMUTE_FUNCTIONS = {torch.transpose, torch.permute, _aten.transpose.int, _aten.permute.default}
+_SHAPE_ONLY_FUNCTIONS = {_aten.reshape_as.default, _aten.view_as.default, _aten.expand_as.default}
 _IDENTITY_METHODS = {"contiguous", "clone"}
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
@@ -111,8 +120,8 @@ def capture(module: nn.Module) -> fx.GraphModule:
             "a TorchScript model's data flow cannot be captured for folding",
             hint="save model.state_dict() and pass --arch, or save a torch.export archive",
         )
-    if isinstance(module, fx.GraphModule):
-        return module
+    if isinstance(module, fx.GraphModule):  # a torch.export program: copy, never edit, its graph
+        return fx.GraphModule(module, copy.deepcopy(module.graph), module.__class__.__name__)
     try:
         try:
             graph = _Tracer().trace(module)
@@ -292,6 +301,48 @@ def _bind_aten_order(node: fx.Node) -> dict[str, Any]:
     return bound
 
 
+# --------------------------------------------------------------------------- functional layers
+
+def _functional_targets() -> tuple[frozenset[object], frozenset[object]]:
+    from bnfold.rules import RULES
+    from bnfold.folding import FoldKind
+
+    every = frozenset().union(*(r.functions for r in RULES))
+    transposes = frozenset().union(*(r.functions for r in RULES if r.kind is FoldKind.CONVT_OUT))
+    return every, transposes
+
+
+@dataclass
+class FunctionalLayer:
+    """A conv/linear *call* on constant weights (as torch.export graphs hold them)."""
+
+    weight_target: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    groups: int
+    out_features: int
+
+
+def functional_layer(gm: fx.GraphModule, node: fx.Node) -> FunctionalLayer | None:
+    """The functional conv/linear at ``node`` when its weight and bias are constants."""
+    every, transposes = _functional_targets()
+    if node.op != "call_function" or node.target not in every:
+        return None
+    args = list(node.args)
+    weight_node = args[1] if len(args) > 1 else node.kwargs.get("weight")
+    bias_node = args[2] if len(args) > 2 else node.kwargs.get("bias")
+    weight, bias = _attr(gm, weight_node), _attr(gm, bias_node)
+    if not isinstance(weight, torch.Tensor) or bias is False:
+        return None
+    groups_index = 6
+    groups = args[groups_index] if len(args) > groups_index else node.kwargs.get("groups", 1)
+    if not isinstance(groups, int):
+        return None
+    out = weight.shape[1] * groups if node.target in transposes else weight.shape[0]
+    return FunctionalLayer(str(weight_node.target), weight,  # type: ignore[union-attr]
+                           bias if isinstance(bias, torch.Tensor) else None, groups, int(out))
+
+
 # --------------------------------------------------------------------------- channel laws
 
 
@@ -328,6 +379,10 @@ def value_users(node: fx.Node) -> list[fx.Node]:
         if u.op == "call_method" and u.target in ("size", "dim"):
             continue
         if u.op == "call_function" and u.target is getattr and u.args[1] in ("shape", "ndim"):
+            continue
+        if u.op == "call_function" and u.target in _SHAPE_ONLY_FUNCTIONS and node not in u.args[:1]:
+            continue
+        if u.op == "call_function" and u.target is _aten.sym_size.int:
             continue
         users.append(u)
     return users
@@ -381,7 +436,7 @@ def carry_law(gm: fx.GraphModule, node: fx.Node, law: ChannelLaw) -> ChannelLaw 
 
 def _permutation(node: fx.Node, rank: int) -> list[int] | None:
     args = list(node.args[1:])
-    if node.target in ("transpose", torch.transpose):
+    if node.target in ("transpose", torch.transpose, _aten.transpose.int):
         if len(args) != 2:
             return None
         a, b = (int(x) % rank for x in args)

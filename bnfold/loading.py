@@ -64,6 +64,7 @@ class LoadedModel:
     onnx_model: onnx.ModelProto | None = None
     arch: str | None = None
     notes: list[str] = field(default_factory=list)
+    example_inputs: tuple[torch.Tensor, ...] | None = None  # saved with torch.export archives
 
     @property
     def architecture_known(self) -> bool:
@@ -300,6 +301,11 @@ def _load_exported(path: Path, names: list[str]) -> LoadedModel:
     sd = dict(ep.state_dict)
     sd.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
     loaded = LoadedModel(path, ModelFormat.EXPORTED_PROGRAM, state_dict=sd, module=module)
+    example = getattr(ep, "example_inputs", None)
+    if example and isinstance(example[0], tuple) and not example[1] and all(
+        isinstance(t, torch.Tensor) for t in example[0]
+    ):
+        loaded.example_inputs = tuple(example[0])
     return loaded
 
 
@@ -309,12 +315,23 @@ def _scan_archive_pickles(path: Path, names: list[str]) -> None:
         for name in names:
             data = zf.read(name)
             if data[:4] == b"PK\x03\x04":
-                with zipfile.ZipFile(io.BytesIO(data)) as inner:
-                    for inner_name in inner.namelist():
-                        if inner_name.endswith(".pkl"):
-                            _check_pickle(inner.read(inner_name), path, f"{name}/{inner_name}")
-            elif data[:1] == b"\x80" or name.endswith(".pkl"):
+                try:
+                    with zipfile.ZipFile(io.BytesIO(data)) as inner:
+                        for inner_name in inner.namelist():
+                            if inner_name.endswith(".pkl"):
+                                _check_pickle(inner.read(inner_name), path,
+                                              f"{name}/{inner_name}")
+                except zipfile.BadZipFile:
+                    continue  # raw tensor bytes that happen to start like a zip
+            elif name.endswith(".pkl") or (data[:1] == b"\x80" and not _raw_weight(name)):
                 _check_pickle(data, path, name)
+
+
+def _raw_weight(name: str) -> bool:
+    """Members holding raw tensor bytes (which may start with any byte)."""
+    return "/data/weights/" in name or "/data/constants/" in name or "/data/" in name and (
+        name.rsplit("/", 1)[-1].isdigit()
+    )
 
 
 def _check_pickle(data: bytes, path: Path, member: str) -> None:

@@ -87,6 +87,8 @@ def run_fuse(
             example = random_batches(opts.input_shapes, opts.input_dtype, 1, seed=opts.seed)[0]
         elif real is not None:
             example = [t[:2] for t in real[0]]  # the real inputs decide the shape
+        elif loaded.example_inputs is not None:
+            example = list(loaded.example_inputs)  # saved in the torch.export archive
         else:
             inferred = infer_example_inputs(gm, batch=2)
             if inferred is None:

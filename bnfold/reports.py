@@ -131,7 +131,7 @@ class FuseReport:
     opset: int | None
     folded: tuple[FoldedSite, ...]
     skipped: tuple[SkippedSite, ...]
-    params_before: int
+    params_before: int  # values stored in parameters and floating-point buffers
     params_after: int
     onnx_nodes: int | None
     onnx_bn_nodes: int | None

@@ -12,11 +12,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnfold.folding import FoldKind
 
-__all__ = ["RULES", "Direction", "FoldRule", "Reason", "rules_for"]
+__all__ = ["RULES", "Direction", "FoldRule", "Reason", "function_rule", "rules_for"]
 
 
 class Direction(str, enum.Enum):
@@ -32,6 +34,7 @@ class FoldRule:
     kind: FoldKind
     channel_axis: int  # axis of the layer's output (backward) / input (forward) with the channels
     zero_padding_breaks: bool = False  # forward folds: padded zeros would skip the BN's shift
+    functions: frozenset[object] = frozenset()  # functional forms (torch.export graphs)
 
 
 _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -41,13 +44,33 @@ _CONV_TRANSPOSES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose3d,
 )
 
+_aten = torch.ops.aten
+_CONV_FUNCTIONS = frozenset({F.conv1d, F.conv2d, F.conv3d, _aten.conv1d.default,
+                             _aten.conv2d.default, _aten.conv3d.default})
+_CONV_TRANSPOSE_FUNCTIONS = frozenset({
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    _aten.conv_transpose1d.default, _aten.conv_transpose2d.input, _aten.conv_transpose3d.input,
+})
+_LINEAR_FUNCTIONS = frozenset({F.linear, _aten.linear.default})
+
 RULES: tuple[FoldRule, ...] = (
-    FoldRule("conv_bn", Direction.BACKWARD, _CONVS, FoldKind.CONV_OUT, 1),
-    FoldRule("convtranspose_bn", Direction.BACKWARD, _CONV_TRANSPOSES, FoldKind.CONVT_OUT, 1),
-    FoldRule("linear_bn", Direction.BACKWARD, (nn.Linear,), FoldKind.LINEAR_OUT, -1),
+    FoldRule("conv_bn", Direction.BACKWARD, _CONVS, FoldKind.CONV_OUT, 1,
+             functions=_CONV_FUNCTIONS),
+    FoldRule("convtranspose_bn", Direction.BACKWARD, _CONV_TRANSPOSES, FoldKind.CONVT_OUT, 1,
+             functions=_CONV_TRANSPOSE_FUNCTIONS),
+    FoldRule("linear_bn", Direction.BACKWARD, (nn.Linear,), FoldKind.LINEAR_OUT, -1,
+             functions=_LINEAR_FUNCTIONS),
     FoldRule("bn_conv", Direction.FORWARD, _CONVS, FoldKind.CONV_IN, 1, zero_padding_breaks=True),
     FoldRule("bn_linear", Direction.FORWARD, (nn.Linear,), FoldKind.LINEAR_IN, -1),
 )
+
+
+def function_rule(target: object) -> FoldRule | None:
+    """The backward rule for a functional conv/linear call (torch.export graphs)."""
+    for rule in RULES:
+        if rule.direction is Direction.BACKWARD and target in rule.functions:
+            return rule
+    return None
 
 
 def rules_for(module: nn.Module, direction: Direction) -> FoldRule | None:

@@ -304,6 +304,25 @@ def records_from_onnx(model: onnx.ModelProto) -> list[BNRecord]:
     return records
 
 
+def _record_from_site(d: Decision) -> BNRecord:
+    """A record for a functional batch_norm (traced BN subclasses, torch.export graphs)."""
+    site = d.site
+    assert site is not None
+    return BNRecord(
+        name=d.bn,
+        kind=d.kind,
+        channels=site.channels,
+        eps=site.eps,
+        affine=site.weight is not None,
+        track_running_stats=site.running_mean is not None,
+        training=site.training,
+        mean=_np(site.running_mean),
+        var=_np(site.running_var),
+        gamma=_np(site.weight),
+        beta=_np(site.bias),
+    )
+
+
 def _apply_decisions(records: list[BNRecord], decisions: Sequence[Decision],
                      module: torch.nn.Module) -> list[BNRecord]:
     """Order records as the graph calls them and attach each fold decision."""
@@ -312,8 +331,8 @@ def _apply_decisions(records: list[BNRecord], decisions: Sequence[Decision],
     seen: Counter[str] = Counter()
     for d in decisions:
         base = by_name.get(d.bn)
-        if base is None:  # a functional batch_norm: no module record
-            base = BNRecord(name=d.bn, kind=d.kind, channels=0)
+        if base is None or (d.site is not None and d.site.module is None):
+            base = _record_from_site(d) if d.site is not None else BNRecord(d.bn, d.kind, 0)
         seen[d.bn] += 1
         rec = base if seen[d.bn] == 1 else BNRecord(**{**base.__dict__})
         if seen[d.bn] > 1:
@@ -361,7 +380,7 @@ def inspect_model(
         ]
         order = "registration"
         try:
-            outcome = plan_folds(module, example_inputs)
+            outcome = plan_folds(module, example_inputs or loaded.example_inputs)
         except Exception as e:  # noqa: BLE001 - inspect still reports statistics
             from bnfold.errors import BnfoldError
 

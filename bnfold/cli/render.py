@@ -159,7 +159,7 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
         table.add_row(Text(sk.bn), Text(f"stays: {sk.reason} — {sk.detail}", style="yellow"))
     console.print(table)
     console.print(Text(
-        f"folded {len(r.folded)}, kept {len(r.skipped)}; parameters {r.params_before} → "
+        f"folded {len(r.folded)}, kept {len(r.skipped)}; stored values {r.params_before} → "
         f"{r.params_after}"
         + (f"; ONNX nodes {r.onnx_nodes}, BatchNormalization left {r.onnx_bn_nodes}"
            if r.onnx_nodes is not None else "")
@@ -189,7 +189,7 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
 def _fuse_markdown(r: FuseReport) -> str:
     lines = [f"### bnfold fuse: `{r.model}` → `{r.output}`", "",
              f"Exporter: {r.exporter}, opset {r.opset}. Folded **{len(r.folded)}**, kept "
-             f"**{len(r.skipped)}**. Parameters {r.params_before} → {r.params_after}."
+             f"**{len(r.skipped)}**. Stored values (parameters and buffers) {r.params_before} → {r.params_after}."
              + (f" ONNX nodes: {r.onnx_nodes}, BatchNormalization left: {r.onnx_bn_nodes}."
                 if r.onnx_nodes is not None else ""), ""]
     if r.folded:
