@@ -7,6 +7,8 @@ Exit codes (all commands): 0 success; 1 a check or verification failed;
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
 from bnfold import __version__
@@ -47,4 +49,9 @@ app.command("fuse")(_fuse.fuse_command)
 
 
 def main() -> None:
+    # torch and the exporters warn about their own deprecations on every call; a user of
+    # bnfold can act on none of it, and it would bury the one line bnfold prints.
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", module=r"(torch|onnxscript|onnx)(\..*)?$")
     app()

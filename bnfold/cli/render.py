@@ -98,7 +98,7 @@ def _inspect_table(r: InspectReport, console: Console) -> None:
     for name, message in details:
         console.print(Text(f"  {name}: {message}"))
     stays = [layer for layer in r.layers if not layer.fold_into and layer.reason
-             and layer.reason != "architecture_unknown"]
+             and layer.reason not in ("architecture_unknown", "capture_failed")]
     for layer in stays:
         console.print(Text(f"  {layer.name} stays ({layer.reason}): {layer.reason_detail}",
                            style="yellow"))

@@ -1,0 +1,45 @@
+"""Write the benchmark inputs (random-weight ResNet-50 with real BN statistics) to bench/data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def resnet50() -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).train()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        model(torch.randn(4, 3, 224, 224))
+    return model.eval()
+
+
+def main() -> None:
+    DATA.mkdir(exist_ok=True)
+    target = DATA / "resnet50.pth"
+    if not target.exists():
+        torch.save(resnet50().state_dict(), target)
+    onnx_target = DATA / "resnet50.onnx"
+    if not onnx_target.exists():
+        import torchvision
+
+        model = torchvision.models.resnet50(weights=None)
+        model.load_state_dict(torch.load(target, weights_only=True))
+        torch.onnx.export(model.eval(), (torch.randn(1, 3, 224, 224),), str(onnx_target),
+                          dynamo=False, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"])
+    print(target, onnx_target, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

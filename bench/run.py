@@ -1,0 +1,121 @@
+"""Run every benchmark of bnfold against its peer, side by side, and write bench/RESULTS.md.
+
+    python bench/run.py [--runs N]
+
+1. inspect: ``bnfold inspect resnet50.pth`` vs ``python -c "import torch; torch.load(...)"``
+   (target: at most 1.5x).
+2. fuse end to end: ``bnfold fuse resnet50.pth --arch torchvision:resnet50 --out ...`` vs a
+   bare ``torch.onnx.export(dynamo=True)`` of the same weights (target: at most 1.2x).
+3. the fold step alone on ResNet-50, in process (target: at most 50 ms).
+4. peak memory of fuse against the model's size (target: at most 3x).
+5. onnxruntime latency of bnfold's ONNX vs the peers' exports, optimisations on and off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from harness import compare, run_once  # noqa: E402
+
+DATA = HERE / "data"
+PY = sys.executable
+
+
+def bnfold(*args: str) -> list[str]:
+    return [PY, "-m", "bnfold", *args]
+
+
+def fold_step_ms(weights: Path, repeats: int = 7) -> dict[str, float]:
+    import torch
+
+    from bnfold.fuse import fold_graph
+    from bnfold.graph import capture, propagate_shapes
+    from bnfold.loading import load_model
+
+    torch.set_num_threads(2)
+    model = load_model(weights, arch="torchvision:resnet50").module
+    x = torch.randn(1, 3, 224, 224)
+    times = []
+    for _ in range(repeats):
+        gm = capture(model)
+        propagate_shapes(gm, [x])
+        start = time.perf_counter()
+        fold_graph(gm, model, shapes_known=True)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
+def ort_latency(path: Path, optimized: bool, runs: int = 30) -> float:
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
+    for _ in range(3):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {name: x})
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    subprocess.run([PY, str(HERE / "make_models.py")], check=True)
+    weights = DATA / "resnet50.pth"
+    out = DATA / "out"
+    out.mkdir(exist_ok=True)
+    results: dict[str, object] = {"model_mb": weights.stat().st_size / 2**20}
+
+    results["inspect"] = compare(
+        bnfold("inspect", str(weights), "--format", "json"),
+        [PY, "-c", f"import torch; torch.load({str(weights)!r}, weights_only=True)"],
+        runs=args.runs,
+    )
+    fuse_cmd = bnfold("fuse", str(weights), "--arch", "torchvision:resnet50", "--input-shape",
+                      "1,3,224,224", "--out", str(out / "bnfold.onnx"), "--force",
+                      "--format", "json")
+    results["fuse"] = compare(
+        fuse_cmd, [PY, str(HERE / "peer_export.py"), str(weights), str(out / "peer.onnx")],
+        runs=args.runs,
+    )
+    baseline = run_once([PY, "-c", "import torch, torchvision, onnx, onnxruntime, onnxscript"])
+    fuse_peak = results["fuse"]["a_peak_mb"]  # type: ignore[index]
+    results["memory"] = {
+        "fuse_peak_mb": fuse_peak,
+        "imports_only_peak_mb": baseline.peak_rss_mb,
+        "peak_over_model": fuse_peak / results["model_mb"],  # type: ignore[operator]
+        "above_imports_over_model": (fuse_peak - baseline.peak_rss_mb) / results["model_mb"],  # type: ignore[operator]
+    }
+    results["fold_step"] = fold_step_ms(weights)
+    subprocess.run([PY, str(HERE / "peer_export.py"), str(weights), str(out / "legacy.onnx"),
+                    "legacy"], check=True, capture_output=True)
+    results["ort_latency_ms"] = {
+        name: {"optimized": ort_latency(out / f, True), "unoptimized": ort_latency(out / f, False)}
+        for name, f in (("bnfold", "bnfold.onnx"), ("dynamo export", "peer.onnx"),
+                        ("legacy export", "legacy.onnx"))
+    }
+    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
