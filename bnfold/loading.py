@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import io
 import json
+import logging
 import pickletools
 import struct
 import sys
@@ -166,8 +167,9 @@ def _load_zip(path: Path, *, trust_pickle: bool) -> LoadedModel:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise LoadError(f"corrupt or truncated archive ({e})", path=path) from e
+    except Exception as e:  # noqa: BLE001 - zipfile raises BadZipFile, UnicodeDecodeError,
+        # NotImplementedError, ... on damaged central directories
+        raise LoadError(f"corrupt or truncated archive ({_short(e)})", path=path) from e
     if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
         return _load_exported(path, names)
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
@@ -187,8 +189,12 @@ def _load_torch_save(path: Path, *, trust_pickle: bool) -> LoadedModel:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:  # a file object: torch.load must not go by the extension
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if _pickle_unreadable(path):
+            raise LoadError("corrupt torch.save file (its pickle cannot be parsed)",
+                            path=path) from e
         if not trust_pickle:
             raise UnsafePickleError(
                 "holds pickled Python objects (for example a whole nn.Module saved with "
@@ -198,7 +204,8 @@ def _load_torch_save(path: Path, *, trust_pickle: bool) -> LoadedModel:
                 path=path,
             ) from e
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            with path.open("rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=False)
         except Exception as e2:  # noqa: BLE001 - arbitrary code ran; report what it raised
             raise LoadError(f"unpickling failed: {type(e2).__name__}: {e2}", path=path) from e2
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... on corrupt files
@@ -292,11 +299,22 @@ def _load_torchscript(path: Path) -> LoadedModel:
 def _load_exported(path: Path, names: list[str]) -> LoadedModel:
     import torch
 
-    _scan_archive_pickles(path, names)
     try:
-        ep = torch.export.load(path)
+        _scan_archive_pickles(path, names)
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged members: BadZipFile, EOFError, ...
+        raise LoadError(f"corrupt torch.export archive ({_short(e)})", path=path) from e
+    export_logger = logging.getLogger("torch.export")
+    level = export_logger.level
+    export_logger.setLevel(logging.CRITICAL)  # torch logs tracebacks for corrupt archives
+    try:
+        with path.open("rb") as f:
+            ep = torch.export.load(f)
     except Exception as e:  # noqa: BLE001 - torch raises many types on corrupt archives
         raise LoadError(f"corrupt torch.export archive ({_short(e)})", path=path) from e
+    finally:
+        export_logger.setLevel(level)
     module = ep.module()
     sd = dict(ep.state_dict)
     sd.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
@@ -325,6 +343,20 @@ def _scan_archive_pickles(path: Path, names: list[str]) -> None:
                     continue  # raw tensor bytes that happen to start like a zip
             elif name.endswith(".pkl") or (data[:1] == b"\x80" and not _raw_weight(name)):
                 _check_pickle(data, path, name)
+
+
+def _pickle_unreadable(path: Path) -> bool:
+    """Whether the file's main pickle cannot even be parsed (corrupt, not hostile)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+                data = zf.read(name)
+        else:
+            data = path.read_bytes()
+    except Exception:  # noqa: BLE001
+        return True
+    return ("?", "unreadable pickle") in _pickle_globals(data)
 
 
 def _raw_weight(name: str) -> bool:

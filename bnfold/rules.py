@@ -142,3 +142,7 @@ class Reason(str, enum.Enum):
         "the neighbouring layer subclasses Conv/Linear but overrides forward()",
     )
     OVERFLOW = ("overflow", "the folded weights overflow the parameter dtype")
+    SHARED_WEIGHTS = (
+        "shared_weights",
+        "the layer's weights are used by other nodes too; folding would change them",
+    )

@@ -71,6 +71,9 @@ class Thresholds:
             raise ValueError(
                 f"unknown threshold {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}"
             )
+        bad = [k for k, v in overrides.items() if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ValueError(f"threshold {', '.join(sorted(bad))} must be a positive number")
         return Thresholds(**{**asdict(self), **overrides})
 
 
@@ -102,8 +105,10 @@ class BNRecord:
 def _spread(a: np.ndarray | None) -> Spread | None:
     if a is None or a.size == 0:
         return None
-    with np.errstate(invalid="ignore"):
-        return Spread(float(np.min(a)), float(np.median(a)), float(np.max(a)))
+    finite = a[~np.isnan(a)]  # NaN channels are reported by `nonfinite`, not spread here
+    if finite.size == 0:
+        return Spread(math.nan, math.nan, math.nan)
+    return Spread(float(np.min(finite)), float(np.median(finite)), float(np.max(finite)))
 
 
 def fold_scale(rec: BNRecord) -> np.ndarray | None:
@@ -134,7 +139,7 @@ def diagnose(rec: BNRecord, th: Thresholds) -> list[Diagnostic]:
         if neg:
             out.append(Diagnostic("negative_variance", f"{neg} channels have running_var < 0"))
         with np.errstate(invalid="ignore"):
-            tiny = int(((rec.var + rec.eps) < th.tiny_variance).sum())
+            tiny = int(((rec.var >= 0) & ((rec.var + rec.eps) < th.tiny_variance)).sum())
         if tiny:
             out.append(Diagnostic(
                 "tiny_variance",

@@ -29,7 +29,7 @@ import torch
 from bnfold.errors import VerifyError
 from bnfold.reports import OutputCheck, Verification
 
-__all__ = ["DEFAULT_TOLERANCES", "flatten_outputs", "verify_onnx"]
+__all__ = ["DEFAULT_TOLERANCES", "flatten_outputs", "verify_onnx", "verify_onnx_pair"]
 
 DEFAULT_TOLERANCES = {
     torch.float32: (1e-6, 1e-5),
@@ -52,6 +52,80 @@ def flatten_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
+def _session(path: Path, what: str) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+        raise VerifyError(f"onnxruntime cannot load the {what}: {e}") from e
+
+
+class _Worst:
+    """Per output: the largest error and the largest reference magnitude seen."""
+
+    def __init__(self) -> None:
+        self.errors: list[float] = []
+        self.scales: list[float] = []
+        self.names: list[str] = []
+        self.shapes: list[tuple[int, ...]] = []
+
+    def add(self, names: list[str], got: list[Any], ref: list[torch.Tensor]) -> None:
+        if len(got) != len(ref):
+            raise VerifyError(f"the ONNX model has {len(got)} outputs, the reference {len(ref)}")
+        if not self.errors:
+            self.errors, self.scales = [0.0] * len(ref), [0.0] * len(ref)
+        self.names = names
+        self.shapes = [tuple(r.shape) for r in ref]
+        for i, (o, r) in enumerate(zip(got, ref, strict=True)):
+            got_t = torch.from_numpy(np.asarray(o)).double()
+            if tuple(got_t.shape) != tuple(r.shape):
+                raise VerifyError(f"output {names[i]} has shape {tuple(got_t.shape)} in ONNX, "
+                                  f"{tuple(r.shape)} in the reference")
+            self.errors[i] = max(self.errors[i], _max_abs(got_t, r))
+            self.scales[i] = max(self.scales[i], float(r.abs().max()) if r.numel() else 0.0)
+
+    def outputs(self, atol: float, rtol: float) -> tuple[OutputCheck, ...]:
+        return tuple(
+            OutputCheck(name=name, shape=shape, max_abs_error=err,
+                        max_rel_error=err / scale if scale > 0 else err,
+                        reference_max_abs=scale, passed=bool(err <= atol + rtol * scale))
+            for name, shape, err, scale in zip(self.names, self.shapes, self.errors,
+                                               self.scales, strict=True)
+        )
+
+
+def _run(session: Any, batch: Sequence[torch.Tensor], what: str) -> list[Any]:
+    names = [i.name for i in session.get_inputs()]
+    if len(batch) != len(names):
+        raise VerifyError(f"the {what} takes {len(names)} inputs, got {len(batch)}")
+    try:
+        return list(session.run(None, {n: _to_numpy(t) for n, t in zip(names, batch,
+                                                                       strict=True)}))
+    except Exception as e:  # noqa: BLE001
+        raise VerifyError(f"onnxruntime failed to run the {what}: {e}") from e
+
+
+def _verification(worst: _Worst, atol: float, rtol: float, batches: int, source: str,
+                  fold_err: float | None, base_err: float | None) -> Verification:
+    outputs = worst.outputs(atol, rtol)
+    return Verification(
+        passed=all(o.passed for o in outputs),
+        atol=atol,
+        rtol=rtol,
+        inputs=batches,
+        input_source=source,
+        max_abs_error=max((o.max_abs_error for o in outputs), default=0.0),
+        max_rel_error=max((o.max_rel_error for o in outputs), default=0.0),
+        outputs=outputs,
+        fold_max_abs_error_fp64=fold_err,
+        baseline_max_abs_error=base_err,
+    )
+
+
 def verify_onnx(
     original: torch.nn.Module,
     onnx_path: Path,
@@ -63,35 +137,19 @@ def verify_onnx(
     folded: torch.nn.Module | None = None,
 ) -> Verification:
     """Run ``original`` and the ONNX file on ``batches``; compare against float64."""
-    import onnxruntime as ort
-
     dtype = next((p.dtype for p in original.parameters() if p.is_floating_point()), torch.float32)
     d_atol, d_rtol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-        raise VerifyError(f"onnxruntime cannot load the exported model: {e}") from e
-    feeds_names = [i.name for i in session.get_inputs()]
+    session = _session(onnx_path, "exported model")
     n_bytes = sum(p.numel() * 8 for p in original.parameters())
     ref_model = _float64(original) if n_bytes <= _FP64_REFERENCE_LIMIT else None
     folded64 = _float64(folded) if folded is not None and ref_model else None
-
-    worst: dict[int, list[float]] = {}
-    names: list[str] = []
-    shapes: list[tuple[int, ...]] = []
+    worst = _Worst()
     fold_err = 0.0 if folded64 is not None else None
     base_err = 0.0 if ref_model is not None else None
     with torch.no_grad():
         for batch in batches:
-            if len(batch) != len(feeds_names):
-                raise VerifyError(
-                    f"the exported model takes {len(feeds_names)} inputs, got {len(batch)}"
-                )
             eager = flatten_outputs(original(*batch))
             if ref_model is not None:
                 ref = [t for _, t in flatten_outputs(ref_model(*_double(batch)))]
@@ -103,51 +161,35 @@ def verify_onnx(
                 got = [t for _, t in flatten_outputs(folded64(*_double(batch)))]
                 fold_err = max(fold_err or 0.0, *(_max_abs(g, r) for g, r in
                                                   zip(got, ref, strict=True)))
-            feeds = {n: _to_numpy(t) for n, t in zip(feeds_names, batch, strict=True)}
-            try:
-                onnx_out = session.run(None, feeds)
-            except Exception as e:  # noqa: BLE001
-                raise VerifyError(f"onnxruntime failed to run the exported model: {e}") from e
-            if len(onnx_out) != len(ref):
-                raise VerifyError(
-                    f"the exported model has {len(onnx_out)} outputs, the original {len(ref)}"
-                )
-            names = [n for n, _ in eager]
-            shapes = [tuple(t.shape) for _, t in eager]
-            for i, (o, r) in enumerate(zip(onnx_out, ref, strict=True)):
-                got_t = torch.from_numpy(np.asarray(o)).double()
-                if tuple(got_t.shape) != tuple(r.shape):
-                    raise VerifyError(
-                        f"output {names[i]} has shape {tuple(got_t.shape)} in ONNX, "
-                        f"{tuple(r.shape)} in PyTorch"
-                    )
-                err = _max_abs(got_t, r)
-                scale = float(r.abs().max()) if r.numel() else 0.0
-                prev = worst.get(i, [0.0, 0.0])
-                worst[i] = [max(prev[0], err), max(prev[1], scale)]
-    outputs = []
-    for i, name in enumerate(names):
-        err, scale = worst[i]
-        outputs.append(OutputCheck(
-            name=name,
-            shape=shapes[i],
-            max_abs_error=err,
-            max_rel_error=err / scale if scale > 0 else err,
-            reference_max_abs=scale,
-            passed=bool(err <= atol + rtol * scale),
-        ))
-    return Verification(
-        passed=all(o.passed for o in outputs),
-        atol=atol,
-        rtol=rtol,
-        inputs=len(batches),
-        input_source=input_source,
-        max_abs_error=max((o.max_abs_error for o in outputs), default=0.0),
-        max_rel_error=max((o.max_rel_error for o in outputs), default=0.0),
-        outputs=tuple(outputs),
-        fold_max_abs_error_fp64=fold_err,
-        baseline_max_abs_error=base_err,
-    )
+            worst.add([n for n, _ in eager], _run(session, batch, "exported model"), ref)
+    return _verification(worst, atol, rtol, len(batches), input_source, fold_err, base_err)
+
+
+def verify_onnx_pair(
+    reference_path: Path,
+    onnx_path: Path,
+    batches: Sequence[Sequence[torch.Tensor]],
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    input_source: str = "random (seeded)",
+) -> Verification:
+    """Compare two ONNX files in onnxruntime (optimisations off); the first is the reference.
+
+    An ONNX reference runs in its own precision, so the errors include its rounding too.
+    """
+    d_atol, d_rtol = DEFAULT_TOLERANCES[torch.float32]
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    reference = _session(reference_path, "original model")
+    session = _session(onnx_path, "folded model")
+    names = [o.name for o in reference.get_outputs()]
+    worst = _Worst()
+    for batch in batches:
+        ref = [torch.from_numpy(np.asarray(r)).double()
+               for r in _run(reference, batch, "original model")]
+        worst.add(names, _run(session, batch, "folded model"), ref)
+    return _verification(worst, atol, rtol, len(batches), input_source, None, None)
 
 
 def _float64(model: torch.nn.Module) -> Any:

@@ -72,15 +72,47 @@ def bit_flipped(source: Path, folder: Path, offset: int, bit: int = 4,
     return path
 
 
-def central_directory_offsets(zip_path: Path) -> list[int]:
-    """Byte offsets of every central-directory record (``PK\\x01\\x02``) of a zip file."""
+def central_directory_records(zip_path: Path) -> dict[str, int]:
+    """Member name -> byte offset of its central-directory record, walked from the end
+    record (so zips nested inside members are not mistaken for the outer directory)."""
     data = zip_path.read_bytes()
-    offsets = []
-    start = data.find(b"PK\x01\x02")
-    while start != -1:
-        offsets.append(start)
-        start = data.find(b"PK\x01\x02", start + 1)
-    return offsets
+    end = data.rfind(b"PK\x05\x06")
+    (count,) = struct.unpack("<H", data[end + 10 : end + 12])
+    (pos,) = struct.unpack("<I", data[end + 16 : end + 20])
+    records = {}
+    for _ in range(count):
+        assert data[pos : pos + 4] == b"PK\x01\x02"
+        name_len, extra_len, comment_len = struct.unpack("<HHH", data[pos + 28 : pos + 34])
+        records[data[pos + 46 : pos + 46 + name_len].decode()] = pos
+        pos += 46 + name_len + extra_len + comment_len
+    return records
+
+
+def central_record_of(zip_path: Path, suffix: str) -> int:
+    """Offset of the central-directory record of the member whose name ends with ``suffix``."""
+    return next(off for name, off in central_directory_records(zip_path).items()
+                if name.endswith(suffix))
+
+
+def export_archive_with_wrong_size(exported: Path, folder: Path) -> Path:
+    """A torch.export archive whose directory lists a wrong compressed size for one weight.
+
+    Python's zipfile still reads every member (the pickle scan passes); torch's own
+    zip reader rejects the archive.
+    """
+    offset = central_record_of(exported, "data/weights/weight_0") + 20  # compressed size
+    return bit_flipped(exported, folder, offset, bit=4, name="wrong_size.pt2")
+
+
+def member_data_offset(zip_path: Path, suffix: str) -> int:
+    """Byte offset of the (stored) data of the first zip member whose name ends with ``suffix``."""
+    with zipfile.ZipFile(zip_path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
+    raw = zip_path.read_bytes()
+    start = info.header_offset
+    # local file header: 30 fixed bytes, then the name and the extra field
+    name_len, extra_len = struct.unpack("<HH", raw[start + 26 : start + 30])
+    return start + 30 + name_len + extra_len
 
 
 def random_bytes(folder: Path, seed: int, size: int = 4096) -> Path:

@@ -22,7 +22,7 @@ from tests.models import ConvBN, randomize_all
 
 ARCH_SOURCE = textwrap.dedent('''
     from torch import nn
-    
+
     class Net(nn.Module):
         def __init__(self, width=8):
             super().__init__()
@@ -235,7 +235,8 @@ def test_torchscript_ignores_arch(tmp_path, model):
     loaded = load_model(path, arch="torchvision:resnet18")
     assert isinstance(loaded.module, torch.jit.ScriptModule)
     assert loaded.arch is None
-    assert loaded.notes == ["--arch torchvision:resnet18 ignored: the file carries its architecture"]
+    assert loaded.notes == [
+        "--arch torchvision:resnet18 ignored: the file carries its architecture"]
 
 
 def test_torch_export_round_trip(exported_archive):
@@ -445,8 +446,7 @@ def test_text_file(tmp_path):
 
 @pytest.mark.parametrize("keep", [4, 30, 200, 0.5, -200, -22, -1])
 def test_truncated_torch_save(tmp_path, sd, keep):
-    """A torch.save zip cut anywhere (local header, pickle, data, central directory) is a
-    LoadError saying the file is corrupt or truncated."""
+    """A torch.save zip cut anywhere is a LoadError saying it is corrupt or truncated."""
     source = tmp_path / "full.pt"
     torch.save(sd, source)
     size = source.stat().st_size
@@ -470,11 +470,10 @@ def test_bit_flip_in_pickle(tmp_path, sd):
 
 @pytest.mark.parametrize("field", ["name_length", "name_byte"])
 def test_bit_flip_in_zip_central_directory(tmp_path, sd, field):
-    """A flipped bit in a central-directory file name (or its length) is a LoadError,
-    not a UnicodeDecodeError from zipfile."""
+    """A bit flip in a zip member's name or name length is a LoadError, not UnicodeDecodeError."""
     source = tmp_path / "full.pt"
     torch.save(sd, source)
-    record = corrupt.central_directory_offsets(source)[0]
+    record = corrupt.central_record_of(source, "data.pkl")
     # central-directory record: file name length at +28 (2 bytes), file name at +46
     offset = record + 28 if field == "name_length" else record + 46
     bit = 4 if field == "name_length" else 7  # +16 bytes of name; a byte >= 0x80 (bad UTF-8)
@@ -484,19 +483,43 @@ def test_bit_flip_in_zip_central_directory(tmp_path, sd, field):
     assert "corrupt" in info.value.message
 
 
-def test_bit_flips_anywhere_never_escape_as_other_errors(tmp_path, sd):
+def test_bit_flip_in_export_archive_member(exported_archive, tmp_path):
+    """A bit flip in a torch.export member (bad CRC) is a LoadError, not BadZipFile."""
+    offset = corrupt.member_data_offset(exported_archive, "models/model.json") + 10
+    path = corrupt.bit_flipped(exported_archive, tmp_path, offset, bit=0, name="flipped.pt2")
+    with pytest.raises(LoadError) as info:
+        load_model(path)
+    assert "corrupt" in info.value.message
+
+
+def test_export_archive_torch_rejects(exported_archive, tmp_path):
+    """An export archive zipfile accepts but torch's reader rejects: LoadError naming it."""
+    path = corrupt.export_archive_with_wrong_size(exported_archive, tmp_path)
+    with pytest.raises(LoadError, match=r"corrupt torch\.export archive"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(("kind", "stride"), [("torch_save", 13), ("torchscript", 29),
+                                              ("torch_export", 61)])
+def test_bit_flips_anywhere_never_escape_as_other_errors(tmp_path, model, exported_archive,
+                                                         kind, stride):
     """Flipping one bit at any of many offsets either still loads or raises a LoadError."""
     source = tmp_path / "full.pt"
-    torch.save(sd, source)
+    if kind == "torch_save":
+        torch.save(model.state_dict(), source)
+    elif kind == "torchscript":
+        torch.jit.save(torch.jit.script(model), str(source))
+    else:
+        source = exported_archive
     size = source.stat().st_size
     escaped = []
-    for offset in range(0, size, 13):
+    for offset in range(0, size, stride):
         path = corrupt.bit_flipped(source, tmp_path, offset, bit=offset % 8)
         try:
             assert isinstance(load_model(path), LoadedModel)
         except LoadError:
             pass
-        except Exception as e:  # noqa: BLE001 - collected and reported below
+        except Exception as e:  # collected and reported below
             escaped.append((offset, f"{type(e).__name__}: {e}"[:120]))
     assert escaped == [], escaped
 
@@ -567,7 +590,7 @@ def test_safetensors_offsets_past_the_end(tmp_path, sd):
     header, data = corrupt.safetensors_parts(source)
     header["bn.running_var"]["data_offsets"] = [len(data) + 64, len(data) + 96]
     path = corrupt.write_safetensors(tmp_path / "bad.safetensors", header, data)
-    with pytest.raises(LoadError, match="'bn.running_var' lies past the end"):
+    with pytest.raises(LoadError, match=r"'bn\.running_var' lies past the end"):
         load_model(path)
 
 
@@ -587,8 +610,7 @@ def test_safetensors_size_mismatch(tmp_path, sd):
 
 @pytest.mark.parametrize("location", ["../outside.bin", "{abs}", "link.bin"])
 def test_onnx_external_data_outside_folder_refused(tmp_path, location):
-    """ONNX external data that resolves outside the model's folder (../, absolute, a
-    symlink) is refused before anything is read."""
+    """ONNX external data resolving outside the folder (../, absolute, symlink) is refused."""
     folder = tmp_path / "model"
     folder.mkdir()
     outside = tmp_path / "outside.bin"
@@ -604,7 +626,7 @@ def test_onnx_external_data_missing(tmp_path):
     """ONNX external data whose file does not exist: LoadError naming the file."""
     path = tmp_path / "model.onnx"
     onnx.save(corrupt.onnx_conv_bn("weights.data"), str(path))
-    with pytest.raises(LoadError, match="external data file 'weights.data' of 'var' is missing"):
+    with pytest.raises(LoadError, match=r"external data file 'weights\.data' of 'var' is missing"):
         load_model(path)
 
 
@@ -641,8 +663,7 @@ def test_hostile_pickle_never_runs_without_trust(tmp_path):
 
 
 def test_hostile_pickle_payload_is_real(tmp_path):
-    """Control for the test above: with trust_pickle the payload does run (so the refusal
-    is what kept the marker away), and the result is still a LoadError, not a model."""
+    """Control: with trust_pickle the payload does run, so the refusal is what protects."""
     marker = tmp_path / "MARKER"
     path = corrupt.hostile_torch_save(tmp_path, marker)
     with pytest.raises(LoadError, match="no tensors and no state_dict"):
@@ -661,8 +682,8 @@ def test_hostile_pickle_in_legacy_format(tmp_path):
 
 
 def test_hostile_pickle_inside_export_archive(exported_archive, tmp_path):
-    """A torch.export archive whose embedded pickle would run code is refused unrun
-    (torch.export.load itself would unpickle it with weights_only=False)."""
+    """A torch.export archive whose embedded pickle runs code is refused, unrun."""
+    # plain torch.export.load unpickles sample inputs with weights_only=False: it would run this
     marker = tmp_path / "MARKER"
     path = corrupt.hostile_export_archive(exported_archive, tmp_path, marker)
     with pytest.raises(UnsafePickleError, match="would run code on loading"):
