@@ -103,3 +103,52 @@ def read_npz(path: Path) -> list[list[torch.Tensor]]:
     if not arrays:
         raise LoadError("the .npz holds no arrays", path=path)
     return [[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]]
+
+
+def onnx_batches(
+    model: object, shapes: Sequence[tuple[int, ...]], count: int, seed: int = 0
+) -> list[list[torch.Tensor]]:
+    """Seeded random batches for an ONNX model's graph inputs (initializers excluded).
+
+    Dimensions come from ``shapes`` (one per input, in order) or from the graph; a
+    symbolic first dimension is taken as a batch of 1, any other symbolic dimension needs
+    ``--input-shape``.
+    """
+    import onnx
+    import torch
+
+    graph = model.graph  # type: ignore[attr-defined]
+    inits = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if shapes and len(shapes) != len(inputs):
+        raise BnfoldError(f"the model has {len(inputs)} inputs, --input-shape gave {len(shapes)}")
+    specs = []
+    for k, value in enumerate(inputs):
+        t = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if shapes:
+            dims = list(shapes[k])
+        else:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            if dims and dims[0] is None:
+                dims[0] = 1
+            if any(d is None for d in dims):
+                raise BnfoldError(
+                    f"input {value.name!r} has symbolic dimensions besides the batch",
+                    hint="pass --input-shape for each input",
+                )
+        specs.append((dims, dtype))
+    gen = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        batch = []
+        for dims, dtype in specs:
+            if np.issubdtype(dtype, np.floating):
+                array = gen.standard_normal(dims).astype(dtype)
+            elif dtype == np.bool_:
+                array = gen.integers(0, 2, dims).astype(bool)
+            else:
+                array = gen.integers(0, 10, dims).astype(dtype)
+            batch.append(torch.from_numpy(array))
+        out.append(batch)
+    return out

@@ -71,8 +71,8 @@ def run_fuse(
         loaded = load_model(opts.model, arch=opts.arch, arch_kwargs=opts.arch_kwargs,
                             trust_pickle=opts.trust_pickle)
     if loaded.onnx_model is not None:
-        raise BnfoldError("folding ONNX models is not supported yet", path=opts.model,
-                          hint="pass the PyTorch model this ONNX file was exported from")
+        lap("load")
+        return _run_fuse_onnx(opts, loaded, step, lap, timings)
     if loaded.module is None:
         raise BnfoldError(
             "a bare state_dict has no architecture to fold", path=opts.model,
@@ -178,6 +178,63 @@ def run_fuse(
         notes=tuple(notes),
         **report_kwargs,
     )
+
+
+def _run_fuse_onnx(opts: FuseOptions, loaded: Any, step: Callable[[str], ContextManager[None]],
+                   lap: Callable[[str], None], timings: dict[str, float]) -> FuseReport:
+    """Fold BatchNormalization in the ONNX graph itself, save, verify against the original."""
+    import onnx
+
+    from bnfold.export import atomic_output, onnx_counts
+    from bnfold.inputs import onnx_batches, read_npz
+    from bnfold.onnx_fold import fold_onnx
+    from bnfold.verify import verify_onnx_pair
+
+    original = loaded.onnx_model
+    before = sum(_numel(t) for t in original.graph.initializer)
+    with step("Folding BatchNormalization nodes"):
+        outcome = fold_onnx(original)
+    lap("fold")
+    folded = tuple(
+        FoldedSite(d.bn, d.into, d.direction.value, d.rule or "", d.kind)  # type: ignore[arg-type, union-attr]
+        for d in outcome.decisions if d.folded
+    )
+    skipped = tuple(SkippedSite(d.bn, d.reason.value if d.reason else "", d.detail)
+                    for d in outcome.decisions if not d.folded)
+    after = sum(_numel(t) for t in outcome.model.graph.initializer)
+    kwargs: dict[str, Any] = dict(exporter="none (folded in the ONNX graph)",
+                                  opset=None, onnx_nodes=None, onnx_bn_nodes=None,
+                                  verification=None, output=None)
+    if opts.out is not None:
+        with atomic_output(opts.out, force=opts.force) as tmp:
+            path = tmp / opts.out.name
+            big = after * 4 > 2**31 - 2**20
+            onnx.save(outcome.model, str(path), save_as_external_data=big,
+                      all_tensors_to_one_file=True, location=opts.out.name + ".data")
+            lap("export")
+            with step("Verifying in onnxruntime"):
+                batches = onnx_batches(original, opts.input_shapes, opts.verify_batches,
+                                       seed=opts.seed + 1)
+                source = f"{opts.verify_batches} random (seeded)"
+                if opts.inputs_npz is not None:
+                    batches = read_npz(opts.inputs_npz) + batches
+                    source = f"{opts.inputs_npz} + {source}"
+                verification = verify_onnx_pair(opts.model, path, batches, atol=opts.atol,
+                                                rtol=opts.rtol, input_source=source)
+            lap("verify")
+            nodes, bn_nodes, opset = onnx_counts(path)
+        kwargs.update(opset=opset, onnx_nodes=nodes, onnx_bn_nodes=bn_nodes,
+                      verification=verification, output=str(opts.out))
+    return FuseReport(model=str(opts.model), format=loaded.format.value, folded=folded,
+                      skipped=skipped, params_before=before, params_after=after,
+                      timings=timings, notes=tuple(loaded.notes), **kwargs)
+
+
+def _numel(tensor: Any) -> int:
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    return n
 
 
 def _batch_of_two(t: Any) -> Any:
