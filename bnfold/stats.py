@@ -266,9 +266,10 @@ def records_from_onnx(model: onnx.ModelProto) -> list[BNRecord]:
     """Every BatchNormalization node, in graph (topological) order."""
     from onnx import numpy_helper
 
+    from bnfold.onnx_fold import fold_onnx
+
     inits = {t.name: t for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers = Counter(i for n in model.graph.node for i in n.input)
+    decisions = {d.bn: d for d in fold_onnx(model).decisions}
     records = []
     for i, node in enumerate(model.graph.node):
         if node.op_type != "BatchNormalization":
@@ -294,17 +295,12 @@ def records_from_onnx(model: onnx.ModelProto) -> list[BNRecord]:
             gamma=gamma,
             beta=beta,
         )
-        producer = producers.get(node.input[0])
-        if any(a is None for a in arrays):
-            rec.reason, rec.reason_detail = "not_constant", "parameters are not initializers"
-        elif producer is not None and producer.op_type in ("Conv", "ConvTranspose") and (
-            consumers[node.input[0]] == 1 and producer.input[1] in inits
-        ):
-            rec.fold_into, rec.fold_direction = producer.name or producer.output[0], "backward"
-        else:
-            what = producer.op_type if producer is not None else "a graph input"
-            rec.reason = "no_foldable_neighbour"
-            rec.reason_detail = f"input comes from {what}"
+        d = decisions.get(rec.name)
+        if d is not None:
+            rec.fold_into = d.into
+            rec.fold_direction = d.direction.value if d.direction is not None else None
+            rec.reason = d.reason.value if d.reason is not None else None
+            rec.reason_detail = d.detail or None
         records.append(rec)
     return records
 

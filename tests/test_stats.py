@@ -534,4 +534,4 @@ def test_onnx_bn_on_graph_input_does_not_fold():
     layer = only_layer(inspect_model(LoadedModel(PATH, ModelFormat.ONNX, onnx_model=model)))
     assert layer.fold_into is None
     assert layer.reason == "no_foldable_neighbour"
-    assert layer.reason_detail == "input comes from a graph input"
+    assert "input comes from a graph input" in layer.reason_detail
