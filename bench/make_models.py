@@ -35,9 +35,15 @@ def main() -> None:
 
         model = torchvision.models.resnet50(weights=None)
         model.load_state_dict(torch.load(target, weights_only=True))
-        torch.onnx.export(model.eval(), (torch.randn(1, 3, 224, 224),), str(onnx_target),
-                          dynamo=False, do_constant_folding=False,
-                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"])
+        torch.onnx.export(
+            model.eval(),
+            (torch.randn(1, 3, 224, 224),),
+            str(onnx_target),
+            dynamo=False,
+            do_constant_folding=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            input_names=["input"],
+        )
     print(target, onnx_target, file=sys.stderr)
 
 

@@ -18,11 +18,18 @@ def main(weights: str, out: str, exporter: str = "dynamo") -> None:
     model.eval()
     x = torch.randn(2, 3, 224, 224)
     if exporter == "dynamo":
-        torch.onnx.export(model, (x,), out, dynamo=True,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.onnx.export(
+            model, (x,), out, dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},)
+        )
     else:
-        torch.onnx.export(model, (x,), out, dynamo=False, input_names=["input"],
-                          dynamic_axes={"input": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (x,),
+            out,
+            dynamo=False,
+            input_names=["input"],
+            dynamic_axes={"input": {0: "batch"}},
+        )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,11 @@ def ort_latency(path: Path, optimized: bool, runs: int = 30) -> float:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     opts.intra_op_num_threads = 2
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -90,11 +93,22 @@ def main() -> None:
         [PY, "-c", f"import torch; torch.load({str(weights)!r}, weights_only=True)"],
         runs=args.runs,
     )
-    fuse_cmd = bnfold("fuse", str(weights), "--arch", "torchvision:resnet50", "--input-shape",
-                      "1,3,224,224", "--out", str(out / "bnfold.onnx"), "--force",
-                      "--format", "json")
+    fuse_cmd = bnfold(
+        "fuse",
+        str(weights),
+        "--arch",
+        "torchvision:resnet50",
+        "--input-shape",
+        "1,3,224,224",
+        "--out",
+        str(out / "bnfold.onnx"),
+        "--force",
+        "--format",
+        "json",
+    )
     results["fuse"] = compare(
-        fuse_cmd, [PY, str(HERE / "peer_export.py"), str(weights), str(out / "peer.onnx")],
+        fuse_cmd,
+        [PY, str(HERE / "peer_export.py"), str(weights), str(out / "peer.onnx")],
         runs=args.runs,
     )
     baseline = run_once([PY, "-c", "import torch, torchvision, onnx, onnxruntime, onnxscript"])
@@ -106,12 +120,18 @@ def main() -> None:
         "above_imports_over_model": (fuse_peak - baseline.peak_rss_mb) / results["model_mb"],  # type: ignore[operator]
     }
     results["fold_step"] = fold_step_ms(weights)
-    subprocess.run([PY, str(HERE / "peer_export.py"), str(weights), str(out / "legacy.onnx"),
-                    "legacy"], check=True, capture_output=True)
+    subprocess.run(
+        [PY, str(HERE / "peer_export.py"), str(weights), str(out / "legacy.onnx"), "legacy"],
+        check=True,
+        capture_output=True,
+    )
     results["ort_latency_ms"] = {
         name: {"optimized": ort_latency(out / f, True), "unoptimized": ort_latency(out / f, False)}
-        for name, f in (("bnfold", "bnfold.onnx"), ("dynamo export", "peer.onnx"),
-                        ("legacy export", "legacy.onnx"))
+        for name, f in (
+            ("bnfold", "bnfold.onnx"),
+            ("dynamo export", "peer.onnx"),
+            ("legacy export", "legacy.onnx"),
+        )
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

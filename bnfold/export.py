@@ -15,11 +15,11 @@ written with external data in ``<out>.data`` beside the ``.onnx`` file.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +53,7 @@ def atomic_output(dest: Path, *, force: bool) -> Iterator[Path]:
         raise OutputError(f"{dest} exists", hint="pass --force to overwrite it")
     if dest.is_dir():
         raise OutputError(f"{dest} is a directory")
-    parent = dest.parent if str(dest.parent) else Path(".")
+    parent = dest.parent if str(dest.parent) else Path()
     if not parent.is_dir():
         raise OutputError(f"the folder {parent} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".bnfold-tmp", dir=parent))
@@ -62,8 +62,8 @@ def atomic_output(dest: Path, *, force: bool) -> Iterator[Path]:
         main = tmp / dest.name
         for extra in sorted(tmp.iterdir()):
             if extra != main:
-                os.replace(extra, parent / extra.name)
-        os.replace(main, dest)
+                extra.replace(parent / extra.name)
+        main.replace(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -98,7 +98,7 @@ def export_onnx(
                 raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
         except ExportError:
             raise
-        except Exception as e:  # noqa: BLE001 - exporters raise anything
+        except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise ExportError(
                 f"torch.onnx.export ({exporter}) failed: {type(e).__name__}: {first}",
@@ -122,10 +122,16 @@ def _quiet() -> Iterator[None]:
         sys.stdout = saved
 
 
-def _export_dynamo(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
-                   opset: int | None, dynamic_batch: bool, external: bool,
-                   notes: list[str]) -> None:
-    kwargs: dict[str, object] = {"dynamo": True, "external_data": external}
+def _export_dynamo(
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int | None,
+    dynamic_batch: bool,
+    external: bool,
+    notes: list[str],
+) -> None:
+    kwargs: dict[str, Any] = {"dynamo": True, "external_data": external}
     if opset is not None:
         kwargs["opset_version"] = opset
     if dynamic_batch:
@@ -135,28 +141,48 @@ def _export_dynamo(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], pa
                 module, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), **kwargs
             )
         except Exception as e:  # noqa: BLE001 - fall back to a static batch, and say so
-            notes.append(f"dynamic batch axis not exportable ({type(e).__name__}); "
-                         "exported with a static batch")
+            notes.append(
+                f"dynamic batch axis not exportable ({type(e).__name__}); "
+                "exported with a static batch"
+            )
             program = torch.onnx.export(module, inputs, **kwargs)
     else:
         program = torch.onnx.export(module, inputs, **kwargs)
+    if program is None:
+        raise ExportError("torch.onnx.export(dynamo=True) returned no program")
     program.save(str(path), external_data=external)
 
 
-def _export_legacy(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: Path,
-                   opset: int | None, dynamic_batch: bool, names: list[str],
-                   external: bool) -> None:
+def _export_legacy(
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int | None,
+    dynamic_batch: bool,
+    names: list[str],
+    external: bool,
+) -> None:
     dynamic_axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
     torch.onnx.export(
-        module, inputs, str(path), dynamo=False, input_names=names,
-        dynamic_axes=dynamic_axes, opset_version=opset or 17,
+        module,
+        inputs,
+        str(path),
+        dynamo=False,
+        input_names=names,
+        dynamic_axes=dynamic_axes,
+        opset_version=opset or 17,
     )
     if external:
         import onnx
 
         model = onnx.load(str(path))
-        onnx.save(model, str(path), save_as_external_data=True,
-                  location=path.name + ".data", all_tensors_to_one_file=True)
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            location=path.name + ".data",
+            all_tensors_to_one_file=True,
+        )
 
 
 def onnx_counts(path: Path) -> tuple[int, int, int]:

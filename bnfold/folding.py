@@ -83,8 +83,7 @@ def fold_backward(
     elif kind is FoldKind.CONVT_OUT:
         c_in, c_out_g = w.shape[0], w.shape[1]
         grouped = (groups, c_in // groups, c_out_g, *w.shape[2:])
-        torch.mul(w.reshape(grouped), s.reshape(groups, 1, c_out_g, *extra),
-                  out=out.view(grouped))
+        torch.mul(w.reshape(grouped), s.reshape(groups, 1, c_out_g, *extra), out=out.view(grouped))
     else:
         raise ValueError(f"{kind} is not a backward fold")
     b = t.clone() if bias is None else bias.detach().to(torch.float64) * s + t
@@ -103,9 +102,7 @@ def fold_forward(
     """Fold ``s * x + t`` into the layer consuming it; ``s``/``t`` are per input feature."""
     w = weight.detach()
     c_out = w.shape[0]
-    b = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(
-        torch.float64
-    )
+    b = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
     out = torch.empty(w.shape, dtype=dtype)
     if kind is FoldKind.LINEAR_IN:
         torch.mul(w, s.reshape(1, -1), out=out)

@@ -26,23 +26,27 @@ from torch import fx, nn
 from bnfold import folding
 from bnfold.graph import (
     BNSite,
-    FunctionalLayer,
-    functional_layer,
     ChannelLaw,
+    FunctionalLayer,
     bn_site,
     carry_law,
+    functional_layer,
     has_plain_forward,
     is_layout_node,
-    value_users,
     shape_of,
+    value_users,
 )
 from bnfold.rules import Direction, FoldRule, Reason, function_rule, rules_for
 
 __all__ = ["Decision", "FoldOutcome", "fold_graph"]
 
 _PLAIN_LAYER_FORWARDS = {
-    nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
-    nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward, nn.ConvTranspose3d.forward,
+    nn.Conv1d.forward,
+    nn.Conv2d.forward,
+    nn.Conv3d.forward,
+    nn.ConvTranspose1d.forward,
+    nn.ConvTranspose2d.forward,
+    nn.ConvTranspose3d.forward,
     nn.Linear.forward,
 }
 
@@ -105,8 +109,9 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
         try:
             _check_site(site)
         except _Declined as e:
-            decisions.append(Decision(site.name, site.kind, reason=e.reason, detail=e.detail,
-                                      site=site))
+            decisions.append(
+                Decision(site.name, site.kind, reason=e.reason, detail=e.detail, site=site)
+            )
             continue
         try:
             plan = _try_backward(gm, site, shapes_known)
@@ -119,13 +124,20 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
         try:
             into = _apply(gm, site, plan, calls, protected, copies)
         except _Declined as e:
-            decisions.append(Decision(site.name, site.kind, reason=e.reason, detail=e.detail,
-                                      site=site))
+            decisions.append(
+                Decision(site.name, site.kind, reason=e.reason, detail=e.detail, site=site)
+            )
             continue
         erased.update(_remove_bn(gm, site))
         decisions.append(
-            Decision(site.name, site.kind, into=into, direction=plan.rule.direction,
-                     rule=plan.rule.name, site=site)
+            Decision(
+                site.name,
+                site.kind,
+                into=into,
+                direction=plan.rule.direction,
+                rule=plan.rule.name,
+                site=site,
+            )
         )
     gm.graph.eliminate_dead_code()
     _drop_unused(gm, protected)
@@ -143,8 +155,9 @@ def _kept(site: BNSite, back: _Declined, fwd: _Declined) -> Decision:
         main, other = fwd, back
     else:
         main, other = back, fwd
-    return Decision(site.name, site.kind, reason=main.reason,
-                    detail=f"{main.detail}; {other.detail}", site=site)
+    return Decision(
+        site.name, site.kind, reason=main.reason, detail=f"{main.detail}; {other.detail}", site=site
+    )
 
 
 # --------------------------------------------------------------------------- checks
@@ -160,12 +173,16 @@ def _check_site(site: BNSite) -> None:
         raise _Declined(Reason.NO_RUNNING_STATS, "no running_mean/running_var buffers")
     if not site.constant:
         raise _Declined(Reason.NOT_CONSTANT, "parameters are not constant buffers")
-    if m is not None and m.training or site.training:
+    if (m is not None and m.training) or site.training:
         raise _Declined(Reason.TRAIN_MODE, "module.training is True; call model.eval()")
     if m is not None and not has_plain_forward(m):
         raise _Declined(Reason.CUSTOM_FORWARD, f"{type(m).__name__}.forward is overridden")
-    for label, tensor in (("running_mean", site.running_mean), ("running_var", site.running_var),
-                          ("weight", site.weight), ("bias", site.bias)):
+    for label, tensor in (
+        ("running_mean", site.running_mean),
+        ("running_var", site.running_var),
+        ("weight", site.weight),
+        ("bias", site.bias),
+    ):
         if tensor is not None and not bool(torch.isfinite(tensor).all()):
             raise _Declined(Reason.NONFINITE_STATS, f"{label} has NaN/Inf")
 
@@ -235,8 +252,13 @@ def _try_backward(gm: fx.GraphModule, site: BNSite, shapes_known: bool) -> _Plan
             )
     elif path or rule.channel_axis != 1:
         raise _Declined(Reason.NEEDS_SHAPES, f"{n.target} -> {site.name}")
-    s, t = folding.bn_affine(site.running_mean, site.running_var, site.weight, site.bias,  # type: ignore[arg-type]
-                             site.eps)
+    s, t = folding.bn_affine(
+        site.running_mean,
+        site.running_var,
+        site.weight,
+        site.bias,  # type: ignore[arg-type]
+        site.eps,
+    )
     return _Plan(rule, n, layer, s, t)
 
 
@@ -265,8 +287,13 @@ def _try_forward(gm: fx.GraphModule, site: BNSite, shapes_known: bool) -> _Plan:
     _plain_layer(layer)
     if rule.zero_padding_breaks and _pads_with_zeros(layer):
         raise _Declined(Reason.ZERO_PADDING, f"{u.target} has padding={layer.padding}")
-    s, t = folding.bn_affine(site.running_mean, site.running_var, site.weight, site.bias,  # type: ignore[arg-type]
-                             site.eps)
+    s, t = folding.bn_affine(
+        site.running_mean,
+        site.running_var,
+        site.weight,
+        site.bias,  # type: ignore[arg-type]
+        site.eps,
+    )
     channels = site.channels
     if shapes_known and shape_of(site.node) is not None:
         law = ChannelLaw.at_axis(shape_of(site.node), 1)  # type: ignore[arg-type]
@@ -321,7 +348,9 @@ def _apply(
 ) -> str:
     layer = plan.layer
     groups = int(getattr(layer, "groups", 1))
-    fold = folding.fold_backward if plan.rule.direction is Direction.BACKWARD else folding.fold_forward
+    fold = (
+        folding.fold_backward if plan.rule.direction is Direction.BACKWARD else folding.fold_forward
+    )
     dtype = layer.weight.dtype  # type: ignore[union-attr]
     w, b = fold(layer.weight, layer.bias, plan.s, plan.t, plan.rule.kind, groups, dtype)  # type: ignore[arg-type]
     if layer.bias is not None and layer.bias.dtype != dtype:  # type: ignore[union-attr]
@@ -351,8 +380,9 @@ def _apply(
     return target
 
 
-def _install_functional(gm: fx.GraphModule, node: fx.Node, layer: FunctionalLayer,
-                        w: torch.Tensor, b: torch.Tensor) -> str:
+def _install_functional(
+    gm: fx.GraphModule, node: fx.Node, layer: FunctionalLayer, w: torch.Tensor, b: torch.Tensor
+) -> str:
     """Point a functional conv/linear call at new folded constants (never the old ones)."""
     base = layer.weight_target.replace(".", "_")
     name, k = f"{base}_bnfold", 1

@@ -43,10 +43,20 @@ _ATEN_BN_NO_TRAINING = {torch.ops.aten._native_batch_norm_legit_no_training.defa
 _RESHAPE_METHODS = {"flatten", "reshape", "view", "view_as", "reshape_as", "squeeze", "unsqueeze"}
 _aten = torch.ops.aten
 _RESHAPE_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
-    _aten.flatten.using_ints, _aten.reshape.default, _aten.view.default,
-    _aten._unsafe_view.default, _aten.squeeze.dim, _aten.squeeze.dims, _aten.unsqueeze.default,
-    _aten.reshape_as.default, _aten.view_as.default, _aten.contiguous.default,
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    _aten.flatten.using_ints,
+    _aten.reshape.default,
+    _aten.view.default,
+    _aten._unsafe_view.default,
+    _aten.squeeze.dim,
+    _aten.squeeze.dims,
+    _aten.unsqueeze.default,
+    _aten.reshape_as.default,
+    _aten.view_as.default,
+    _aten.contiguous.default,
     _aten.clone.default,
 }
 _PERMUTE_METHODS = {"transpose", "permute"}
@@ -106,8 +116,15 @@ class _Tracer(fx.Tracer):
                 return True
             return not self._can_trace(m)
         if isinstance(
-            m, (nn.modules.conv._ConvNd, nn.Linear, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                nn.AdaptiveAvgPool3d, nn.Flatten)
+            m,
+            (
+                nn.modules.conv._ConvNd,
+                nn.Linear,
+                nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d,
+                nn.AdaptiveAvgPool3d,
+                nn.Flatten,
+            ),
         ):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -127,7 +144,7 @@ def capture(module: nn.Module) -> fx.GraphModule:
             graph = _Tracer().trace(module)
         except Exception:  # noqa: BLE001 - retry with custom BN subclasses kept whole
             graph = _Tracer(opaque_custom_bn=True).trace(module)
-    except Exception as e:  # noqa: BLE001 - tracing user code raises anything
+    except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CaptureError(
             f"torch.fx could not trace the model: {first}",
@@ -188,7 +205,7 @@ class BNSite:
         return int(ref.shape[0]) if ref is not None else -1
 
 
-def _attr(gm: fx.GraphModule, node: Any) -> torch.Tensor | None | bool:
+def _attr(gm: fx.GraphModule, node: Any) -> torch.Tensor | bool | None:
     """The tensor a get_attr node names; False when the argument is not a constant."""
     if node is None:
         return None
@@ -218,7 +235,7 @@ def bn_site(gm: fx.GraphModule, node: fx.Node) -> BNSite | None:
             bias=getattr(module, "bias", None),
             eps=float(module.eps),  # type: ignore[arg-type]
             training=bool(module.training)
-            and not (getattr(module, "track_running_stats", True) is False),
+            and getattr(module, "track_running_stats", True) is not False,
         )
     if node.op != "call_function":
         return None
@@ -226,9 +243,7 @@ def bn_site(gm: fx.GraphModule, node: fx.Node) -> BNSite | None:
         bound = _bind(node, F.batch_norm)
         if node.target is torch.batch_norm:
             bound = _bind_aten_order(node)
-        params = {
-            k: bound.get(k) for k in ("running_mean", "running_var", "weight", "bias")
-        }
+        params = {k: bound.get(k) for k in ("running_mean", "running_var", "weight", "bias")}
         training, eps, extra = bound.get("training", False), bound.get("eps", 1e-5), ()
         out = node
     elif node.target in _ATEN_BN:
@@ -294,8 +309,17 @@ def _bind(node: fx.Node, fn: Any) -> dict[str, Any]:
 
 
 def _bind_aten_order(node: fx.Node) -> dict[str, Any]:
-    names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
-             "eps", "cudnn_enabled")
+    names = (
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "training",
+        "momentum",
+        "eps",
+        "cudnn_enabled",
+    )
     bound = dict(zip(names, node.args, strict=False))
     bound.update(node.kwargs)
     return bound
@@ -303,9 +327,10 @@ def _bind_aten_order(node: fx.Node) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- functional layers
 
+
 def _functional_targets() -> tuple[frozenset[object], frozenset[object]]:
-    from bnfold.rules import RULES
     from bnfold.folding import FoldKind
+    from bnfold.rules import RULES
 
     every = frozenset().union(*(r.functions for r in RULES))
     transposes = frozenset().union(*(r.functions for r in RULES if r.kind is FoldKind.CONVT_OUT))
@@ -339,8 +364,13 @@ def functional_layer(gm: fx.GraphModule, node: fx.Node) -> FunctionalLayer | Non
     if not isinstance(groups, int):
         return None
     out = weight.shape[1] * groups if node.target in transposes else weight.shape[0]
-    return FunctionalLayer(str(weight_node.target), weight,  # type: ignore[union-attr]
-                           bias if isinstance(bias, torch.Tensor) else None, groups, int(out))
+    return FunctionalLayer(
+        str(weight_node.target),
+        weight,  # type: ignore[union-attr]
+        bias if isinstance(bias, torch.Tensor) else None,
+        groups,
+        int(out),
+    )
 
 
 # --------------------------------------------------------------------------- channel laws

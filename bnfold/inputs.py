@@ -61,8 +61,9 @@ def infer_example_inputs(gm: fx.GraphModule, batch: int = 2) -> list[torch.Tenso
                 shape = (batch, m.in_channels, *([_SPATIAL[dims]] * dims))
                 return [torch.randn(shape, generator=torch.Generator().manual_seed(0))]
             if isinstance(m, nn.Linear):
-                return [torch.randn(batch, m.in_features,
-                                    generator=torch.Generator().manual_seed(0))]
+                return [
+                    torch.randn(batch, m.in_features, generator=torch.Generator().manual_seed(0))
+                ]
             return None
         if node.op == "call_method" and node.target in ("contiguous", "float"):
             frontier.extend(node.users)
@@ -83,7 +84,9 @@ def random_batches(
         batch = []
         for shape in shapes:
             if dtype.startswith("int"):
-                batch.append(torch.randint(0, 10, shape, generator=gen, dtype=getattr(torch, dtype)))
+                batch.append(
+                    torch.randint(0, 10, shape, generator=gen, dtype=getattr(torch, dtype))
+                )
             else:
                 batch.append(torch.randn(shape, generator=gen).to(getattr(torch, dtype)))
         out.append(batch)
@@ -126,6 +129,7 @@ def onnx_batches(
     for k, value in enumerate(inputs):
         t = value.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        dims: list[int | None]
         if shapes:
             dims = list(shapes[k])
         else:
@@ -137,7 +141,7 @@ def onnx_batches(
                     f"input {value.name!r} has symbolic dimensions besides the batch",
                     hint="pass --input-shape for each input",
                 )
-        specs.append((dims, dtype))
+        specs.append(([int(d) for d in dims if d is not None], dtype))
     gen = np.random.default_rng(seed)
     out = []
     for _ in range(count):

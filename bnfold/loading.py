@@ -83,8 +83,16 @@ _SAFE_PICKLE_GLOBALS = {
     ("torch._utils", "_rebuild_parameter_with_state"),
 }
 _SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 
 
@@ -167,7 +175,7 @@ def _load_zip(path: Path, *, trust_pickle: bool) -> LoadedModel:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except Exception as e:  # noqa: BLE001 - zipfile raises BadZipFile, UnicodeDecodeError,
+    except Exception as e:
         # NotImplementedError, ... on damaged central directories
         raise LoadError(f"corrupt or truncated archive ({_short(e)})", path=path) from e
     if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
@@ -193,8 +201,9 @@ def _load_torch_save(path: Path, *, trust_pickle: bool) -> LoadedModel:
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if _pickle_unreadable(path):
-            raise LoadError("corrupt torch.save file (its pickle cannot be parsed)",
-                            path=path) from e
+            raise LoadError(
+                "corrupt torch.save file (its pickle cannot be parsed)", path=path
+            ) from e
         if not trust_pickle:
             raise UnsafePickleError(
                 "holds pickled Python objects (for example a whole nn.Module saved with "
@@ -206,12 +215,10 @@ def _load_torch_save(path: Path, *, trust_pickle: bool) -> LoadedModel:
         try:
             with path.open("rb") as f:
                 obj = torch.load(f, map_location="cpu", weights_only=False)
-        except Exception as e2:  # noqa: BLE001 - arbitrary code ran; report what it raised
+        except Exception as e2:
             raise LoadError(f"unpickling failed: {type(e2).__name__}: {e2}", path=path) from e2
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... on corrupt files
-        raise LoadError(
-            f"corrupt or truncated torch.save file ({_short(e)})", path=path
-        ) from e
+    except Exception as e:
+        raise LoadError(f"corrupt or truncated torch.save file ({_short(e)})", path=path) from e
     return _classify(path, obj)
 
 
@@ -261,15 +268,17 @@ def _is_state_dict(obj: Mapping[Any, Any]) -> bool:
     import torch
 
     values = list(obj.values())
-    return bool(values) and all(isinstance(k, str) for k in obj) and all(
-        isinstance(v, torch.Tensor) for v in values
+    return (
+        bool(values)
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, torch.Tensor) for v in values)
     )
 
 
 def _clean_keys(sd: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     notes = []
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
         notes.append("stripped the 'module.' prefix (DataParallel/DDP)")
     return sd, notes
 
@@ -289,7 +298,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
 
     try:
         module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError on corrupt archives
+    except Exception as e:
         raise LoadError(f"corrupt TorchScript archive ({_short(e)})", path=path) from e
     return LoadedModel(
         path, ModelFormat.TORCHSCRIPT, state_dict=dict(module.state_dict()), module=module
@@ -303,7 +312,7 @@ def _load_exported(path: Path, names: list[str]) -> LoadedModel:
         _scan_archive_pickles(path, names)
     except UnsafePickleError:
         raise
-    except Exception as e:  # noqa: BLE001 - damaged members: BadZipFile, EOFError, ...
+    except Exception as e:
         raise LoadError(f"corrupt torch.export archive ({_short(e)})", path=path) from e
     export_logger = logging.getLogger("torch.export")
     level = export_logger.level
@@ -311,7 +320,7 @@ def _load_exported(path: Path, names: list[str]) -> LoadedModel:
     try:
         with path.open("rb") as f:
             ep = torch.export.load(f)
-    except Exception as e:  # noqa: BLE001 - torch raises many types on corrupt archives
+    except Exception as e:
         raise LoadError(f"corrupt torch.export archive ({_short(e)})", path=path) from e
     finally:
         export_logger.setLevel(level)
@@ -320,8 +329,11 @@ def _load_exported(path: Path, names: list[str]) -> LoadedModel:
     sd.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
     loaded = LoadedModel(path, ModelFormat.EXPORTED_PROGRAM, state_dict=sd, module=module)
     example = getattr(ep, "example_inputs", None)
-    if example and isinstance(example[0], tuple) and not example[1] and all(
-        isinstance(t, torch.Tensor) for t in example[0]
+    if (
+        example
+        and isinstance(example[0], tuple)
+        and not example[1]
+        and all(isinstance(t, torch.Tensor) for t in example[0])
     ):
         loaded.example_inputs = tuple(example[0])
     return loaded
@@ -337,8 +349,7 @@ def _scan_archive_pickles(path: Path, names: list[str]) -> None:
                     with zipfile.ZipFile(io.BytesIO(data)) as inner:
                         for inner_name in inner.namelist():
                             if inner_name.endswith(".pkl"):
-                                _check_pickle(inner.read(inner_name), path,
-                                              f"{name}/{inner_name}")
+                                _check_pickle(inner.read(inner_name), path, f"{name}/{inner_name}")
                 except zipfile.BadZipFile:
                     continue  # raw tensor bytes that happen to start like a zip
             elif name.endswith(".pkl") or (data[:1] == b"\x80" and not _raw_weight(name)):
@@ -361,16 +372,20 @@ def _pickle_unreadable(path: Path) -> bool:
 
 def _raw_weight(name: str) -> bool:
     """Members holding raw tensor bytes (which may start with any byte)."""
-    return "/data/weights/" in name or "/data/constants/" in name or "/data/" in name and (
-        name.rsplit("/", 1)[-1].isdigit()
+    return (
+        "/data/weights/" in name
+        or "/data/constants/" in name
+        or ("/data/" in name and (name.rsplit("/", 1)[-1].isdigit()))
     )
 
 
 def _check_pickle(data: bytes, path: Path, member: str) -> None:
     for module, name in _pickle_globals(data):
-        ok = (module, name) in _SAFE_PICKLE_GLOBALS or (
-            module == "torch" and name.endswith("Storage")
-        ) or (module == "torch._utils" and name.startswith("_rebuild_"))
+        ok = (
+            (module, name) in _SAFE_PICKLE_GLOBALS
+            or (module == "torch" and name.endswith("Storage"))
+            or (module == "torch._utils" and name.startswith("_rebuild_"))
+        )
         if not ok:
             raise UnsafePickleError(
                 f"member {member} pickles {module}.{name}, which would run code on loading",
@@ -425,17 +440,17 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         except (KeyError, TypeError, ValueError) as e:
             raise LoadError(f"corrupt safetensors entry for {name!r}", path=path) from e
         if not 0 <= begin <= end <= size - data_start or end > len(buf):
-            raise LoadError(
-                f"truncated safetensors file: {name!r} lies past the end", path=path
-            )
+            raise LoadError(f"truncated safetensors file: {name!r} lies past the end", path=path)
         numel = 1
         for s in shape:
             numel *= s
         nbytes = numel * dtype.itemsize
         if end - begin != nbytes:
             raise LoadError(f"corrupt safetensors entry for {name!r} (size mismatch)", path=path)
-        t = torch.frombuffer(bytearray(buf[begin:end]), dtype=dtype) if nbytes else torch.empty(
-            0, dtype=dtype
+        t = (
+            torch.frombuffer(bytearray(buf[begin:end]), dtype=dtype)
+            if nbytes
+            else torch.empty(0, dtype=dtype)
         )
         out[name] = t.reshape(shape)
     if not out:
@@ -501,9 +516,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
             raise LoadError(f"cannot read external data ({e})", path=path) from e
         for tensor in external:
             if len(tensor.raw_data) != _expected_nbytes(tensor):
-                raise LoadError(
-                    f"external data of {tensor.name!r} is truncated", path=path
-                )
+                raise LoadError(f"external data of {tensor.name!r} is truncated", path=path)
 
 
 def _expected_nbytes(tensor: Any) -> int:
@@ -552,7 +565,7 @@ def build_arch(spec: str, kwargs: Mapping[str, Any]) -> torch.nn.Module:
             model = factory(**kwargs)
     except ArchError:
         raise
-    except Exception as e:  # noqa: BLE001 - user code can raise anything
+    except Exception as e:
         raise ArchError(f"--arch {spec!r} could not be built: {_short(e)}") from e
     if not isinstance(model, torch.nn.Module):
         raise ArchError(f"--arch {spec!r} returned a {type(model).__name__}, not an nn.Module")
@@ -635,7 +648,9 @@ def _fill_module(
             ("shape mismatch (file vs arch)", mismatched),
         ):
             if items:
-                shown = ", ".join(items[:5]) + (f", … {len(items) - 5} more" if len(items) > 5 else "")
+                shown = ", ".join(items[:5]) + (
+                    f", … {len(items) - 5} more" if len(items) > 5 else ""
+                )
                 parts.append(f"{len(items)} {label}: {shown}")
         raise ArchError(
             "the weights do not fit --arch: " + "; ".join(parts),

@@ -66,8 +66,9 @@ class _Graph:
         for info in infos:
             t = info.type.tensor_type
             if t.HasField("shape"):
-                self.shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
-                                          for d in t.shape.dim]
+                self.shapes[info.name] = [
+                    d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
+                ]
         self.reindex()
 
     def reindex(self) -> None:
@@ -141,12 +142,14 @@ def fold_onnx(model: Any) -> OnnxFoldOutcome:
                     other = back if main is fwd else fwd
                     raise _Declined(main.reason, f"{main.detail}; {other.detail}") from None
         except _Declined as e:
-            decisions.append(Decision(name, "ONNX BatchNormalization", reason=e.reason,
-                                      detail=e.detail))
+            decisions.append(
+                Decision(name, "ONNX BatchNormalization", reason=e.reason, detail=e.detail)
+            )
             continue
         _drop_node(g, bn)
-        decisions.append(Decision(name, "ONNX BatchNormalization", into=into,
-                                  direction=direction, rule=rule))
+        decisions.append(
+            Decision(name, "ONNX BatchNormalization", into=into, direction=direction, rule=rule)
+        )
     _drop_unused_initializers(g)
     return OnnxFoldOutcome(model, decisions)
 
@@ -188,18 +191,20 @@ def _weights_private(g: _Graph, node: Any, indices: tuple[int, ...]) -> None:
             g.reindex()
 
 
-def _law_ok(g: _Graph, start: str, start_axis: int, path: list[Any], end: str,
-            end_axis: int) -> bool:
+def _law_ok(
+    g: _Graph, start: str, start_axis: int, path: list[Any], end: str, end_axis: int
+) -> bool:
     """Whether channel ``start_axis`` of tensor ``start`` lands on ``end_axis`` of ``end``."""
     src = g.shapes.get(start)
     dst = g.shapes.get(end)
     if src is None or dst is None:
         return False
     axis = start_axis % len(src)
-    tail = src[axis + 1:]
+    tail = src[axis + 1 :]
     if src[axis] is None or any(d is None for d in tail):
         return False
-    channels, inner = src[axis], math.prod(tail)  # type: ignore[arg-type]
+    channels: int = src[axis]  # type: ignore[assignment]  # checked not None above
+    inner: int = math.prod(tail)  # type: ignore[arg-type]
     for node in path:
         if node.op_type == "Transpose":
             shape = g.shapes.get(node.input[0])
@@ -213,7 +218,7 @@ def _law_ok(g: _Graph, start: str, start_axis: int, path: list[Any], end: str,
             if out is None:
                 return False
             new_at = list(perm).index(at)
-            rest = out[new_at + 1:]
+            rest = out[new_at + 1 :]
             if any(d is None for d in rest):
                 return False
             inner = math.prod(rest)  # type: ignore[arg-type]
@@ -222,10 +227,15 @@ def _law_ok(g: _Graph, start: str, start_axis: int, path: list[Any], end: str,
 
 def _axis_of(shape: list[int | None], channels: int, inner: int) -> int | None:
     for axis in range(len(shape)):
-        rest = shape[axis + 1:]
-        if shape[axis] == channels and all(d is not None for d in rest) and math.prod(
-            rest  # type: ignore[arg-type]
-        ) == inner:
+        rest = shape[axis + 1 :]
+        if (
+            shape[axis] == channels
+            and all(d is not None for d in rest)
+            and math.prod(
+                rest  # type: ignore[arg-type]
+            )
+            == inner
+        ):
             return axis
     return None
 
@@ -260,17 +270,21 @@ def _backward(g: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> tuple[str, Di
         if op == "Conv":
             new_w = w.astype(np.float64) * s.reshape(-1, *[1] * (w.ndim - 1))
         else:
-            grouped = w.astype(np.float64).reshape(groups, w.shape[0] // groups, w.shape[1],
-                                                   *w.shape[2:])
+            grouped = w.astype(np.float64).reshape(
+                groups, w.shape[0] // groups, w.shape[1], *w.shape[2:]
+            )
             new_w = (grouped * s.reshape(groups, 1, w.shape[1], *[1] * (w.ndim - 2))).reshape(
-                w.shape)
+                w.shape
+            )
         _write_bias(g, node, 2, s, t, w.dtype)
         g.set_array(node.input[1], new_w.astype(w.dtype))
         rule = "conv_bn" if op == "Conv" else "convtranspose_bn"
     elif op == "Gemm":
         if not _law_ok(g, out, 1, path, x, 1):
-            raise _Declined(Reason.NEEDS_SHAPES if out not in g.shapes else
-                            Reason.CHANNEL_MISMATCH, f"{node.name} -> {bn.name}")
+            raise _Declined(
+                Reason.NEEDS_SHAPES if out not in g.shapes else Reason.CHANNEL_MISMATCH,
+                f"{node.name} -> {bn.name}",
+            )
         _weights_private(g, node, (1, 2))
         attrs = _attrs(node)
         w = g.array(node.input[1])
@@ -307,8 +321,9 @@ def _backward(g: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> tuple[str, Di
     return into, Direction.BACKWARD, rule
 
 
-def _backward_matmul(g: _Graph, node: Any, path: list[Any], x: str, s: np.ndarray,
-                     t: np.ndarray) -> tuple[str, Any, Any]:
+def _backward_matmul(
+    g: _Graph, node: Any, path: list[Any], x: str, s: np.ndarray, t: np.ndarray
+) -> tuple[str, Any, Any]:
     """Fold into MatMul (+ Add); returns the rule, the MatMul and the node ending the layer."""
     add = None
     if node.op_type == "Add":
@@ -324,8 +339,12 @@ def _backward_matmul(g: _Graph, node: Any, path: list[Any], x: str, s: np.ndarra
     if w is None or w.ndim != 2:
         raise _Declined(Reason.NOT_CONSTANT, f"{node.name}'s weight is not a 2-D initializer")
     if not _law_ok(g, (add or node).output[0], -1, path, x, 1):
-        raise _Declined(Reason.NEEDS_SHAPES if (add or node).output[0] not in g.shapes else
-                        Reason.CHANNEL_MISMATCH, f"{node.name} -> BN")
+        raise _Declined(
+            Reason.NEEDS_SHAPES
+            if (add or node).output[0] not in g.shapes
+            else Reason.CHANNEL_MISMATCH,
+            f"{node.name} -> BN",
+        )
     _weights_private(g, node, (1,))
     c = s.shape[0]
     if w.shape[1] != c:
@@ -339,16 +358,18 @@ def _backward_matmul(g: _Graph, node: Any, path: list[Any], x: str, s: np.ndarra
         if bias.size not in (1, c):
             raise _Declined(Reason.CHANNEL_MISMATCH, f"{add.name}'s bias is not per feature")
         new_b = np.broadcast_to(bias.astype(np.float64).reshape(-1), (c,)) * s + t
-        g.set_array(bias_name, new_b.reshape(bias.shape if bias.size == c else (c,)).astype(
-            bias.dtype))
+        g.set_array(
+            bias_name, new_b.reshape(bias.shape if bias.size == c else (c,)).astype(bias.dtype)
+        )
     else:  # a new Add carries the shift
         from onnx import helper
 
         bias_name = g.fresh_name(f"{node.name or node.output[0]}_bnfold_bias")
         g.set_array(bias_name, t.astype(w.dtype))
         mid = g.fresh_name(f"{node.output[0]}_bnfold_mm")
-        add_node = helper.make_node("Add", [mid, bias_name], [node.output[0]],
-                                    name=g.fresh_name(f"{node.name}_bnfold_add"))
+        add_node = helper.make_node(
+            "Add", [mid, bias_name], [node.output[0]], name=g.fresh_name(f"{node.name}_bnfold_add")
+        )
         node.output[0] = mid
         index = next(i for i, n in enumerate(g.graph.node) if n is node or n == node)
         g.graph.node.insert(index + 1, add_node)
@@ -361,9 +382,10 @@ def _backward_matmul(g: _Graph, node: Any, path: list[Any], x: str, s: np.ndarra
 def _forward(g: _Graph, bn: Any, s: np.ndarray, t: np.ndarray) -> tuple[str, Direction, str]:
     y = bn.output[0]
     if not _single_use(g, y):
-        raise _Declined(Reason.OUTPUT_SHARED if g.uses[y] > 1 else Reason.NO_NEIGHBOUR,
-                        "the BN's output has several uses" if g.uses[y] > 1 else
-                        "its output is a graph output")
+        raise _Declined(
+            Reason.OUTPUT_SHARED if g.uses[y] > 1 else Reason.NO_NEIGHBOUR,
+            "the BN's output has several uses" if g.uses[y] > 1 else "its output is a graph output",
+        )
     (consumer,) = g.consumers(y)
     if consumer.input[0] != y:
         raise _Declined(Reason.NO_NEIGHBOUR, f"output goes to {consumer.op_type} {consumer.name}")
@@ -420,8 +442,7 @@ def _set_input(node: Any, index: int, name: str) -> None:
     node.input[index] = name
 
 
-def _write_bias(g: _Graph, node: Any, index: int, s: np.ndarray, t: np.ndarray,
-                dtype: Any) -> None:
+def _write_bias(g: _Graph, node: Any, index: int, s: np.ndarray, t: np.ndarray, dtype: Any) -> None:
     """b' = b * s + t for a backward fold (b created when the layer had none)."""
     if index < len(node.input) and node.input[index]:
         b = g.array(node.input[index])
@@ -439,8 +460,10 @@ def _add_to_bias(g: _Graph, node: Any, index: int, shift: np.ndarray, dtype: Any
         assert b is not None
         if b.size != shift.size:
             raise _Declined(Reason.CHANNEL_MISMATCH, f"{node.name}'s bias is not per output")
-        g.set_array(node.input[index], (b.astype(np.float64).reshape(-1) + shift).reshape(
-            b.shape).astype(b.dtype))
+        g.set_array(
+            node.input[index],
+            (b.astype(np.float64).reshape(-1) + shift).reshape(b.shape).astype(b.dtype),
+        )
     else:
         name = g.fresh_name(f"{node.name or node.output[0]}_bnfold_bias")
         g.set_array(name, shift.astype(dtype))

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 from bnfold.errors import BnfoldError, OutputError
 from bnfold.reports import FoldedSite, FuseReport, SkippedSite
@@ -68,14 +69,16 @@ def run_fuse(
         clock = now
 
     with step(f"Loading {opts.model.name}"):
-        loaded = load_model(opts.model, arch=opts.arch, arch_kwargs=opts.arch_kwargs,
-                            trust_pickle=opts.trust_pickle)
+        loaded = load_model(
+            opts.model, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_pickle=opts.trust_pickle
+        )
     if loaded.onnx_model is not None:
         lap("load")
         return _run_fuse_onnx(opts, loaded, step, lap, timings)
     if loaded.module is None:
         raise BnfoldError(
-            "a bare state_dict has no architecture to fold", path=opts.model,
+            "a bare state_dict has no architecture to fold",
+            path=opts.model,
             hint="pass --arch (e.g. torchvision:resnet50 or mypkg.models:Net)",
         )
     original = loaded.module
@@ -99,7 +102,7 @@ def run_fuse(
             example = inferred
         try:
             propagate_shapes(gm, example)
-        except Exception as e:  # noqa: BLE001 - user models raise anything
+        except Exception as e:
             raise BnfoldError(
                 f"the model does not run on inputs of shape "
                 f"{', '.join(str(list(t.shape)) for t in example)}: {type(e).__name__}: "
@@ -114,12 +117,17 @@ def run_fuse(
     lap("fold")
     folded = tuple(
         FoldedSite(d.bn, d.into, d.direction.value, d.rule or "", d.kind)  # type: ignore[arg-type, union-attr]
-        for d in outcome.decisions if d.folded
+        for d in outcome.decisions
+        if d.folded
     )
     skipped = tuple(
-        SkippedSite(d.bn, d.reason.value if d.reason else "", d.detail or
-                    (d.reason.explanation if d.reason else ""))
-        for d in outcome.decisions if not d.folded
+        SkippedSite(
+            d.bn,
+            d.reason.value if d.reason else "",
+            d.detail or (d.reason.explanation if d.reason else ""),
+        )
+        for d in outcome.decisions
+        if not d.folded
     )
     report_kwargs: dict[str, Any] = {}
     notes = list(loaded.notes)
@@ -130,14 +138,22 @@ def run_fuse(
         export_example = [_batch_of_two(t) for t in example] if opts.dynamic_batch else example
         with atomic_output(opts.out, force=opts.force) as tmp:
             with step(f"Exporting ONNX ({opts.exporter})"):
-                result = export_onnx(folded_model, export_example, tmp, opts.out.name,
-                                     exporter=opts.exporter, opset=opts.opset,
-                                     dynamic_batch=opts.dynamic_batch)
+                result = export_onnx(
+                    folded_model,
+                    export_example,
+                    tmp,
+                    opts.out.name,
+                    exporter=opts.exporter,
+                    opset=opts.opset,
+                    dynamic_batch=opts.dynamic_batch,
+                )
                 notes.extend(result.notes)
             lap("export")
             with step("Verifying in onnxruntime"):
                 batches = random_batches(
-                    [tuple(t.shape) for t in example], opts.input_dtype, opts.verify_batches,
+                    [tuple(t.shape) for t in example],
+                    opts.input_dtype,
+                    opts.verify_batches,
                     seed=opts.seed + 1,
                 )
                 source = f"{opts.verify_batches} random (seeded)"
@@ -145,14 +161,22 @@ def run_fuse(
                     batches = real + batches
                     source = f"{opts.inputs_npz} + {source}"
                 verification = verify_onnx(
-                    original, result.path, batches, atol=opts.atol, rtol=opts.rtol,
-                    input_source=source, folded=folded_model,
+                    original,
+                    result.path,
+                    batches,
+                    atol=opts.atol,
+                    rtol=opts.rtol,
+                    input_source=source,
+                    folded=folded_model,
                 )
             lap("verify")
         report_kwargs.update(
-            exporter=f"torch.onnx.export({'dynamo=True' if opts.exporter == 'dynamo' else 'dynamo=False'})",
-            opset=result.opset, onnx_nodes=result.nodes, onnx_bn_nodes=result.bn_nodes,
-            verification=verification, output=str(opts.out),
+            exporter=f"torch.onnx.export(dynamo={opts.exporter == 'dynamo'})",
+            opset=result.opset,
+            onnx_nodes=result.nodes,
+            onnx_bn_nodes=result.bn_nodes,
+            verification=verification,
+            output=str(opts.out),
         )
         if result.bn_nodes < len(skipped):
             notes.append(
@@ -160,8 +184,14 @@ def run_fuse(
                 "nodes on its own; the table shows what bnfold folded"
             )
     else:
-        report_kwargs.update(exporter="none", opset=None, onnx_nodes=None, onnx_bn_nodes=None,
-                             verification=None, output=None)
+        report_kwargs.update(
+            exporter="none",
+            opset=None,
+            onnx_nodes=None,
+            onnx_bn_nodes=None,
+            verification=None,
+            output=None,
+        )
     torch_out = None
     if opts.save_torch is not None:
         torch_out = _save_torch(folded_model, example, opts)
@@ -180,8 +210,13 @@ def run_fuse(
     )
 
 
-def _run_fuse_onnx(opts: FuseOptions, loaded: Any, step: Callable[[str], ContextManager[None]],
-                   lap: Callable[[str], None], timings: dict[str, float]) -> FuseReport:
+def _run_fuse_onnx(
+    opts: FuseOptions,
+    loaded: Any,
+    step: Callable[[str], ContextManager[None]],
+    lap: Callable[[str], None],
+    timings: dict[str, float],
+) -> FuseReport:
     """Fold BatchNormalization in the ONNX graph itself, save, verify against the original."""
     import onnx
 
@@ -197,37 +232,66 @@ def _run_fuse_onnx(opts: FuseOptions, loaded: Any, step: Callable[[str], Context
     lap("fold")
     folded = tuple(
         FoldedSite(d.bn, d.into, d.direction.value, d.rule or "", d.kind)  # type: ignore[arg-type, union-attr]
-        for d in outcome.decisions if d.folded
+        for d in outcome.decisions
+        if d.folded
     )
-    skipped = tuple(SkippedSite(d.bn, d.reason.value if d.reason else "", d.detail)
-                    for d in outcome.decisions if not d.folded)
+    skipped = tuple(
+        SkippedSite(d.bn, d.reason.value if d.reason else "", d.detail)
+        for d in outcome.decisions
+        if not d.folded
+    )
     after = sum(_numel(t) for t in outcome.model.graph.initializer)
-    kwargs: dict[str, Any] = dict(exporter="none (folded in the ONNX graph)",
-                                  opset=None, onnx_nodes=None, onnx_bn_nodes=None,
-                                  verification=None, output=None)
+    kwargs: dict[str, Any] = {
+        "exporter": "none (folded in the ONNX graph)",
+        "opset": None,
+        "onnx_nodes": None,
+        "onnx_bn_nodes": None,
+        "verification": None,
+        "output": None,
+    }
     if opts.out is not None:
         with atomic_output(opts.out, force=opts.force) as tmp:
             path = tmp / opts.out.name
             big = after * 4 > 2**31 - 2**20
-            onnx.save(outcome.model, str(path), save_as_external_data=big,
-                      all_tensors_to_one_file=True, location=opts.out.name + ".data")
+            onnx.save(
+                outcome.model,
+                str(path),
+                save_as_external_data=big,
+                all_tensors_to_one_file=True,
+                location=opts.out.name + ".data",
+            )
             lap("export")
             with step("Verifying in onnxruntime"):
-                batches = onnx_batches(original, opts.input_shapes, opts.verify_batches,
-                                       seed=opts.seed + 1)
+                batches = onnx_batches(
+                    original, opts.input_shapes, opts.verify_batches, seed=opts.seed + 1
+                )
                 source = f"{opts.verify_batches} random (seeded)"
                 if opts.inputs_npz is not None:
                     batches = read_npz(opts.inputs_npz) + batches
                     source = f"{opts.inputs_npz} + {source}"
-                verification = verify_onnx_pair(opts.model, path, batches, atol=opts.atol,
-                                                rtol=opts.rtol, input_source=source)
+                verification = verify_onnx_pair(
+                    opts.model, path, batches, atol=opts.atol, rtol=opts.rtol, input_source=source
+                )
             lap("verify")
             nodes, bn_nodes, opset = onnx_counts(path)
-        kwargs.update(opset=opset, onnx_nodes=nodes, onnx_bn_nodes=bn_nodes,
-                      verification=verification, output=str(opts.out))
-    return FuseReport(model=str(opts.model), format=loaded.format.value, folded=folded,
-                      skipped=skipped, params_before=before, params_after=after,
-                      timings=timings, notes=tuple(loaded.notes), **kwargs)
+        kwargs.update(
+            opset=opset,
+            onnx_nodes=nodes,
+            onnx_bn_nodes=bn_nodes,
+            verification=verification,
+            output=str(opts.out),
+        )
+    return FuseReport(
+        model=str(opts.model),
+        format=loaded.format.value,
+        folded=folded,
+        skipped=skipped,
+        params_before=before,
+        params_after=after,
+        timings=timings,
+        notes=tuple(loaded.notes),
+        **kwargs,
+    )
 
 
 def _numel(tensor: Any) -> int:
@@ -249,8 +313,9 @@ def _check_outputs(opts: FuseOptions) -> None:
         if out is None:
             continue
         if out.resolve() == opts.model.resolve():
-            raise OutputError(f"refusing to overwrite the input {opts.model}",
-                              hint="choose another output path")
+            raise OutputError(
+                f"refusing to overwrite the input {opts.model}", hint="choose another output path"
+            )
         if out.exists() and not opts.force:
             raise OutputError(f"{out} exists", hint="pass --force to overwrite it")
 

@@ -45,21 +45,41 @@ _CONV_TRANSPOSES: tuple[type[nn.Module], ...] = (
 )
 
 _aten = torch.ops.aten
-_CONV_FUNCTIONS = frozenset({F.conv1d, F.conv2d, F.conv3d, _aten.conv1d.default,
-                             _aten.conv2d.default, _aten.conv3d.default})
-_CONV_TRANSPOSE_FUNCTIONS = frozenset({
-    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    _aten.conv_transpose1d.default, _aten.conv_transpose2d.input, _aten.conv_transpose3d.input,
-})
+_CONV_FUNCTIONS = frozenset(
+    {F.conv1d, F.conv2d, F.conv3d, _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default}
+)
+_CONV_TRANSPOSE_FUNCTIONS = frozenset(
+    {
+        F.conv_transpose1d,
+        F.conv_transpose2d,
+        F.conv_transpose3d,
+        _aten.conv_transpose1d.default,
+        _aten.conv_transpose2d.input,
+        _aten.conv_transpose3d.input,
+    }
+)
 _LINEAR_FUNCTIONS = frozenset({F.linear, _aten.linear.default})
 
 RULES: tuple[FoldRule, ...] = (
-    FoldRule("conv_bn", Direction.BACKWARD, _CONVS, FoldKind.CONV_OUT, 1,
-             functions=_CONV_FUNCTIONS),
-    FoldRule("convtranspose_bn", Direction.BACKWARD, _CONV_TRANSPOSES, FoldKind.CONVT_OUT, 1,
-             functions=_CONV_TRANSPOSE_FUNCTIONS),
-    FoldRule("linear_bn", Direction.BACKWARD, (nn.Linear,), FoldKind.LINEAR_OUT, -1,
-             functions=_LINEAR_FUNCTIONS),
+    FoldRule(
+        "conv_bn", Direction.BACKWARD, _CONVS, FoldKind.CONV_OUT, 1, functions=_CONV_FUNCTIONS
+    ),
+    FoldRule(
+        "convtranspose_bn",
+        Direction.BACKWARD,
+        _CONV_TRANSPOSES,
+        FoldKind.CONVT_OUT,
+        1,
+        functions=_CONV_TRANSPOSE_FUNCTIONS,
+    ),
+    FoldRule(
+        "linear_bn",
+        Direction.BACKWARD,
+        (nn.Linear,),
+        FoldKind.LINEAR_OUT,
+        -1,
+        functions=_LINEAR_FUNCTIONS,
+    ),
     FoldRule("bn_conv", Direction.FORWARD, _CONVS, FoldKind.CONV_IN, 1, zero_padding_breaks=True),
     FoldRule("bn_linear", Direction.FORWARD, (nn.Linear,), FoldKind.LINEAR_IN, -1),
 )

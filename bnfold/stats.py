@@ -123,7 +123,9 @@ def diagnose(rec: BNRecord, th: Thresholds) -> list[Diagnostic]:
     out: list[Diagnostic] = []
     arrays = [a for a in (rec.mean, rec.var, rec.gamma, rec.beta) if a is not None]
     if rec.training:
-        out.append(Diagnostic("train_mode", "in training mode: it normalises with batch statistics"))
+        out.append(
+            Diagnostic("train_mode", "in training mode: it normalises with batch statistics")
+        )
     if rec.track_running_stats is False or rec.mean is None or rec.var is None:
         out.append(Diagnostic("no_running_stats", "no running statistics: it cannot be folded"))
     if any(not np.isfinite(a).all() for a in arrays):
@@ -131,28 +133,39 @@ def diagnose(rec: BNRecord, th: Thresholds) -> list[Diagnostic]:
         out.append(Diagnostic("nonfinite", f"{bad} NaN/Inf values in its parameters/statistics"))
     if rec.mean is not None and rec.var is not None:
         if rec.num_batches_tracked == 0:
-            out.append(Diagnostic("stale_stats", "num_batches_tracked is 0: statistics never updated"))
+            out.append(
+                Diagnostic("stale_stats", "num_batches_tracked is 0: statistics never updated")
+            )
         elif np.all(rec.mean == 0) and np.all(rec.var == 1):
-            out.append(Diagnostic("stale_stats", "running_mean is all 0 and running_var all 1: "
-                                  "statistics look never updated"))
+            out.append(
+                Diagnostic(
+                    "stale_stats",
+                    "running_mean is all 0 and running_var all 1: statistics look never updated",
+                )
+            )
         neg = int((rec.var < 0).sum())
         if neg:
             out.append(Diagnostic("negative_variance", f"{neg} channels have running_var < 0"))
         with np.errstate(invalid="ignore"):
             tiny = int(((rec.var >= 0) & ((rec.var + rec.eps) < th.tiny_variance)).sum())
         if tiny:
-            out.append(Diagnostic(
-                "tiny_variance",
-                f"{tiny} channels have running_var+eps < {th.tiny_variance:g}: folding scales "
-                f"their weights by over {1 / math.sqrt(th.tiny_variance):.0f}x|gamma|",
-            ))
+            out.append(
+                Diagnostic(
+                    "tiny_variance",
+                    f"{tiny} channels have running_var+eps < {th.tiny_variance:g}: folding scales "
+                    f"their weights by over {1 / math.sqrt(th.tiny_variance):.0f}x|gamma|",
+                )
+            )
     if rec.gamma is not None:
         with np.errstate(invalid="ignore"):
             dead = int((np.abs(rec.gamma) < th.dead_gamma).sum())
         if dead:
-            out.append(Diagnostic(
-                "dead_channels", f"{dead} of {rec.channels} channels have |gamma| < {th.dead_gamma:g}"
-            ))
+            out.append(
+                Diagnostic(
+                    "dead_channels",
+                    f"{dead} of {rec.channels} channels have |gamma| < {th.dead_gamma:g}",
+                )
+            )
     s = fold_scale(rec)
     if s is not None:
         live = np.abs(s[np.isfinite(s)])
@@ -163,11 +176,13 @@ def diagnose(rec: BNRecord, th: Thresholds) -> list[Diagnostic]:
         if live.size >= 2:
             ratio = float(live.max() / live.min())
             if ratio > th.scale_spread:
-                out.append(Diagnostic(
-                    "large_scale_spread",
-                    f"fold scales span {ratio:.3g}x (> {th.scale_spread:g}): per-tensor "
-                    "quantisation of the folded weights will lose the small channels",
-                ))
+                out.append(
+                    Diagnostic(
+                        "large_scale_spread",
+                        f"fold scales span {ratio:.3g}x (> {th.scale_spread:g}): per-tensor "
+                        "quantisation of the folded weights will lose the small channels",
+                    )
+                )
     return out
 
 
@@ -244,21 +259,23 @@ def records_from_state_dict(sd: dict[str, torch.Tensor]) -> list[BNRecord]:
             continue
         nbt = sd.get(prefix + "num_batches_tracked")
         weight = sd.get(prefix + "weight")
-        records.append(BNRecord(
-            name=prefix.rstrip(".") or "<root>",
-            kind="BatchNorm" if nbt is not None else "BatchNorm (no num_batches_tracked)",
-            channels=int(sd[key].shape[0]),
-            eps_known=False,
-            affine=weight is not None,
-            num_batches_tracked=int(nbt) if nbt is not None else None,
-            mean=_np(sd[key]),
-            var=_np(sd[prefix + "running_var"]),
-            gamma=_np(weight),
-            beta=_np(sd.get(prefix + "bias")),
-            reason="architecture_unknown",
-            reason_detail="only weights were loaded; pass --arch to see which layer each BN "
-            "folds into",
-        ))
+        records.append(
+            BNRecord(
+                name=prefix.rstrip(".") or "<root>",
+                kind="BatchNorm" if nbt is not None else "BatchNorm (no num_batches_tracked)",
+                channels=int(sd[key].shape[0]),
+                eps_known=False,
+                affine=weight is not None,
+                num_batches_tracked=int(nbt) if nbt is not None else None,
+                mean=_np(sd[key]),
+                var=_np(sd[prefix + "running_var"]),
+                gamma=_np(weight),
+                beta=_np(sd.get(prefix + "bias")),
+                reason="architecture_unknown",
+                reason_detail="only weights were loaded; pass --arch to see which layer each BN "
+                "folds into",
+            )
+        )
     return records
 
 
@@ -324,8 +341,9 @@ def _record_from_site(d: Decision) -> BNRecord:
     )
 
 
-def _apply_decisions(records: list[BNRecord], decisions: Sequence[Decision],
-                     module: torch.nn.Module) -> list[BNRecord]:
+def _apply_decisions(
+    records: list[BNRecord], decisions: Sequence[Decision], module: torch.nn.Module
+) -> list[BNRecord]:
     """Order records as the graph calls them and attach each fold decision."""
     by_name = {r.name: r for r in records}
     ordered: list[BNRecord] = []
@@ -346,8 +364,9 @@ def _apply_decisions(records: list[BNRecord], decisions: Sequence[Decision],
             try:
                 layer = module.get_submodule(d.into)
                 if getattr(layer, "bias", 0) is None:
-                    rec.bias_added = int(getattr(layer, "out_channels", getattr(
-                        layer, "out_features", 0)))
+                    rec.bias_added = int(
+                        getattr(layer, "out_channels", getattr(layer, "out_features", 0))
+                    )
             except AttributeError:
                 pass
         ordered.append(rec)
@@ -444,13 +463,20 @@ def plan_folds(
     return outcome.decisions, note
 
 
-def _summary(records: list[BNRecord], layers: Sequence[BNLayerReport], known: bool) -> InspectSummary:
+def _summary(
+    records: list[BNRecord], layers: Sequence[BNLayerReport], known: bool
+) -> InspectSummary:
     folding = [r for r in records if r.fold_into is not None]
-    params = sum((r.gamma.size if r.gamma is not None else 0) + (
-        r.beta.size if r.beta is not None else 0) for r in folding)
-    buffers = sum((r.mean.size if r.mean is not None else 0) + (
-        r.var.size if r.var is not None else 0) + (1 if r.num_batches_tracked is not None else 0)
-        for r in folding)
+    params = sum(
+        (r.gamma.size if r.gamma is not None else 0) + (r.beta.size if r.beta is not None else 0)
+        for r in folding
+    )
+    buffers = sum(
+        (r.mean.size if r.mean is not None else 0)
+        + (r.var.size if r.var is not None else 0)
+        + (1 if r.num_batches_tracked is not None else 0)
+        for r in folding
+    )
     counts: Counter[str] = Counter(code for layer in layers for code in layer.warnings)
     return InspectSummary(
         bn_layers=len(layers),

@@ -37,12 +37,14 @@ DEFAULT_TOLERANCES = {
     torch.float16: (1e-3, 1e-2),
     torch.bfloat16: (1e-2, 5e-2),
 }
-_FP64_REFERENCE_LIMIT = 2**30  # bytes of float64 weights; beyond it the float32 run is the reference
+_FP64_REFERENCE_LIMIT = (
+    2**30
+)  # bytes of float64 weights; beyond it the float32 run is the reference
 
 
 def flatten_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
     """A model's outputs (tensor, tuple, list, dict, nested) in export order, named."""
-    from torch.utils._pytree import tree_flatten_with_path, keystr
+    from torch.utils._pytree import keystr, tree_flatten_with_path
 
     leaves, _ = tree_flatten_with_path(out)
     named = []
@@ -60,7 +62,7 @@ def _session(path: Path, what: str) -> Any:
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+    except Exception as e:
         raise VerifyError(f"onnxruntime cannot load the {what}: {e}") from e
 
 
@@ -83,18 +85,26 @@ class _Worst:
         for i, (o, r) in enumerate(zip(got, ref, strict=True)):
             got_t = torch.from_numpy(np.asarray(o)).double()
             if tuple(got_t.shape) != tuple(r.shape):
-                raise VerifyError(f"output {names[i]} has shape {tuple(got_t.shape)} in ONNX, "
-                                  f"{tuple(r.shape)} in the reference")
+                raise VerifyError(
+                    f"output {names[i]} has shape {tuple(got_t.shape)} in ONNX, "
+                    f"{tuple(r.shape)} in the reference"
+                )
             self.errors[i] = max(self.errors[i], _max_abs(got_t, r))
             self.scales[i] = max(self.scales[i], float(r.abs().max()) if r.numel() else 0.0)
 
     def outputs(self, atol: float, rtol: float) -> tuple[OutputCheck, ...]:
         return tuple(
-            OutputCheck(name=name, shape=shape, max_abs_error=err,
-                        max_rel_error=err / scale if scale > 0 else err,
-                        reference_max_abs=scale, passed=bool(err <= atol + rtol * scale))
-            for name, shape, err, scale in zip(self.names, self.shapes, self.errors,
-                                               self.scales, strict=True)
+            OutputCheck(
+                name=name,
+                shape=shape,
+                max_abs_error=err,
+                max_rel_error=err / scale if scale > 0 else err,
+                reference_max_abs=scale,
+                passed=bool(err <= atol + rtol * scale),
+            )
+            for name, shape, err, scale in zip(
+                self.names, self.shapes, self.errors, self.scales, strict=True
+            )
         )
 
 
@@ -103,14 +113,20 @@ def _run(session: Any, batch: Sequence[torch.Tensor], what: str) -> list[Any]:
     if len(batch) != len(names):
         raise VerifyError(f"the {what} takes {len(names)} inputs, got {len(batch)}")
     try:
-        return list(session.run(None, {n: _to_numpy(t) for n, t in zip(names, batch,
-                                                                       strict=True)}))
-    except Exception as e:  # noqa: BLE001
+        return list(session.run(None, {n: _to_numpy(t) for n, t in zip(names, batch, strict=True)}))
+    except Exception as e:
         raise VerifyError(f"onnxruntime failed to run the {what}: {e}") from e
 
 
-def _verification(worst: _Worst, atol: float, rtol: float, batches: int, source: str,
-                  fold_err: float | None, base_err: float | None) -> Verification:
+def _verification(
+    worst: _Worst,
+    atol: float,
+    rtol: float,
+    batches: int,
+    source: str,
+    fold_err: float | None,
+    base_err: float | None,
+) -> Verification:
     outputs = worst.outputs(atol, rtol)
     return Verification(
         passed=all(o.passed for o in outputs),
@@ -153,14 +169,17 @@ def verify_onnx(
             eager = flatten_outputs(original(*batch))
             if ref_model is not None:
                 ref = [t for _, t in flatten_outputs(ref_model(*_double(batch)))]
-                base_err = max(base_err or 0.0, *(_max_abs(e.double(), r) for (_, e), r in
-                                                  zip(eager, ref, strict=True)))
+                base_err = max(
+                    base_err or 0.0,
+                    *(_max_abs(e.double(), r) for (_, e), r in zip(eager, ref, strict=True)),
+                )
             else:
                 ref = [t.double() for _, t in eager]
             if folded64 is not None and fold_err == 0.0:  # the first batch is enough
                 got = [t for _, t in flatten_outputs(folded64(*_double(batch)))]
-                fold_err = max(fold_err or 0.0, *(_max_abs(g, r) for g, r in
-                                                  zip(got, ref, strict=True)))
+                fold_err = max(
+                    fold_err or 0.0, *(_max_abs(g, r) for g, r in zip(got, ref, strict=True))
+                )
             worst.add([n for n, _ in eager], _run(session, batch, "exported model"), ref)
     return _verification(worst, atol, rtol, len(batches), input_source, fold_err, base_err)
 
@@ -186,8 +205,10 @@ def verify_onnx_pair(
     names = [o.name for o in reference.get_outputs()]
     worst = _Worst()
     for batch in batches:
-        ref = [torch.from_numpy(np.asarray(r)).double()
-               for r in _run(reference, batch, "original model")]
+        ref = [
+            torch.from_numpy(np.asarray(r)).double()
+            for r in _run(reference, batch, "original model")
+        ]
         worst.add(names, _run(session, batch, "folded model"), ref)
     return _verification(worst, atol, rtol, len(batches), input_source, None, None)
 
@@ -198,8 +219,10 @@ def _float64(model: torch.nn.Module) -> Any:
     ``torch.func.functional_call`` runs the module with float64 copies of its
     parameters and buffers; modules it cannot drive (TorchScript) are deep-copied.
     """
-    state = {k: v.double() if v.is_floating_point() else v
-             for k, v in (*model.named_parameters(), *model.named_buffers())}
+    state = {
+        k: v.double() if v.is_floating_point() else v
+        for k, v in (*model.named_parameters(), *model.named_buffers())
+    }
     if isinstance(model, torch.jit.ScriptModule):
         return copy.deepcopy(model).double()
 

@@ -62,8 +62,9 @@ def truncated(source: Path, folder: Path, keep: int, name: str = "truncated.pt")
     return path
 
 
-def bit_flipped(source: Path, folder: Path, offset: int, bit: int = 4,
-                name: str = "flipped.pt") -> Path:
+def bit_flipped(
+    source: Path, folder: Path, offset: int, bit: int = 4, name: str = "flipped.pt"
+) -> Path:
     """``source`` with one bit flipped at byte ``offset``."""
     data = bytearray(source.read_bytes())
     data[offset] ^= 1 << bit
@@ -90,8 +91,9 @@ def central_directory_records(zip_path: Path) -> dict[str, int]:
 
 def central_record_of(zip_path: Path, suffix: str) -> int:
     """Offset of the central-directory record of the member whose name ends with ``suffix``."""
-    return next(off for name, off in central_directory_records(zip_path).items()
-                if name.endswith(suffix))
+    return next(
+        off for name, off in central_directory_records(zip_path).items() if name.endswith(suffix)
+    )
 
 
 def export_archive_with_wrong_size(exported: Path, folder: Path) -> Path:
@@ -174,11 +176,17 @@ def onnx_conv_bn(var_location: str | None = None, channels: int = 4):
             entry.key, entry.value = key, value
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["y"], name="conv"),
-        helper.make_node("BatchNormalization", ["y", "gamma", "beta", "mean", "var"], ["z"],
-                         name="bn", epsilon=1e-3),
+        helper.make_node(
+            "BatchNormalization",
+            ["y", "gamma", "beta", "mean", "var"],
+            ["z"],
+            name="bn",
+            epsilon=1e-3,
+        ),
     ]
     graph = helper.make_graph(
-        nodes, "conv_bn",
+        nodes,
+        "conv_bn",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
         inits,

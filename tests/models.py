@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 
-def randomize_bn(bn: nn.Module, seed: int = 0, var_range: tuple[float, float] = (0.25, 4.0),
-                 nbt: int = 7) -> nn.Module:
+def randomize_bn(
+    bn: nn.Module, seed: int = 0, var_range: tuple[float, float] = (0.25, 4.0), nbt: int = 7
+) -> nn.Module:
     """Give a BN layer non-trivial statistics and affine parameters, deterministically."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -37,8 +37,20 @@ def conv_configs(draw: st.DrawFn, transpose: bool | None = None) -> ConvConfig:
     modes = ["zeros"] if is_t else ["zeros", "reflect", "replicate", "circular"]
     padding_mode = draw(st.sampled_from(modes))
     output_padding = draw(st.integers(0, max(0, min(stride, dilation) - 1))) if is_t else 0
-    return ConvConfig(dims, is_t, groups, c_in, c_out, kernel, stride, dilation, padding,
-                      padding_mode, draw(st.booleans()), output_padding)
+    return ConvConfig(
+        dims,
+        is_t,
+        groups,
+        c_in,
+        c_out,
+        kernel,
+        stride,
+        dilation,
+        padding,
+        padding_mode,
+        draw(st.booleans()),
+        output_padding,
+    )
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from bnfold.cli import app
 
-ARCH_SOURCE = textwrap.dedent('''
+ARCH_SOURCE = textwrap.dedent("""
     import torch
     from torch import nn
 
@@ -36,7 +36,7 @@ ARCH_SOURCE = textwrap.dedent('''
             x = torch.relu(self.bn_up(self.up(x)))
             x = self.conv2(self.pre(x))
             return self.fc(self.neck(torch.flatten(self.pool(torch.relu(x)), 1)))
-''')
+""")
 
 
 @pytest.fixture
@@ -75,13 +75,30 @@ def test_fuse_writes_verified_onnx_and_json(runner, net_files, tmp_path):
     weights, arch = net_files
     digest = sha(weights)
     out = tmp_path / "net.onnx"
-    result = runner.invoke(app, ["fuse", str(weights), "--arch", arch, "--input-shape",
-                                 "1,3,8,8", "--out", str(out), "--format", "json"])
+    result = runner.invoke(
+        app,
+        [
+            "fuse",
+            str(weights),
+            "--arch",
+            arch,
+            "--input-shape",
+            "1,3,8,8",
+            "--out",
+            str(out),
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["schema_version"] == 1
     assert {f["bn"]: f["direction"] for f in report["folded"]} == {
-        "bn": "backward", "bn_up": "backward", "pre": "forward", "neck": "forward"}
+        "bn": "backward",
+        "bn_up": "backward",
+        "pre": "forward",
+        "neck": "forward",
+    }
     assert report["skipped"] == []
     assert report["verification"]["passed"] is True
     assert report["verification"]["max_rel_error"] < 1e-5
@@ -109,8 +126,9 @@ def test_fuse_refuses_to_overwrite_input_or_existing_output(runner, net_files, t
     assert result.exit_code == 2
     assert "--force" in result.output
     assert existing.read_bytes() == b"previous"
-    result = runner.invoke(app, ["fuse", str(weights), "--arch", arch, "--out", str(existing),
-                                 "--force"])
+    result = runner.invoke(
+        app, ["fuse", str(weights), "--arch", arch, "--out", str(existing), "--force"]
+    )
     assert result.exit_code == 0, result.output
     onnx.checker.check_model(onnx.load(str(existing)))
 
@@ -118,9 +136,23 @@ def test_fuse_refuses_to_overwrite_input_or_existing_output(runner, net_files, t
 def test_fuse_exits_1_when_verification_fails(runner, net_files, tmp_path):
     """Tolerances of zero cannot be met by float32 arithmetic: verification fails, exit 1."""
     weights, arch = net_files
-    result = runner.invoke(app, ["fuse", str(weights), "--arch", arch, "--out",
-                                 str(tmp_path / "m.onnx"), "--atol", "0", "--rtol", "0",
-                                 "--format", "json"])
+    result = runner.invoke(
+        app,
+        [
+            "fuse",
+            str(weights),
+            "--arch",
+            arch,
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--atol",
+            "0",
+            "--rtol",
+            "0",
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert json.loads(result.stdout)["verification"]["passed"] is False
 
@@ -131,8 +163,9 @@ def test_failed_verification_setup_leaves_no_output(runner, net_files, tmp_path)
     npz = tmp_path / "in.npz"
     np.savez(npz, x=np.zeros((1, 5, 8, 8), np.float32))
     out = tmp_path / "m.onnx"
-    result = runner.invoke(app, ["fuse", str(weights), "--arch", arch, "--out", str(out),
-                                 "--inputs", str(npz)])
+    result = runner.invoke(
+        app, ["fuse", str(weights), "--arch", arch, "--out", str(out), "--inputs", str(npz)]
+    )
     assert result.exit_code != 0
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz", "net.pt", "net.py"]
@@ -144,9 +177,23 @@ def test_fuse_uses_real_inputs_and_saves_torch(runner, net_files, tmp_path):
     npz = tmp_path / "in.npz"
     np.savez(npz, x=np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32))
     pt2 = tmp_path / "folded.pt2"
-    result = runner.invoke(app, ["fuse", str(weights), "--arch", arch, "--out",
-                                 str(tmp_path / "m.onnx"), "--inputs", str(npz),
-                                 "--save-torch", str(pt2), "--format", "json"])
+    result = runner.invoke(
+        app,
+        [
+            "fuse",
+            str(weights),
+            "--arch",
+            arch,
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--inputs",
+            str(npz),
+            "--save-torch",
+            str(pt2),
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert str(npz) in report["verification"]["input_source"]
@@ -168,13 +215,25 @@ def test_bare_state_dict_needs_arch(runner, net_files, tmp_path):
 def test_markdown_and_table_formats(runner, net_files, tmp_path):
     """The table and markdown name every folded BN and the verification verdict."""
     weights, arch = net_files
-    result = runner.invoke(app, ["fuse", str(weights), "--arch", arch, "--out",
-                                 str(tmp_path / "a.onnx"), "--format", "markdown"])
+    result = runner.invoke(
+        app,
+        [
+            "fuse",
+            str(weights),
+            "--arch",
+            arch,
+            "--out",
+            str(tmp_path / "a.onnx"),
+            "--format",
+            "markdown",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "| `bn_up` | `up` | backward | convtranspose_bn |" in result.stdout
     assert "Verification passed" in result.stdout
-    result = runner.invoke(app, ["fuse", str(weights), "--arch", arch, "--out",
-                                 str(tmp_path / "b.onnx")])
+    result = runner.invoke(
+        app, ["fuse", str(weights), "--arch", arch, "--out", str(tmp_path / "b.onnx")]
+    )
     assert result.exit_code == 0, result.output
     assert "verification PASSED" in result.stdout
     assert "folded ← conv2 (bn_conv)" in result.stdout

@@ -22,7 +22,7 @@ from bnfold.cli import app
 from tests import corrupt
 from tests.models import ConvBN, randomize_all
 
-ARCH_SOURCE = textwrap.dedent('''
+ARCH_SOURCE = textwrap.dedent("""
     import torch
     from torch import nn
 
@@ -37,7 +37,7 @@ ARCH_SOURCE = textwrap.dedent('''
         def forward(self, x):
             x = torch.relu(self.bn(self.conv(x)))
             return self.bn2(self.conv2(x))
-''')
+""")
 
 
 @pytest.fixture
@@ -64,8 +64,13 @@ def net_files(tmp_path) -> tuple[Path, str]:
     torch.manual_seed(0)
     model = namespace["Net"]()
     # scales |gamma|/sqrt(var+eps): 1, 1, 2, 0.5 ... -> spread ~4x, under the default 100
-    set_bn(model.bn, [0.5, -0.5] * 4, [1.0, 4.0, 1.0, 4.0] * 2, [1.0, 2.0, 2.0, 1.0] * 2,
-           [0.0, 0.25] * 4)
+    set_bn(
+        model.bn,
+        [0.5, -0.5] * 4,
+        [1.0, 4.0, 1.0, 4.0] * 2,
+        [1.0, 2.0, 2.0, 1.0] * 2,
+        [0.0, 0.25] * 4,
+    )
     set_bn(model.bn2, [0.25] * 8, [2.0] * 8, [1.0] * 8, [0.0] * 8)
     weights = tmp_path / "net.pt"
     torch.save(model.state_dict(), weights)
@@ -163,9 +168,9 @@ def test_inspect_with_arch_file(runner, net_files):
     data = json.loads(result.stdout)
     assert data["architecture_known"] is True
     assert data["order"] == "data-flow"
-    assert [(layer["name"], layer["fold_into"], layer["fold_direction"])
-            for layer in data["layers"]] == [("bn", "conv", "backward"),
-                                             ("bn2", "conv2", "backward")]
+    assert [
+        (layer["name"], layer["fold_into"], layer["fold_direction"]) for layer in data["layers"]
+    ] == [("bn", "conv", "backward"), ("bn2", "conv2", "backward")]
     assert data["layers"][0]["eps"] == 1e-5 and data["layers"][0]["eps_known"] is True
     assert data["summary"]["foldable"] == 2
     assert data["summary"]["params_removed"] == 32
@@ -185,8 +190,9 @@ def test_inspect_with_arch_table(runner, net_files):
 def test_threshold_makes_large_scale_spread_appear(runner, sd_file):
     """--threshold scale_spread=2 flags the 4x-spread layer; the default does not."""
     base = runner.invoke(app, ["inspect", str(sd_file), "-f", "json"])
-    lowered = runner.invoke(app, ["inspect", str(sd_file), "-f", "json",
-                                  "--threshold", "scale_spread=2"])
+    lowered = runner.invoke(
+        app, ["inspect", str(sd_file), "-f", "json", "--threshold", "scale_spread=2"]
+    )
     assert base.exit_code == 0, base.output
     assert lowered.exit_code == 0, lowered.output
     before, after = json.loads(base.stdout), json.loads(lowered.stdout)
@@ -198,8 +204,19 @@ def test_threshold_makes_large_scale_spread_appear(runner, sd_file):
 
 def test_threshold_repeated(runner, sd_file):
     """--threshold can be given several times; each one applies."""
-    result = runner.invoke(app, ["inspect", str(sd_file), "-f", "json", "--threshold",
-                                 "dead_gamma=1.5", "--threshold", "tiny_variance=3"])
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            str(sd_file),
+            "-f",
+            "json",
+            "--threshold",
+            "dead_gamma=1.5",
+            "--threshold",
+            "tiny_variance=3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["thresholds"] == {"dead_gamma": 1.5, "tiny_variance": 3.0, "scale_spread": 100.0}
@@ -251,8 +268,9 @@ def test_truncated_file(runner, sd_file, tmp_path, keep):
     """A truncated torch.save file: exit 2, one error line (in every output format)."""
     path = corrupt.truncated(sd_file, tmp_path, keep)
     for fmt in ("table", "json"):
-        assert_one_error_line(runner.invoke(app, ["inspect", str(path), "-f", fmt]),
-                              "corrupt or truncated")
+        assert_one_error_line(
+            runner.invoke(app, ["inspect", str(path), "-f", fmt]), "corrupt or truncated"
+        )
 
 
 def test_corrupt_zip_directory(runner, sd_file, tmp_path):
@@ -266,8 +284,9 @@ def test_pickle_without_trust(runner, tmp_path):
     """A pickled module without --trust-pickle: exit 2, one line pointing at --trust-pickle."""
     path = tmp_path / "whole.pt"
     torch.save(ConvBN(), path)
-    assert_one_error_line(runner.invoke(app, ["inspect", str(path), "-f", "json"]),
-                          "--trust-pickle")
+    assert_one_error_line(
+        runner.invoke(app, ["inspect", str(path), "-f", "json"]), "--trust-pickle"
+    )
 
 
 def test_hostile_pickle_without_trust(runner, tmp_path):
@@ -290,15 +309,19 @@ def test_hostile_pickle_without_trust(runner, tmp_path):
 def test_bad_arch(runner, net_files, arch, needle):
     """A bad or ill-fitting --arch: exit 2, one error line saying what is wrong."""
     weights, _ = net_files
-    result = runner.invoke(app, ["inspect", str(weights), "--arch",
-                                 arch.format(dir=weights.parent)])
+    result = runner.invoke(
+        app, ["inspect", str(weights), "--arch", arch.format(dir=weights.parent)]
+    )
     assert_one_error_line(result, needle)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [("{bad json", "not valid JSON"), ("[1, 2]", "must be a JSON object"),
-     ('{"width": 4}', "shape mismatch")],
+    [
+        ("{bad json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"width": 4}', "shape mismatch"),
+    ],
 )
 def test_bad_arch_kwargs(runner, net_files, kwargs, needle):
     """--arch-kwargs that is not a JSON object (or does not fit): exit 2, one error line."""
@@ -309,8 +332,11 @@ def test_bad_arch_kwargs(runner, net_files, kwargs, needle):
 
 @pytest.mark.parametrize(
     ("threshold", "needle"),
-    [("scale_spread", "is not NAME=NUMBER"), ("scale_spread=big", "is not NAME=NUMBER"),
-     ("bogus=1", "unknown threshold bogus")],
+    [
+        ("scale_spread", "is not NAME=NUMBER"),
+        ("scale_spread=big", "is not NAME=NUMBER"),
+        ("bogus=1", "unknown threshold bogus"),
+    ],
 )
 def test_bad_threshold(runner, sd_file, threshold, needle):
     """A malformed or unknown --threshold: exit 2, one error line."""
@@ -330,8 +356,13 @@ def test_bad_format_is_a_usage_error(runner, sd_file):
 
 
 def run_bnfold(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bnfold", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "bnfold", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def test_subprocess_json_is_clean(sd_file, tmp_path):

@@ -16,13 +16,29 @@ def make_conv(cfg: ConvConfig, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if cfg.transpose:
         cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[cfg.dims - 1]
-        return cls(cfg.c_in, cfg.c_out, cfg.kernel, stride=cfg.stride, padding=cfg.padding,
-                   output_padding=cfg.output_padding, groups=cfg.groups, bias=cfg.bias,
-                   dilation=cfg.dilation).double()
+        return cls(
+            cfg.c_in,
+            cfg.c_out,
+            cfg.kernel,
+            stride=cfg.stride,
+            padding=cfg.padding,
+            output_padding=cfg.output_padding,
+            groups=cfg.groups,
+            bias=cfg.bias,
+            dilation=cfg.dilation,
+        ).double()
     cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[cfg.dims - 1]
-    return cls(cfg.c_in, cfg.c_out, cfg.kernel, stride=cfg.stride, padding=cfg.padding,
-               padding_mode=cfg.padding_mode, groups=cfg.groups, bias=cfg.bias,
-               dilation=cfg.dilation).double()
+    return cls(
+        cfg.c_in,
+        cfg.c_out,
+        cfg.kernel,
+        stride=cfg.stride,
+        padding=cfg.padding,
+        padding_mode=cfg.padding_mode,
+        groups=cfg.groups,
+        bias=cfg.bias,
+        dilation=cfg.dilation,
+    ).double()
 
 
 def make_bn(channels: int, cfg: BNConfig) -> nn.Module:
@@ -30,8 +46,9 @@ def make_bn(channels: int, cfg: BNConfig) -> nn.Module:
     bn = nn.BatchNorm1d(channels, eps=cfg.eps, affine=cfg.affine).double().eval()
     with torch.no_grad():
         bn.running_mean.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
-        bn.running_var.copy_(cfg.var_scale * (0.1 + torch.rand(channels, generator=gen,
-                                                                dtype=torch.float64)))
+        bn.running_var.copy_(
+            cfg.var_scale * (0.1 + torch.rand(channels, generator=gen, dtype=torch.float64))
+        )
         if cfg.affine:
             bn.weight.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
             bn.bias.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
@@ -95,8 +112,9 @@ def test_forward_fold_into_conv_matches_reference(cfg: ConvConfig, bn_cfg: BNCon
 
 
 @given(st.integers(1, 9), st.integers(1, 9), bn_configs, st.booleans(), st.integers(0, 999))
-def test_linear_folds_both_directions(n_in: int, n_out: int, bn_cfg: BNConfig, bias: bool,
-                                      seed: int):
+def test_linear_folds_both_directions(
+    n_in: int, n_out: int, bn_cfg: BNConfig, bias: bool, seed: int
+):
     """Linear then BN1d, and BN1d then Linear, fold exactly."""
     torch.manual_seed(seed)
     lin = nn.Linear(n_in, n_out, bias=bias).double()
@@ -107,8 +125,7 @@ def test_linear_folds_both_directions(n_in: int, n_out: int, bn_cfg: BNConfig, b
         w, b = fold_backward(lin.weight, lin.bias, s, t, FoldKind.LINEAR_OUT)
         assert rel_err(x @ w.T + b, apply_bn(bn, lin(x))) < 1e-9
         bn_in = make_bn(n_in, bn_cfg)
-        s, t = bn_affine(bn_in.running_mean, bn_in.running_var, bn_in.weight, bn_in.bias,
-                         bn_in.eps)
+        s, t = bn_affine(bn_in.running_mean, bn_in.running_var, bn_in.weight, bn_in.bias, bn_in.eps)
         w, b = fold_forward(lin.weight, lin.bias, s, t, FoldKind.LINEAR_IN)
         assert rel_err(x @ w.T + b, lin(apply_bn(bn_in, x))) < 1e-9
 
@@ -121,16 +138,18 @@ def test_grouped_conv_transpose_scales_the_right_slices():
     """
     w = torch.ones(4, 3, 1, 1, dtype=torch.float64)  # C_in=4, C_out/groups=3, groups=2 -> C_out=6
     s = torch.arange(1.0, 7.0, dtype=torch.float64)
-    new_w, _ = fold_backward(w, None, s, torch.zeros(6, dtype=torch.float64),
-                             FoldKind.CONVT_OUT, groups=2)
+    new_w, _ = fold_backward(
+        w, None, s, torch.zeros(6, dtype=torch.float64), FoldKind.CONVT_OUT, groups=2
+    )
     assert new_w[:2, :, 0, 0].tolist() == [[1, 2, 3], [1, 2, 3]]
     assert new_w[2:, :, 0, 0].tolist() == [[4, 5, 6], [4, 5, 6]]
 
 
 def test_affine_parts_are_the_eval_batchnorm():
     """bn_affine gives s = gamma/sqrt(var+eps), t = beta - mean*s, exactly, in float64."""
-    s, t = bn_affine(torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0]),
-                     torch.tensor([0.5]), eps=1.0)
+    s, t = bn_affine(
+        torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0]), torch.tensor([0.5]), eps=1.0
+    )
     assert s.dtype == torch.float64
     assert s.item() == pytest.approx(1.0)
     assert t.item() == pytest.approx(-0.5)

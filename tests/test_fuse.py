@@ -59,10 +59,16 @@ def only(outcome):
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
-@pytest.mark.parametrize("conv_kwargs", [
-    {}, {"bias": False}, {"stride": 2, "padding": 1}, {"dilation": 2, "padding": 2},
-    {"padding": 1, "padding_mode": "reflect"},
-])
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        {},
+        {"bias": False},
+        {"stride": 2, "padding": 1},
+        {"dilation": 2, "padding": 2},
+        {"padding": 1, "padding_mode": "reflect"},
+    ],
+)
 def test_conv_bn_folds_backward(dims, conv_kwargs):
     """Conv1d/2d/3d (stride, dilation, padding modes, bias or not) + BN fold into the conv."""
     model = randomize_all(ConvBN(3, 8, dims, **conv_kwargs))
@@ -76,8 +82,7 @@ def test_conv_bn_folds_backward(dims, conv_kwargs):
 
 def test_depthwise_conv_folds():
     """A depthwise conv (groups == channels) folds per channel."""
-    model = randomize_all(nn.Sequential(nn.Conv2d(6, 6, 3, groups=6, padding=1),
-                                        nn.BatchNorm2d(6)))
+    model = randomize_all(nn.Sequential(nn.Conv2d(6, 6, 3, groups=6, padding=1), nn.BatchNorm2d(6)))
     x = torch.randn(2, 6, 8, 8)
     out = fold(model, x)
     assert only(out).into == "0"
@@ -199,8 +204,9 @@ def test_bn_before_zero_padded_conv_stays():
 
 def test_bn_before_reflect_padded_conv_folds():
     """Reflect padding copies BN outputs, so the forward fold stays exact."""
-    model = randomize_all(nn.Sequential(
-        nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")))
+    model = randomize_all(
+        nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"))
+    )
     x = torch.randn(2, 4, 8, 8)
     out = fold(model, x)
     assert only(out).rule == "bn_conv"
@@ -343,9 +349,14 @@ def test_frozen_batchnorm_folds():
 
 def test_sync_batchnorm_and_affine_false_fold():
     """SyncBatchNorm (eval) and affine=False BNs fold."""
-    model = randomize_all(nn.Sequential(
-        nn.Conv2d(3, 5, 3), nn.SyncBatchNorm(5), nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5, affine=False)
-    ))
+    model = randomize_all(
+        nn.Sequential(
+            nn.Conv2d(3, 5, 3),
+            nn.SyncBatchNorm(5),
+            nn.Conv2d(5, 5, 1),
+            nn.BatchNorm2d(5, affine=False),
+        )
+    )
     x = torch.randn(2, 3, 6, 6)
     out = fold(model, x)
     assert [d.into for d in out.decisions] == ["0", "2"]
@@ -365,8 +376,9 @@ class ActBN(nn.BatchNorm2d):
     """timm BatchNormAct2d-like: functional batch_norm then an activation."""
 
     def forward(self, x):
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                         False, 0.1, self.eps)
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+        )
         return torch.relu(x)
 
 
@@ -464,8 +476,11 @@ def test_overflowing_fold_stays():
 
 def test_input_model_is_never_modified():
     """Folding leaves every parameter and buffer of the input model as it was."""
-    model = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                        nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)))
+    model = randomize_all(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+        )
+    )
     before = state_fingerprint(model)
     modules_before = [type(m) for m in model.modules()]
     fold(model, torch.randn(2, 3, 6, 6))

@@ -20,7 +20,7 @@ from bnfold.loading import LoadedModel, ModelFormat, build_arch, load_model
 from tests import corrupt
 from tests.models import ConvBN, randomize_all
 
-ARCH_SOURCE = textwrap.dedent('''
+ARCH_SOURCE = textwrap.dedent("""
     from torch import nn
 
     class Net(nn.Module):
@@ -36,7 +36,7 @@ ARCH_SOURCE = textwrap.dedent('''
         return Net(width)
 
     NOT_A_MODULE = 3
-''')
+""")
 
 
 def sha(path: Path) -> str:
@@ -149,8 +149,12 @@ def test_lightning_checkpoint_prefix_is_stripped(tmp_path, sd):
     """A Lightning checkpoint ({'state_dict': {'model.' + k}, 'pytorch-lightning_version'})."""
     path = tmp_path / "epoch=3.ckpt"
     torch.save(
-        {"state_dict": {"model." + k: v for k, v in sd.items()},
-         "pytorch-lightning_version": "2.4", "epoch": 3, "global_step": 100},
+        {
+            "state_dict": {"model." + k: v for k, v in sd.items()},
+            "pytorch-lightning_version": "2.4",
+            "epoch": 3,
+            "global_step": 100,
+        },
         path,
     )
     digest = sha(path)
@@ -166,8 +170,13 @@ def test_lightning_checkpoint_fits_arch(tmp_path, sd):
     arch = tmp_path / "convbn_arch.py"
     arch.write_text("from tests.models import ConvBN\n")
     path = tmp_path / "lightning.ckpt"
-    torch.save({"state_dict": {"model." + k: v for k, v in sd.items()},
-                "pytorch-lightning_version": "2.4"}, path)
+    torch.save(
+        {
+            "state_dict": {"model." + k: v for k, v in sd.items()},
+            "pytorch-lightning_version": "2.4",
+        },
+        path,
+    )
     loaded = load_model(path, arch=f"{arch}:ConvBN")
     assert isinstance(loaded.module, ConvBN)
     assert_same_tensors(loaded.module.state_dict(), sd)
@@ -236,7 +245,8 @@ def test_torchscript_ignores_arch(tmp_path, model):
     assert isinstance(loaded.module, torch.jit.ScriptModule)
     assert loaded.arch is None
     assert loaded.notes == [
-        "--arch torchvision:resnet18 ignored: the file carries its architecture"]
+        "--arch torchvision:resnet18 ignored: the file carries its architecture"
+    ]
 
 
 def test_torch_export_round_trip(exported_archive):
@@ -284,8 +294,12 @@ def test_onnx_round_trip_keeps_batchnorm(tmp_path, model):
     """An ONNX export (saved as .bin) loads as ONNX with its BatchNormalization node intact."""
     path = tmp_path / "model.bin"
     torch.onnx.export(
-        model, (torch.randn(1, 3, 8, 8),), str(path), dynamo=False,
-        do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE,
+        model,
+        (torch.randn(1, 3, 8, 8),),
+        str(path),
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
     )
     digest = sha(path)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
@@ -369,8 +383,10 @@ def test_arch_mismatch_lists_missing_unexpected_and_shapes(resnet_files):
     message = info.value.message
     assert "1 missing: layer1.0.bn1.running_var" in message
     assert "1 unexpected: extra.weight" in message
-    assert "2 shape mismatch (file vs arch): fc.weight (10, 512) vs (1000, 512), " \
-           "fc.bias (10,) vs (1000,)" in message
+    assert (
+        "2 shape mismatch (file vs arch): fc.weight (10, 512) vs (1000, 512), "
+        "fc.bias (10,) vs (1000,)" in message
+    )
     assert info.value.path == bad
     assert isinstance(info.value, BnfoldError)
 
@@ -499,10 +515,12 @@ def test_export_archive_torch_rejects(exported_archive, tmp_path):
         load_model(path)
 
 
-@pytest.mark.parametrize(("kind", "stride"), [("torch_save", 13), ("torchscript", 29),
-                                              ("torch_export", 61)])
-def test_bit_flips_anywhere_never_escape_as_other_errors(tmp_path, model, exported_archive,
-                                                         kind, stride):
+@pytest.mark.parametrize(
+    ("kind", "stride"), [("torch_save", 13), ("torchscript", 29), ("torch_export", 61)]
+)
+def test_bit_flips_anywhere_never_escape_as_other_errors(
+    tmp_path, model, exported_archive, kind, stride
+):
     """Flipping one bit at any of many offsets either still loads or raises a LoadError."""
     source = tmp_path / "full.pt"
     if kind == "torch_save":
@@ -519,7 +537,7 @@ def test_bit_flips_anywhere_never_escape_as_other_errors(tmp_path, model, export
             assert isinstance(load_model(path), LoadedModel)
         except LoadError:
             pass
-        except Exception as e:  # collected and reported below
+        except Exception as e:  # noqa: BLE001 - collected and reported below
             escaped.append((offset, f"{type(e).__name__}: {e}"[:120]))
     assert escaped == [], escaped
 

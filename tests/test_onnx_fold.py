@@ -26,20 +26,26 @@ def bn_node(x: str, y: str, c: int, prefix: str = "bn", eps: float = 1e-5):
         init(f"{prefix}.mean", RNG.normal(size=c)),
         init(f"{prefix}.var", RNG.uniform(0.2, 3.0, c)),
     ]
-    node = helper.make_node("BatchNormalization", [x, *(i.name for i in inits)], [y],
-                            name=prefix, epsilon=eps)
+    node = helper.make_node(
+        "BatchNormalization", [x, *(i.name for i in inits)], [y], name=prefix, epsilon=eps
+    )
     return node, inits
 
 
 def model(nodes, inits, x_shape, y_shape, name="m") -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes, name,
+        nodes,
+        name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
         initializer=inits,
     )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                          producer_name="bnfold-tests", ir_version=8)
+    m = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17)],
+        producer_name="bnfold-tests",
+        ir_version=8,
+    )
     m.metadata_props.append(onnx.StringStringEntryProto(key="owner", value="tests"))
     onnx.checker.check_model(m, full_check=True)
     return m
@@ -48,8 +54,7 @@ def model(nodes, inits, x_shape, y_shape, name="m") -> onnx.ModelProto:
 def run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(m.SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
 
@@ -93,12 +98,12 @@ def test_conv_producer(group, bias):
 def test_conv_transpose_producer_with_groups(group):
     """ConvTranspose with group > 1 folds with the grouped output-channel layout."""
     w = init("w", RNG.normal(size=(6, 2, 2, 2)))  # C_in=6, C_out = 2 * group
-    convt = helper.make_node("ConvTranspose", ["x", "w"], ["h"], name="convt", group=group,
-                             strides=[2, 2])
+    convt = helper.make_node(
+        "ConvTranspose", ["x", "w"], ["h"], name="convt", group=group, strides=[2, 2]
+    )
     bn, bn_inits = bn_node("h", "y", 2 * group)
     m = model([convt, bn], [w, *bn_inits], [1, 6, 3, 3], [1, 2 * group, 6, 6])
-    check_folded(m, RNG.normal(size=(1, 6, 3, 3)).astype(np.float32), "convtranspose_bn",
-                 "convt")
+    check_folded(m, RNG.normal(size=(1, 6, 3, 3)).astype(np.float32), "convtranspose_bn", "convt")
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
@@ -111,8 +116,7 @@ def test_gemm_producer(trans_b, with_c):
     if with_c:
         inits.append(init("c", RNG.normal(size=7)))
         inputs.append("c")
-    gemm = helper.make_node("Gemm", inputs, ["h"], name="gemm", transB=trans_b, alpha=0.5,
-                            beta=2.0)
+    gemm = helper.make_node("Gemm", inputs, ["h"], name="gemm", transB=trans_b, alpha=0.5, beta=2.0)
     bn, bn_inits = bn_node("h", "y", 7)
     m = model([gemm, bn], inits + bn_inits, [3, 5], [3, 7])
     check_folded(m, RNG.normal(size=(3, 5)).astype(np.float32), "linear_bn", "gemm")
@@ -130,15 +134,23 @@ def test_matmul_producer(with_add):
         last = "h"
     bn, bn_inits = bn_node(last, "y", 4)
     m = model([*nodes, bn], inits + bn_inits, [3, 5], [3, 4])
-    check_folded(m, RNG.normal(size=(3, 5)).astype(np.float32), "linear_bn", "matmul",
-                 extra_nodes=0 if with_add else 1)
+    check_folded(
+        m,
+        RNG.normal(size=(3, 5)).astype(np.float32),
+        "linear_bn",
+        "matmul",
+        extra_nodes=0 if with_add else 1,
+    )
 
 
 def test_levit_tokens_through_reshape():
     """MatMul on (B, N, C) -> Reshape (B*N, C) -> BN -> Reshape back folds (LeViT)."""
-    inits = [init("w", RNG.normal(size=(8, 6))), init("b", RNG.normal(size=6)),
-             numpy_helper.from_array(np.array([-1, 6], np.int64), "flat"),
-             numpy_helper.from_array(np.array([2, 5, 6], np.int64), "back")]
+    inits = [
+        init("w", RNG.normal(size=(8, 6))),
+        init("b", RNG.normal(size=6)),
+        numpy_helper.from_array(np.array([-1, 6], np.int64), "flat"),
+        numpy_helper.from_array(np.array([2, 5, 6], np.int64), "back"),
+    ]
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["mm"], name="matmul"),
         helper.make_node("Add", ["mm", "b"], ["h"], name="add"),
@@ -154,8 +166,12 @@ def test_bn_before_unpadded_conv_folds_forward():
     """BN -> Conv without padding folds into the Conv's input side."""
     bn, bn_inits = bn_node("x", "n", 4)
     conv = helper.make_node("Conv", ["n", "w"], ["y"], name="conv", group=2)
-    m = model([bn, conv], [init("w", RNG.normal(size=(6, 2, 3, 3))), *bn_inits],
-              [1, 4, 6, 6], [1, 6, 4, 4])
+    m = model(
+        [bn, conv],
+        [init("w", RNG.normal(size=(6, 2, 3, 3))), *bn_inits],
+        [1, 4, 6, 6],
+        [1, 6, 4, 4],
+    )
     out = check_folded(m, RNG.normal(size=(1, 4, 6, 6)).astype(np.float32), "bn_conv", "conv")
     assert out.decisions[0].direction.value == "forward"
 
@@ -164,8 +180,12 @@ def test_bn_before_padded_conv_stays():
     """BN -> Conv with zero padding stays with reason zero_padding."""
     bn, bn_inits = bn_node("x", "n", 4)
     conv = helper.make_node("Conv", ["n", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
-    m = model([bn, conv], [init("w", RNG.normal(size=(6, 4, 3, 3))), *bn_inits],
-              [1, 4, 6, 6], [1, 6, 6, 6])
+    m = model(
+        [bn, conv],
+        [init("w", RNG.normal(size=(6, 4, 3, 3))), *bn_inits],
+        [1, 4, 6, 6],
+        [1, 6, 6, 6],
+    )
     (d,) = fold_onnx(m).decisions
     assert d.reason is Reason.ZERO_PADDING
 
@@ -174,8 +194,12 @@ def test_bn_before_gemm_folds_forward():
     """BN over features -> Gemm folds into the Gemm (a BNNeck before a classifier)."""
     bn, bn_inits = bn_node("x", "n", 5)
     gemm = helper.make_node("Gemm", ["n", "w", "c"], ["y"], name="fc", transB=1)
-    m = model([bn, gemm], [init("w", RNG.normal(size=(3, 5))), init("c", RNG.normal(size=3)),
-                           *bn_inits], [4, 5], [4, 3])
+    m = model(
+        [bn, gemm],
+        [init("w", RNG.normal(size=(3, 5))), init("c", RNG.normal(size=3)), *bn_inits],
+        [4, 5],
+        [4, 3],
+    )
     check_folded(m, RNG.normal(size=(4, 5)).astype(np.float32), "bn_linear", "fc")
 
 
@@ -197,8 +221,12 @@ def test_training_mode_and_non_constant_stay():
     """training_mode=1 and statistics that are graph inputs are reported, not folded."""
     bn, bn_inits = bn_node("h", "y", 4)
     conv = helper.make_node("Conv", ["x", "w"], ["h"], name="conv")
-    m = model([conv, bn], [init("w", RNG.normal(size=(4, 3, 1, 1))), *bn_inits],
-              [1, 3, 2, 2], [1, 4, 2, 2])
+    m = model(
+        [conv, bn],
+        [init("w", RNG.normal(size=(4, 3, 1, 1))), *bn_inits],
+        [1, 3, 2, 2],
+        [1, 4, 2, 2],
+    )
     m.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
     assert fold_onnx(m).decisions[0].reason is Reason.TRAIN_MODE
     m.graph.node[1].attribute.pop()
@@ -218,8 +246,7 @@ def test_cli_fuses_an_onnx_file(tmp_path):
 
     source = Path(__file__).resolve().parent.parent / "sample_models" / "tokennet.onnx"
     out = tmp_path / "folded.onnx"
-    result = CliRunner().invoke(app, ["fuse", str(source), "--out", str(out), "--format",
-                                      "json"])
+    result = CliRunner().invoke(app, ["fuse", str(source), "--out", str(out), "--format", "json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["format"] == "onnx"

@@ -43,9 +43,9 @@ def build(name: str) -> nn.Module:
 def bn_left_in_graph(gm: torch.fx.GraphModule) -> int:
     n = 0
     for node in gm.graph.nodes:
-        if node.op == "call_module" and is_bn_module(gm.get_submodule(node.target)):
-            n += 1
-        elif node.op == "call_function" and "batch_norm" in str(node.target):
+        if (node.op == "call_module" and is_bn_module(gm.get_submodule(node.target))) or (
+            node.op == "call_function" and "batch_norm" in str(node.target)
+        ):
             n += 1
     return n
 
@@ -70,13 +70,16 @@ def dynamo_left(model: nn.Module, x: torch.Tensor, path) -> int:
     return sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
 
 
-@pytest.mark.parametrize("name", [
-    "torchvision:resnet18",
-    "torchvision:mobilenet_v3_small",
-    "torchvision:densenet121",
-    "timm:levit_128s",
-    "timm:efficientnet_b0",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "torchvision:resnet18",
+        "torchvision:mobilenet_v3_small",
+        "torchvision:densenet121",
+        "timm:levit_128s",
+        "timm:efficientnet_b0",
+    ],
+)
 def test_bnfold_folds_at_least_as_much_as_its_peers(name, tmp_path):
     """BN left by bnfold <= the best of torch.fx fuse and the dynamo exporter; output exact."""
     model = build(name)
@@ -86,8 +89,11 @@ def test_bnfold_folds_at_least_as_much_as_its_peers(name, tmp_path):
     outcome = fold_graph(gm, model, shapes_known=True)
     ours = bn_left_in_graph(outcome.module)
     assert ours == sum(not d.folded for d in outcome.decisions)
-    peers = [n for n in (fx_fuse_left(model, x), dynamo_left(model, x, tmp_path / "p.onnx"))
-             if n is not None]
+    peers = [
+        n
+        for n in (fx_fuse_left(model, x), dynamo_left(model, x, tmp_path / "p.onnx"))
+        if n is not None
+    ]
     assert peers, "no peer could process the model"
     assert ours <= min(peers), (ours, peers)
     with torch.no_grad():
@@ -107,9 +113,21 @@ def test_resnet18_state_dict_end_to_end(tmp_path):
     weights = tmp_path / "resnet18.pth"
     torch.save(build("torchvision:resnet18").state_dict(), weights)
     out = tmp_path / "r18.onnx"
-    result = CliRunner().invoke(app, ["fuse", str(weights), "--arch", "torchvision:resnet18",
-                                      "--input-shape", "1,3,224,224", "--out", str(out),
-                                      "--format", "json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "fuse",
+            str(weights),
+            "--arch",
+            "torchvision:resnet18",
+            "--input-shape",
+            "1,3,224,224",
+            "--out",
+            str(out),
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert len(report["folded"]) == 20

@@ -23,8 +23,18 @@ from tests.models import randomize_all
 PATH = Path("model.pt")
 
 
-def make_bn(mean, var, gamma=None, beta=None, *, nbt=10, eps=1e-5, momentum=0.1,
-            cls=nn.BatchNorm2d, **kwargs) -> nn.Module:
+def make_bn(
+    mean,
+    var,
+    gamma=None,
+    beta=None,
+    *,
+    nbt=10,
+    eps=1e-5,
+    momentum=0.1,
+    cls=nn.BatchNorm2d,
+    **kwargs,
+) -> nn.Module:
     """A BN layer in eval mode holding exactly these statistics."""
     c = len(mean)
     bn = cls(c, eps=eps, momentum=momentum, **kwargs)
@@ -50,13 +60,15 @@ class Wrap(nn.Module):
 
 
 def inspect_module(model: nn.Module, thresholds: Thresholds | None = None) -> InspectReport:
-    loaded = LoadedModel(PATH, ModelFormat.PICKLED_MODULE, state_dict=dict(model.state_dict()),
-                         module=model)
+    loaded = LoadedModel(
+        PATH, ModelFormat.PICKLED_MODULE, state_dict=dict(model.state_dict()), module=model
+    )
     return inspect_model(loaded, thresholds)
 
 
-def inspect_state_dict(sd: dict[str, torch.Tensor],
-                       thresholds: Thresholds | None = None) -> InspectReport:
+def inspect_state_dict(
+    sd: dict[str, torch.Tensor], thresholds: Thresholds | None = None
+) -> InspectReport:
     return inspect_model(LoadedModel(PATH, ModelFormat.STATE_DICT, state_dict=sd), thresholds)
 
 
@@ -151,32 +163,56 @@ def _train(bn: nn.Module) -> nn.Module:
 TRIGGERS = {
     # code: (layer, the message must contain, other codes allowed to fire with it)
     "stale_stats/never_tracked": (
-        lambda: make_bn([0.5, -1.0], [1.0, 2.0], nbt=0), "num_batches_tracked is 0", set()),
+        lambda: make_bn([0.5, -1.0], [1.0, 2.0], nbt=0),
+        "num_batches_tracked is 0",
+        set(),
+    ),
     "stale_stats/initial_values": (
-        lambda: make_bn([0.0, 0.0], [1.0, 1.0], nbt=5), "running_mean is all 0", set()),
+        lambda: make_bn([0.0, 0.0], [1.0, 1.0], nbt=5),
+        "running_mean is all 0",
+        set(),
+    ),
     "dead_channels": (
         lambda: make_bn([0.5, -1.0, 0.0], [1.0, 2.0, 1.0], [1.0, 0.0005, -0.0009]),
-        "2 of 3 channels have |gamma| < 0.001", set()),
+        "2 of 3 channels have |gamma| < 0.001",
+        set(),
+    ),
     "tiny_variance": (
-        lambda: make_bn([0.5, -1.0], [5e-5, 5e-5], nbt=3), "2 channels have running_var+eps",
-        set()),
+        lambda: make_bn([0.5, -1.0], [5e-5, 5e-5], nbt=3),
+        "2 channels have running_var+eps",
+        set(),
+    ),
     "large_scale_spread": (
-        lambda: make_bn([0.5, -1.0], [1.0, 1.0], [1.0, 200.0]), "fold scales span 200x", set()),
+        lambda: make_bn([0.5, -1.0], [1.0, 1.0], [1.0, 200.0]),
+        "fold scales span 200x",
+        set(),
+    ),
     "nonfinite/nan_mean": (
-        lambda: make_bn([0.5, float("nan")], [1.0, 1.0]), "1 NaN/Inf values", set()),
+        lambda: make_bn([0.5, float("nan")], [1.0, 1.0]),
+        "1 NaN/Inf values",
+        set(),
+    ),
     "nonfinite/inf_var": (
-        lambda: make_bn([0.5, 1.0], [1.0, float("inf")]), "1 NaN/Inf values", set()),
+        lambda: make_bn([0.5, 1.0], [1.0, float("inf")]),
+        "1 NaN/Inf values",
+        set(),
+    ),
     "nonfinite/nan_gamma": (
-        lambda: make_bn([0.5, 1.0], [1.0, 2.0], [float("nan"), float("nan")]), "2 NaN/Inf values",
-        set()),
+        lambda: make_bn([0.5, 1.0], [1.0, 2.0], [float("nan"), float("nan")]),
+        "2 NaN/Inf values",
+        set(),
+    ),
     "negative_variance": (
-        lambda: make_bn([0.5, 1.0], [1.0, -0.5]), "1 channels have running_var < 0",
-        {"tiny_variance"}),
-    "train_mode": (
-        lambda: _train(make_bn([0.5, -1.0], [1.0, 2.0])), "training mode", set()),
+        lambda: make_bn([0.5, 1.0], [1.0, -0.5]),
+        "1 channels have running_var < 0",
+        {"tiny_variance"},
+    ),
+    "train_mode": (lambda: _train(make_bn([0.5, -1.0], [1.0, 2.0])), "training mode", set()),
     "no_running_stats": (
-        lambda: nn.BatchNorm2d(2, track_running_stats=False).eval(), "no running statistics",
-        set()),
+        lambda: nn.BatchNorm2d(2, track_running_stats=False).eval(),
+        "no running statistics",
+        set(),
+    ),
 }
 
 
@@ -201,8 +237,12 @@ def test_codes_cover_every_trigger():
 
 def test_stale_stats_from_state_dict_without_counter():
     """FrozenBatchNorm-style keys (no num_batches_tracked) at 0/1: the second stale variant."""
-    sd = {"bn.weight": torch.ones(3), "bn.bias": torch.zeros(3),
-          "bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3)}
+    sd = {
+        "bn.weight": torch.ones(3),
+        "bn.bias": torch.zeros(3),
+        "bn.running_mean": torch.zeros(3),
+        "bn.running_var": torch.ones(3),
+    }
     layer = only_layer(inspect_state_dict(sd))
     assert layer.warnings == ("stale_stats",)
     assert "running_mean is all 0" in layer.diagnostics[0].message
@@ -216,8 +256,9 @@ def test_dead_channels_do_not_count_towards_scale_spread():
 
 def test_thresholds_override_makes_codes_fire():
     """Raising thresholds makes the healthy layer dead, tiny-variance and widely spread."""
-    th = Thresholds().with_overrides({"dead_gamma": 0.6, "tiny_variance": 0.3,
-                                      "scale_spread": 1.05})
+    th = Thresholds().with_overrides(
+        {"dead_gamma": 0.6, "tiny_variance": 0.3, "scale_spread": 1.05}
+    )
     layer = only_layer(inspect_module(Wrap(make_bn(**HEALTHY)), th))
     assert set(layer.warnings) == {"dead_channels", "tiny_variance", "large_scale_spread"}
     messages = {d.code: d.message for d in layer.diagnostics}
@@ -257,16 +298,30 @@ def test_thresholds_recorded_in_report():
 def test_layer_report_from_hand_made_record():
     """layer_report on a BNRecord built by hand: spreads from the arrays, codes from diagnose."""
     rec = BNRecord(
-        name="head.bn", kind="BatchNorm1d", channels=2, eps=0.0, momentum=None,
-        affine=True, track_running_stats=True, num_batches_tracked=4, training=False,
-        mean=np.array([1.0, 3.0]), var=np.array([4.0, 16.0]), gamma=np.array([2.0, 0.0]),
-        beta=np.array([0.0, 1.0]), reason="no_foldable_neighbour", reason_detail="x",
+        name="head.bn",
+        kind="BatchNorm1d",
+        channels=2,
+        eps=0.0,
+        momentum=None,
+        affine=True,
+        track_running_stats=True,
+        num_batches_tracked=4,
+        training=False,
+        mean=np.array([1.0, 3.0]),
+        var=np.array([4.0, 16.0]),
+        gamma=np.array([2.0, 0.0]),
+        beta=np.array([0.0, 1.0]),
+        reason="no_foldable_neighbour",
+        reason_detail="x",
     )
     layer = layer_report(rec, Thresholds())
     assert layer.fold_scale == Spread(0.0, 0.5, 1.0)  # 2/2 and 0/4
     assert layer.warnings == ("dead_channels",)
-    assert (layer.reason, layer.reason_detail, layer.fold_into) == ("no_foldable_neighbour", "x",
-                                                                    None)
+    assert (layer.reason, layer.reason_detail, layer.fold_into) == (
+        "no_foldable_neighbour",
+        "x",
+        None,
+    )
 
 
 # --------------------------------------------------------------------------- state_dict grouping
@@ -278,21 +333,30 @@ def test_state_dict_grouping_finds_bn_by_running_buffers():
     sd = {
         "stem.conv.weight": torch.randn(4, 3, 3, 3, generator=g),
         "stem.conv.bias": torch.randn(4, generator=g),
-        "stem.bn.weight": torch.ones(4), "stem.bn.bias": torch.zeros(4),
-        "stem.bn.running_mean": torch.full((4,), 0.5), "stem.bn.running_var": torch.full((4,), 2.0),
+        "stem.bn.weight": torch.ones(4),
+        "stem.bn.bias": torch.zeros(4),
+        "stem.bn.running_mean": torch.full((4,), 0.5),
+        "stem.bn.running_var": torch.full((4,), 2.0),
         "stem.bn.num_batches_tracked": torch.tensor(9),
-        "frozen.weight": torch.ones(6), "frozen.bias": torch.zeros(6),
-        "frozen.running_mean": torch.full((6,), 0.25), "frozen.running_var": torch.full((6,), 4.0),
+        "frozen.weight": torch.ones(6),
+        "frozen.bias": torch.zeros(6),
+        "frozen.running_mean": torch.full((6,), 0.25),
+        "frozen.running_var": torch.full((6,), 4.0),
         "odd.running_mean": torch.zeros(5),  # no running_var: not a BN
-        "head.weight": torch.randn(2, 6, generator=g), "head.bias": torch.zeros(2),
-        "plain.running_mean": torch.full((3,), 1.0), "plain.running_var": torch.full((3,), 9.0),
+        "head.weight": torch.randn(2, 6, generator=g),
+        "head.bias": torch.zeros(2),
+        "plain.running_mean": torch.full((3,), 1.0),
+        "plain.running_var": torch.full((3,), 9.0),
     }
     report = inspect_state_dict(sd)
     assert [layer.name for layer in report.layers] == ["stem.bn", "frozen", "plain"]
     stem, frozen, plain = report.layers
     assert (stem.kind, stem.channels, stem.num_batches_tracked) == ("BatchNorm", 4, 9)
     assert (frozen.kind, frozen.channels, frozen.num_batches_tracked) == (
-        "BatchNorm (no num_batches_tracked)", 6, None)
+        "BatchNorm (no num_batches_tracked)",
+        6,
+        None,
+    )
     assert frozen.running_var == Spread(4.0, 4.0, 4.0)
     assert (plain.affine, plain.gamma, plain.channels) == (False, None, 3)
     assert plain.fold_scale.min == pytest.approx(1 / math.sqrt(9.0 + 1e-5), rel=1e-12)
@@ -390,8 +454,9 @@ def test_module_layers_in_data_flow_order_with_fold_targets():
     report = inspect_module(randomize_all(Order()))
     assert report.order == "data-flow"
     assert report.architecture_known is True
-    assert [(layer.name, layer.fold_into, layer.fold_direction, layer.reason)
-            for layer in report.layers] == [
+    assert [
+        (layer.name, layer.fold_into, layer.fold_direction, layer.reason) for layer in report.layers
+    ] == [
         ("bn_early", "conv_a", "backward", None),
         ("bn_late", "conv_b", "backward", None),
     ]
@@ -419,7 +484,9 @@ def test_bn_never_called_is_reported():
     """A BN module the forward never calls stays with reason not_called, after the others."""
     report = inspect_module(randomize_all(Unused()))
     assert [(layer.name, layer.fold_into, layer.reason) for layer in report.layers] == [
-        ("bn", "conv", None), ("spare", None, "not_called")]
+        ("bn", "conv", None),
+        ("spare", None, "not_called"),
+    ]
 
 
 def test_train_mode_bn_does_not_fold():
@@ -429,7 +496,11 @@ def test_train_mode_bn_does_not_fold():
     report = inspect_module(model)
     early, late = report.layers
     assert (early.name, early.fold_into, early.reason, early.warnings) == (
-        "bn_early", None, "train_mode", ("train_mode",))
+        "bn_early",
+        None,
+        "train_mode",
+        ("train_mode",),
+    )
     assert (late.name, late.fold_into) == ("bn_late", "conv_b")
     assert report.summary.foldable == 1
     assert report.summary.warnings_by_code == {"train_mode": 1}
@@ -457,7 +528,11 @@ def test_frozen_batchnorm_module_folds():
     report = inspect_module(model)
     layer = only_layer(report)
     assert (layer.name, layer.kind, layer.fold_into, layer.num_batches_tracked) == (
-        "1", "FrozenBatchNorm2d", "0", None)
+        "1",
+        "FrozenBatchNorm2d",
+        "0",
+        None,
+    )
     assert layer.running_var == Spread(0.5, 1.5, 4.0)
     assert report.summary.bias_params_added == 4  # the bias-less conv gains one
 
@@ -498,8 +573,11 @@ def test_summary_warnings_by_code_in_code_order():
             return self.c(self.b(self.a(x)))
 
     report = inspect_module(Three())
-    assert report.summary.warnings_by_code == {"stale_stats": 1, "dead_channels": 2,
-                                               "train_mode": 1}
+    assert report.summary.warnings_by_code == {
+        "stale_stats": 1,
+        "dead_channels": 2,
+        "train_mode": 1,
+    }
     assert list(report.summary.warnings_by_code) == ["stale_stats", "dead_channels", "train_mode"]
     assert report.summary.foldable == 0
 

@@ -42,8 +42,12 @@ def test_correct_fold_passes_with_default_tolerances(tmp_path):
     model = small_cnn()
     x = torch.randn(2, 3, 16, 16)
     out = folded_export(model, x, tmp_path / "m.onnx")
-    v = verify_onnx(model, tmp_path / "m.onnx", random_batches([(2, 3, 16, 16)], "float32", 3),
-                    folded=out.module)
+    v = verify_onnx(
+        model,
+        tmp_path / "m.onnx",
+        random_batches([(2, 3, 16, 16)], "float32", 3),
+        folded=out.module,
+    )
     assert v.passed
     assert v.max_rel_error < 1e-5
     assert (v.atol, v.rtol) == (1e-6, 1e-5)
@@ -94,8 +98,9 @@ def test_multi_output_models_are_compared_per_output(tmp_path, as_dict):
     model = randomize_all(TwoHeads(as_dict))
     x = torch.randn(2, 3, 6, 6)
     out = folded_export(model, x, tmp_path / "m.onnx")
-    v = verify_onnx(model, tmp_path / "m.onnx", random_batches([(2, 3, 6, 6)], "float32", 2),
-                    folded=out.module)
+    v = verify_onnx(
+        model, tmp_path / "m.onnx", random_batches([(2, 3, 6, 6)], "float32", 2), folded=out.module
+    )
     assert v.passed
     assert [o.shape for o in v.outputs] == [(2, 2), (2, 3)]
     if as_dict:

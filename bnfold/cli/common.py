@@ -114,7 +114,9 @@ def parse_thresholds(items: list[str] | None) -> dict[str, float]:
 
 # Options shared by the commands that load a PyTorch model.
 ARCH = typer.Option(
-    None, "--arch", metavar="SPEC",
+    None,
+    "--arch",
+    metavar="SPEC",
     help="Architecture for a bare state_dict: package.module:callable, path/file.py:callable, "
     "torchvision:NAME or timm:NAME.",
 )
@@ -122,12 +124,15 @@ ARCH_KWARGS = typer.Option(
     None, "--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object."
 )
 TRUST_PICKLE = typer.Option(
-    False, "--trust-pickle",
+    False,
+    "--trust-pickle",
     help="Allow unpickling whole Python objects (runs code from the file). Only for files "
     "you trust.",
 )
 INPUT_SHAPE = typer.Option(
-    None, "--input-shape", metavar="N,C,H,W",
+    None,
+    "--input-shape",
+    metavar="N,C,H,W",
     help="Input shape, e.g. 1,3,224,224; repeat for several inputs. Inferred when the first "
     "layer decides it.",
 )

@@ -43,12 +43,17 @@ def fuse_command(
     ),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (exporter default)."),
     exporter: Exporter = typer.Option(Exporter.dynamo, "--exporter", help="ONNX exporter."),
-    static_batch: bool = typer.Option(False, "--static-batch",
-                                      help="Do not make the batch axis dynamic."),
-    atol: float | None = typer.Option(None, "--atol", help="Absolute tolerance (1e-6 for "
-                                      "float32)."),
-    rtol: float | None = typer.Option(None, "--rtol", help="Tolerance relative to the output's "
-                                      "largest magnitude (1e-5 for float32)."),
+    static_batch: bool = typer.Option(
+        False, "--static-batch", help="Do not make the batch axis dynamic."
+    ),
+    atol: float | None = typer.Option(
+        None, "--atol", help="Absolute tolerance (1e-6 for float32)."
+    ),
+    rtol: float | None = typer.Option(
+        None,
+        "--rtol",
+        help="Tolerance relative to the output's largest magnitude (1e-5 for float32).",
+    ),
     save_torch: Path | None = typer.Option(
         None, "--save-torch", help="Also save the folded PyTorch model (a torch.export .pt2)."
     ),

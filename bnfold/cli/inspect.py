@@ -23,15 +23,20 @@ from bnfold.cli.common import (
 
 @handle_errors
 def inspect_command(
-    model: Path = typer.Argument(..., help="Model file: torch.save, TorchScript, .pt2, "
-                                 "safetensors or ONNX (detected from the content)."),
+    model: Path = typer.Argument(
+        ...,
+        help="Model file: torch.save, TorchScript, .pt2, "
+        "safetensors or ONNX (detected from the content).",
+    ),
     arch: str | None = ARCH,
     arch_kwargs: str | None = ARCH_KWARGS,
     trust_pickle: bool = TRUST_PICKLE,
     input_shape: list[str] | None = INPUT_SHAPE,
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
     threshold: list[str] | None = typer.Option(
-        None, "--threshold", metavar="NAME=VALUE",
+        None,
+        "--threshold",
+        metavar="NAME=VALUE",
         help="Override a diagnostic threshold: dead_gamma (1e-3), tiny_variance (1e-4), "
         "scale_spread (100).",
     ),
