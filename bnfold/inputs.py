@@ -125,7 +125,7 @@ def onnx_batches(
     inputs = [i for i in graph.input if i.name not in inits]
     if shapes and len(shapes) != len(inputs):
         raise BnfoldError(f"the model has {len(inputs)} inputs, --input-shape gave {len(shapes)}")
-    specs = []
+    specs: list[tuple[list[int], np.dtype]] = []
     for k, value in enumerate(inputs):
         t = value.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
@@ -146,13 +146,13 @@ def onnx_batches(
     out = []
     for _ in range(count):
         batch = []
-        for dims, dtype in specs:
+        for size, dtype in specs:
             if np.issubdtype(dtype, np.floating):
-                array = gen.standard_normal(dims).astype(dtype)
+                array = gen.standard_normal(size).astype(dtype)
             elif dtype == np.bool_:
-                array = gen.integers(0, 2, dims).astype(bool)
+                array = gen.integers(0, 2, size).astype(bool)
             else:
-                array = gen.integers(0, 10, dims).astype(dtype)
+                array = gen.integers(0, 10, size).astype(dtype)
             batch.append(torch.from_numpy(array))
         out.append(batch)
     return out
