@@ -69,25 +69,26 @@ def fold_backward(
     kind: FoldKind,
     groups: int = 1,
     dtype: torch.dtype = torch.float64,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``s * y + t`` into the layer producing ``y``; returns (W', b') in ``dtype``.
 
-    The product is computed in float64 (``s`` is float64, so torch promotes) and written
-    straight into a ``dtype`` tensor: one pass over the weights, one rounding.
+    The weights are widened to float64 (a copy, also when they already are float64;
+    into ``scratch`` when given, a reusable float64 buffer that saves the allocation),
+    scaled in place and rounded once to ``dtype``.
     """
-    w = weight.detach()
+    w = _widen(weight, scratch)
     extra = [1] * (w.dim() - 2)
-    out = torch.empty(w.shape, dtype=dtype)
     if kind in (FoldKind.CONV_OUT, FoldKind.LINEAR_OUT):
-        torch.mul(w, s.reshape(-1, 1, *extra), out=out)
+        w.mul_(s.reshape(-1, 1, *extra))
     elif kind is FoldKind.CONVT_OUT:
         c_in, c_out_g = w.shape[0], w.shape[1]
         grouped = (groups, c_in // groups, c_out_g, *w.shape[2:])
-        torch.mul(w.reshape(grouped), s.reshape(groups, 1, c_out_g, *extra), out=out.view(grouped))
+        w.view(grouped).mul_(s.reshape(groups, 1, c_out_g, *extra))
     else:
         raise ValueError(f"{kind} is not a backward fold")
     b = t.clone() if bias is None else bias.detach().to(torch.float64) * s + t
-    return out, b.to(dtype)
+    return w.to(dtype), b.to(dtype)
 
 
 def fold_forward(
@@ -98,24 +99,32 @@ def fold_forward(
     kind: FoldKind,
     groups: int = 1,
     dtype: torch.dtype = torch.float64,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``s * x + t`` into the layer consuming it; ``s``/``t`` are per input feature."""
-    w = weight.detach()
-    c_out = w.shape[0]
+    w64 = _widen(weight, scratch)
+    c_out = w64.shape[0]
     b = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
-    out = torch.empty(w.shape, dtype=dtype)
     if kind is FoldKind.LINEAR_IN:
-        torch.mul(w, s.reshape(1, -1), out=out)
-        return out, (b + w.to(torch.float64) @ t).to(dtype)
+        shift = w64 @ t
+        return w64.mul_(s.reshape(1, -1)).to(dtype), (b + shift).to(dtype)
     if kind is not FoldKind.CONV_IN:
         raise ValueError(f"{kind} is not a forward fold")
-    c_in_g = w.shape[1]
-    extra = [1] * (w.dim() - 2)
-    grouped = (groups, c_out // groups, c_in_g, *w.shape[2:])
-    torch.mul(w.reshape(grouped), s.reshape(groups, 1, c_in_g, *extra), out=out.view(grouped))
-    summed = w.reshape(groups, c_out // groups, c_in_g, -1).sum(dim=-1, dtype=torch.float64)
+    c_in_g = w64.shape[1]
+    extra = [1] * (w64.dim() - 2)
+    grouped = (groups, c_out // groups, c_in_g, *w64.shape[2:])
+    summed = w64.reshape(groups, c_out // groups, c_in_g, -1).sum(dim=-1)
     shift = torch.einsum("goi,gi->go", summed, t.reshape(groups, c_in_g)).reshape(c_out)
-    return out, (b + shift).to(dtype)
+    w64.view(grouped).mul_(s.reshape(groups, 1, c_in_g, *extra))
+    return w64.to(dtype), (b + shift).to(dtype)
+
+
+def _widen(weight: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """A float64 copy of ``weight`` (never the caller's tensor itself)."""
+    if scratch is not None and scratch.numel() >= weight.numel():
+        out = scratch[: weight.numel()].view(weight.shape)
+        return out.copy_(weight.detach())
+    return weight.detach().to(torch.float64, copy=True)
 
 
 def cast(value: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:

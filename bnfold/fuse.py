@@ -100,6 +100,7 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
     decisions: list[Decision] = []
     erased: set[fx.Node] = set()
     copies = Counter[str]()
+    scratch = torch.empty(0, dtype=torch.float64)
     for node in list(gm.graph.nodes):
         if node in erased:
             continue
@@ -122,7 +123,7 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
                 decisions.append(_kept(site, back, fwd))
                 continue
         try:
-            into = _apply(gm, site, plan, calls, protected, copies)
+            into = _apply(gm, site, plan, calls, protected, copies, scratch)
         except _Declined as e:
             decisions.append(
                 Decision(site.name, site.kind, reason=e.reason, detail=e.detail, site=site)
@@ -345,6 +346,7 @@ def _apply(
     calls: Counter[int],
     protected: set[int],
     copies: Counter[str],
+    scratch: torch.Tensor,
 ) -> str:
     layer = plan.layer
     groups = int(getattr(layer, "groups", 1))
@@ -352,7 +354,10 @@ def _apply(
         folding.fold_backward if plan.rule.direction is Direction.BACKWARD else folding.fold_forward
     )
     dtype = layer.weight.dtype  # type: ignore[union-attr]
-    w, b = fold(layer.weight, layer.bias, plan.s, plan.t, plan.rule.kind, groups, dtype)  # type: ignore[arg-type]
+    n = layer.weight.numel()
+    if scratch.numel() < n:  # one float64 buffer, grown to the largest layer, for all folds
+        scratch.resize_(n)
+    w, b = fold(layer.weight, layer.bias, plan.s, plan.t, plan.rule.kind, groups, dtype, scratch)  # type: ignore[arg-type]
     if layer.bias is not None and layer.bias.dtype != dtype:  # type: ignore[union-attr]
         b = b.to(layer.bias.dtype)  # type: ignore[union-attr]
     if folding.overflowed(w, layer.weight) or folding.overflowed(b):  # type: ignore[arg-type]

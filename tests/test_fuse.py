@@ -474,16 +474,18 @@ def test_overflowing_fold_stays():
     assert only(out).reason is Reason.OVERFLOW
 
 
-def test_input_model_is_never_modified():
-    """Folding leaves every parameter and buffer of the input model as it was."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_input_model_is_never_modified(dtype):
+    """Folding leaves every parameter and buffer of the input model as it was; also in
+    float64, where widening the weights to float64 would not copy them."""
     model = randomize_all(
         nn.Sequential(
             nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
         )
-    )
+    ).to(dtype)
     before = state_fingerprint(model)
     modules_before = [type(m) for m in model.modules()]
-    fold(model, torch.randn(2, 3, 6, 6))
+    fold(model, torch.randn(2, 3, 6, 6, dtype=dtype))
     after = state_fingerprint(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
