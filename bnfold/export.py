@@ -19,9 +19,9 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 

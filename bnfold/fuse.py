@@ -354,7 +354,7 @@ def _apply(
         folding.fold_backward if plan.rule.direction is Direction.BACKWARD else folding.fold_forward
     )
     dtype = layer.weight.dtype  # type: ignore[union-attr]
-    n = layer.weight.numel()
+    n = layer.weight.numel()  # type: ignore[operator]
     if scratch.numel() < n:  # one float64 buffer, grown to the largest layer, for all folds
         scratch.resize_(n)
     w, b = fold(layer.weight, layer.bias, plan.s, plan.t, plan.rule.kind, groups, dtype, scratch)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ CLI exits 1).
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
@@ -130,10 +131,13 @@ def run_fuse(
         if not d.folded
     )
     report_kwargs: dict[str, Any] = {}
+    torch_out: str | None = None
     notes = list(loaded.notes)
     if opts.out is not None:
+        import torch
+
         from bnfold.export import atomic_output, export_onnx
-        from bnfold.verify import verify_onnx
+        from bnfold.verify import flatten_outputs, verify_onnx
 
         export_example = [_batch_of_two(t) for t in example] if opts.dynamic_batch else example
         with atomic_output(opts.out, force=opts.force) as tmp:
@@ -149,17 +153,27 @@ def run_fuse(
                 )
                 notes.extend(result.notes)
             lap("export")
-            with step("Verifying in onnxruntime"):
-                batches = random_batches(
-                    [tuple(t.shape) for t in example],
-                    opts.input_dtype,
-                    opts.verify_batches,
-                    seed=opts.seed + 1,
+            batches = random_batches(
+                [tuple(t.shape) for t in example],
+                opts.input_dtype,
+                opts.verify_batches,
+                seed=opts.seed + 1,
+            )
+            source = f"{opts.verify_batches} random (seeded)"
+            if real is not None:
+                batches = real + batches
+                source = f"{opts.inputs_npz} + {source}"
+            with torch.no_grad():
+                folded_first = [t for _, t in flatten_outputs(folded_model(*batches[0]))]
+            if opts.save_torch is not None:
+                torch_out = _save_torch(folded_model, example, opts)
+                notes.append(
+                    f"folded PyTorch model saved as a torch.export archive ({opts.save_torch})"
                 )
-                source = f"{opts.verify_batches} random (seeded)"
-                if real is not None:
-                    batches = real + batches
-                    source = f"{opts.inputs_npz} + {source}"
+            params_after = count_params(folded_model)
+            del folded_model, outcome, gm  # free the folded weights before verifying
+            gc.collect()
+            with step("Verifying in onnxruntime"):
                 verification = verify_onnx(
                     original,
                     result.path,
@@ -167,7 +181,7 @@ def run_fuse(
                     atol=opts.atol,
                     rtol=opts.rtol,
                     input_source=source,
-                    folded=folded_model,
+                    folded_outputs=folded_first,
                 )
             lap("verify")
         report_kwargs.update(
@@ -192,17 +206,20 @@ def run_fuse(
             verification=None,
             output=None,
         )
-    torch_out = None
-    if opts.save_torch is not None:
-        torch_out = _save_torch(folded_model, example, opts)
-        notes.append(f"folded PyTorch model saved as a torch.export archive ({opts.save_torch})")
+    if opts.out is None:
+        params_after = count_params(folded_model)
+        if opts.save_torch is not None:
+            torch_out = _save_torch(folded_model, example, opts)
+            notes.append(
+                f"folded PyTorch model saved as a torch.export archive ({opts.save_torch})"
+            )
     return FuseReport(
         model=str(opts.model),
         format=loaded.format.value,
         folded=folded,
         skipped=skipped,
         params_before=params_before,
-        params_after=count_params(folded_model),
+        params_after=params_after,
         torch_output=torch_out,
         timings=timings,
         notes=tuple(notes),

@@ -118,7 +118,7 @@ class Verification:
     max_abs_error: float
     max_rel_error: float
     outputs: tuple[OutputCheck, ...]
-    fold_max_abs_error_fp64: float | None  # folded vs original PyTorch model, both in float64
+    folded_torch_max_abs_error: float | None  # the folded PyTorch model (its dtype) vs reference
     baseline_max_abs_error: float | None  # original model in float32 vs float64: the noise floor
 
 

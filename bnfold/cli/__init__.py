@@ -12,7 +12,6 @@ import warnings
 import typer
 
 from bnfold import __version__
-
 from bnfold.cli import fuse as _fuse
 from bnfold.cli import inspect as _inspect
 
@@ -45,7 +44,6 @@ def _root(
 
 app.command("inspect")(_inspect.inspect_command)
 app.command("fuse")(_fuse.fuse_command)
-
 
 
 def main() -> None:

@@ -66,8 +66,11 @@ def _fold_cell(layer: Any) -> str:
 
 def _inspect_table(r: InspectReport, console: Console) -> None:
     s = r.summary
-    console.print(Text(f"{r.model} ({r.format}), {s.bn_layers} BatchNorm layers, "
-                       f"{r.order} order", style="bold"))
+    console.print(
+        Text(
+            f"{r.model} ({r.format}), {s.bn_layers} BatchNorm layers, {r.order} order", style="bold"
+        )
+    )
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
     table.add_column("BN layer", overflow="fold", ratio=3)
     table.add_column("C", justify="right")
@@ -86,22 +89,34 @@ def _inspect_table(r: InspectReport, console: Console) -> None:
         )
     console.print(table)
     foldable = "unknown (no architecture)" if s.foldable is None else f"{s.foldable}/{s.bn_layers}"
-    console.print(Text(
-        f"fold: {foldable}; removes {s.params_removed} parameters and {s.buffers_removed} "
-        f"buffer values" + (f", adds {s.bias_params_added} bias values" if s.bias_params_added
-                            else "")
-    ))
+    console.print(
+        Text(
+            f"fold: {foldable}; removes {s.params_removed} parameters and {s.buffers_removed} "
+            f"buffer values"
+            + (f", adds {s.bias_params_added} bias values" if s.bias_params_added else "")
+        )
+    )
     if s.warnings_by_code:
-        console.print(Text("warnings: " + ", ".join(f"{k} ×{v}" for k, v in
-                                                   s.warnings_by_code.items()), style="red"))
+        console.print(
+            Text(
+                "warnings: " + ", ".join(f"{k} ×{v}" for k, v in s.warnings_by_code.items()),
+                style="red",
+            )
+        )
     details = [(layer.name, d.message) for layer in r.layers for d in layer.diagnostics]
     for name, message in details:
         console.print(Text(f"  {name}: {message}"))
-    stays = [layer for layer in r.layers if not layer.fold_into and layer.reason
-             and layer.reason not in ("architecture_unknown", "capture_failed")]
+    stays = [
+        layer
+        for layer in r.layers
+        if not layer.fold_into
+        and layer.reason
+        and layer.reason not in ("architecture_unknown", "capture_failed")
+    ]
     for layer in stays:
-        console.print(Text(f"  {layer.name} stays ({layer.reason}): {layer.reason_detail}",
-                           style="yellow"))
+        console.print(
+            Text(f"  {layer.name} stays ({layer.reason}): {layer.reason_detail}", style="yellow")
+        )
     for note in r.notes:
         console.print(Text(f"note: {note}", style="dim"))
 
@@ -116,8 +131,11 @@ def _inspect_markdown(r: InspectReport) -> str:
         f"### bnfold inspect: `{r.model}`",
         "",
         f"{s.bn_layers} BatchNorm layers ({r.format}, {r.order} order); "
-        + ("foldable: unknown (no architecture)" if s.foldable is None
-           else f"foldable: **{s.foldable}/{s.bn_layers}**")
+        + (
+            "foldable: unknown (no architecture)"
+            if s.foldable is None
+            else f"foldable: **{s.foldable}/{s.bn_layers}**"
+        )
         + f"; folding removes {s.params_removed} parameters and {s.buffers_removed} buffer values.",
         "",
         "| BN layer | kind | C | folds into | fold scale min / median / max | var min | warnings |",
@@ -126,18 +144,28 @@ def _inspect_markdown(r: InspectReport) -> str:
     for layer in r.layers:
         fs = layer.fold_scale
         scale = "-" if fs is None else f"{_g(fs.min)} / {_g(fs.median)} / {_g(fs.max)}"
-        fold = (f"{layer.fold_into} ({layer.fold_direction})" if layer.fold_into
-                else f"stays: `{layer.reason}`" if layer.reason else "-")
+        fold = (
+            f"{layer.fold_into} ({layer.fold_direction})"
+            if layer.fold_into
+            else f"stays: `{layer.reason}`"
+            if layer.reason
+            else "-"
+        )
         lines.append(
             f"| `{_md_escape(layer.name)}` | {layer.kind} | {layer.channels} | {_md_escape(fold)} "
             f"| {scale} | {_g(layer.running_var.min if layer.running_var else None)} "
             f"| {', '.join(f'`{w}`' for w in layer.warnings) or '-'} |"
         )
     if s.warnings_by_code:
-        lines += ["", "**Warnings:** " + ", ".join(f"`{k}` ×{v}" for k, v in
-                                                  s.warnings_by_code.items())]
-        lines += [f"- `{_md_escape(layer.name)}`: {d.message}" for layer in r.layers
-                  for d in layer.diagnostics]
+        lines += [
+            "",
+            "**Warnings:** " + ", ".join(f"`{k}` ×{v}" for k, v in s.warnings_by_code.items()),
+        ]
+        lines += [
+            f"- `{_md_escape(layer.name)}`: {d.message}"
+            for layer in r.layers
+            for d in layer.diagnostics
+        ]
     for note in r.notes:
         lines += ["", f"_Note: {note}_"]
     return "\n".join(lines)
@@ -147,8 +175,9 @@ def _inspect_markdown(r: InspectReport) -> str:
 
 
 def _fuse_table(r: FuseReport, console: Console) -> None:
-    console.print(Text(f"{r.model} ({r.format}) → {r.output or '(no output)'} "
-                       f"[{r.exporter}]", style="bold"))
+    console.print(
+        Text(f"{r.model} ({r.format}) → {r.output or '(no output)'} [{r.exporter}]", style="bold")
+    )
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("BN", overflow="fold", ratio=3)
     table.add_column("result", overflow="fold", ratio=4)
@@ -158,28 +187,48 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
     for sk in r.skipped:
         table.add_row(Text(sk.bn), Text(f"stays: {sk.reason} — {sk.detail}", style="yellow"))
     console.print(table)
-    console.print(Text(
-        f"folded {len(r.folded)}, kept {len(r.skipped)}; stored values {r.params_before} → "
-        f"{r.params_after}"
-        + (f"; ONNX nodes {r.onnx_nodes}, BatchNormalization left {r.onnx_bn_nodes}"
-           if r.onnx_nodes is not None else "")
-    ))
+    console.print(
+        Text(
+            f"folded {len(r.folded)}, kept {len(r.skipped)}; stored values {r.params_before} → "
+            f"{r.params_after}"
+            + (
+                f"; ONNX nodes {r.onnx_nodes}, BatchNormalization left {r.onnx_bn_nodes}"
+                if r.onnx_nodes is not None
+                else ""
+            )
+        )
+    )
     v = r.verification
     if v is not None:
         verdict = "PASSED" if v.passed else "FAILED"
-        console.print(Text(
-            f"verification {verdict}: {v.inputs} input batches ({v.input_source}); max abs error "
-            f"{v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} (atol {v.atol:g}, rtol "
-            f"{v.rtol:g})", style="bold green" if v.passed else "bold red"))
+        console.print(
+            Text(
+                f"verification {verdict}: {v.inputs} input batches ({v.input_source}); "
+                f"max abs error {v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} "
+                f"(atol {v.atol:g}, rtol {v.rtol:g})",
+                style="bold green" if v.passed else "bold red",
+            )
+        )
         for o in v.outputs:
-            console.print(Text(f"  output {o.name} {list(o.shape)}: abs {o.max_abs_error:.3g}, "
-                               f"rel {o.max_rel_error:.3g}, |ref| max {o.reference_max_abs:.3g}"
-                               + ("" if o.passed else "  FAILED")))
-        if v.fold_max_abs_error_fp64 is not None:
-            console.print(Text(
-                f"  folded vs original PyTorch in float64: max abs {v.fold_max_abs_error_fp64:.3g}"
-                + (f" (float32 noise of the original: {v.baseline_max_abs_error:.3g})"
-                   if v.baseline_max_abs_error is not None else "")))
+            console.print(
+                Text(
+                    f"  output {o.name} {list(o.shape)}: abs {o.max_abs_error:.3g}, "
+                    f"rel {o.max_rel_error:.3g}, |ref| max {o.reference_max_abs:.3g}"
+                    + ("" if o.passed else "  FAILED")
+                )
+            )
+        if v.folded_torch_max_abs_error is not None:
+            console.print(
+                Text(
+                    "  folded PyTorch model vs float64 reference: max abs "
+                f"{v.folded_torch_max_abs_error:.3g}"
+                    + (
+                        f" (float32 noise of the original: {v.baseline_max_abs_error:.3g})"
+                        if v.baseline_max_abs_error is not None
+                        else ""
+                    )
+                )
+            )
     if r.torch_output:
         console.print(Text(f"folded PyTorch model: {r.torch_output}"))
     for note in r.notes:
@@ -187,26 +236,39 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
 
 
 def _fuse_markdown(r: FuseReport) -> str:
-    lines = [f"### bnfold fuse: `{r.model}` → `{r.output}`", "",
-             f"Exporter: {r.exporter}, opset {r.opset}. Folded **{len(r.folded)}**, kept "
-             f"**{len(r.skipped)}**. Stored values (parameters and buffers) {r.params_before} → {r.params_after}."
-             + (f" ONNX nodes: {r.onnx_nodes}, BatchNormalization left: {r.onnx_bn_nodes}."
-                if r.onnx_nodes is not None else ""), ""]
+    lines = [
+        f"### bnfold fuse: `{r.model}` → `{r.output}`",
+        "",
+        f"Exporter: {r.exporter}, opset {r.opset}. Folded **{len(r.folded)}**, kept "
+        f"**{len(r.skipped)}**. Stored values (parameters and buffers) "
+        f"{r.params_before} → {r.params_after}."
+        + (
+            f" ONNX nodes: {r.onnx_nodes}, BatchNormalization left: {r.onnx_bn_nodes}."
+            if r.onnx_nodes is not None
+            else ""
+        ),
+        "",
+    ]
     if r.folded:
         lines += ["| BN | folded into | direction | rule |", "|---|---|---|---|"]
-        lines += [f"| `{_md_escape(f.bn)}` | `{_md_escape(f.into)}` | {f.direction} | {f.rule} |"
-                  for f in r.folded]
+        lines += [
+            f"| `{_md_escape(f.bn)}` | `{_md_escape(f.into)}` | {f.direction} | {f.rule} |"
+            for f in r.folded
+        ]
         lines.append("")
     if r.skipped:
         lines += ["| BN kept | reason | detail |", "|---|---|---|"]
-        lines += [f"| `{_md_escape(s.bn)}` | `{s.reason}` | {_md_escape(s.detail)} |"
-                  for s in r.skipped]
+        lines += [
+            f"| `{_md_escape(s.bn)}` | `{s.reason}` | {_md_escape(s.detail)} |" for s in r.skipped
+        ]
         lines.append("")
     v = r.verification
     if v is not None:
-        lines.append(f"**Verification {'passed' if v.passed else 'FAILED'}**: max abs error "
-                     f"{v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} over {v.inputs} "
-                     f"input batches (atol {v.atol:g}, rtol {v.rtol:g}).")
+        lines.append(
+            f"**Verification {'passed' if v.passed else 'FAILED'}**: max abs error "
+            f"{v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} over {v.inputs} "
+            f"input batches (atol {v.atol:g}, rtol {v.rtol:g})."
+        )
     return "\n".join(lines)
 
 
