@@ -54,7 +54,11 @@ def fold_step_ms(weights: Path, repeats: int = 7) -> dict[str, float]:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
-def ort_latency(path: Path, optimized: bool, runs: int = 30) -> float:
+def ort_latencies(
+    paths: dict[str, Path], optimized: bool, rounds: int = 15, per_round: int = 10
+) -> dict[str, float]:
+    """Median latency (ms) of each model, batch 1, sessions run in turn round by round so
+    that drift in the machine's speed hits every model alike."""
     import numpy as np
     import onnxruntime as ort
 
@@ -65,17 +69,22 @@ def ort_latency(path: Path, optimized: bool, runs: int = 30) -> float:
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
     x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
-    for _ in range(3):
-        session.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {name: x})
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    sessions = {}
+    for name, path in paths.items():
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x}
+        for _ in range(3):
+            session.run(None, feed)
+        sessions[name] = (session, feed)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, (session, feed) in sessions.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -125,13 +134,14 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
+    paths = {
+        "bnfold": out / "bnfold.onnx",
+        "dynamo export": out / "peer.onnx",
+        "legacy export": out / "legacy.onnx",
+    }
     results["ort_latency_ms"] = {
-        name: {"optimized": ort_latency(out / f, True), "unoptimized": ort_latency(out / f, False)}
-        for name, f in (
-            ("bnfold", "bnfold.onnx"),
-            ("dynamo export", "peer.onnx"),
-            ("legacy export", "legacy.onnx"),
-        )
+        "optimized": ort_latencies(paths, True),
+        "unoptimized": ort_latencies(paths, False),
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
