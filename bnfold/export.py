@@ -162,6 +162,10 @@ def _export_legacy(
     names: list[str],
     external: bool,
 ) -> None:
+    if isinstance(module, torch.fx.GraphModule):
+        # the legacy exporter reads a ``.graph`` attribute as a TorchScript graph (and fails
+        # with dynamic axes); a plain wrapper hides the fx graph from it
+        module = _Plain(module)
     dynamic_axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
     torch.onnx.export(
         module,
@@ -183,6 +187,15 @@ def _export_legacy(
             location=path.name + ".data",
             all_tensors_to_one_file=True,
         )
+
+
+class _Plain(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.model = inner
+
+    def forward(self, *args: Any) -> Any:
+        return self.model(*args)
 
 
 def onnx_counts(path: Path) -> tuple[int, int, int]:

@@ -237,3 +237,20 @@ def test_markdown_and_table_formats(runner, net_files, tmp_path):
     assert result.exit_code == 0, result.output
     assert "verification PASSED" in result.stdout
     assert "folded ← conv2 (bn_conv)" in result.stdout
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_same_input_gives_byte_identical_onnx(runner, net_files, tmp_path, exporter):
+    """Two runs of the same command write byte-identical ONNX files, with either exporter."""
+    weights, arch = net_files
+    digests = []
+    for name in ("a.onnx", "b.onnx"):
+        result = runner.invoke(
+            app,
+            ["fuse", str(weights), "--arch", arch, "--out", str(tmp_path / name),
+             "--exporter", exporter, "--format", "json"],
+        )
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["verification"]["passed"]
+        digests.append(sha(tmp_path / name))
+    assert digests[0] == digests[1]
