@@ -259,7 +259,7 @@ def fuse_report(**changes) -> FuseReport:
             passed=True, atol=1e-5, rtol=1e-4, inputs=2, input_source="random (seeded)",
             max_abs_error=NAN, max_rel_error=INF,
             outputs=(OutputCheck("y", (1, 10), 1e-7, 2e-7, 3.0, True),),
-            fold_max_abs_error_fp64=1e-15, baseline_max_abs_error=None),
+            folded_torch_max_abs_error=1e-15, baseline_max_abs_error=None),
     )
     return dataclasses.replace(base, **changes)
 
