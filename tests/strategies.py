@@ -68,3 +68,30 @@ bn_configs = st.builds(
     var_scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e2, 1e4]),
     seed=st.integers(0, 2**16),
 )
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    c_in: int
+    c_out: int
+    bias: bool
+    tokens: int  # 0: a 2-D (N, C) input; else (N, tokens, C) with a LeViT flatten around the BN
+
+
+linear_configs = st.builds(
+    LinearConfig,
+    c_in=st.integers(1, 9),
+    c_out=st.integers(1, 9),
+    bias=st.booleans(),
+    tokens=st.sampled_from([0, 0, 1, 3, 5]),
+)
+
+# situations in which a BN must stay, with the reason code bnfold must give
+MUST_STAY = st.sampled_from(
+    [
+        ("second_consumer", "producer_output_shared"),
+        ("zero_padding", "zero_padding"),
+        ("nonlinearity", "no_foldable_neighbour"),
+        ("train_mode", "train_mode"),
+    ]
+)

@@ -247,8 +247,18 @@ def test_same_input_gives_byte_identical_onnx(runner, net_files, tmp_path, expor
     for name in ("a.onnx", "b.onnx"):
         result = runner.invoke(
             app,
-            ["fuse", str(weights), "--arch", arch, "--out", str(tmp_path / name),
-             "--exporter", exporter, "--format", "json"],
+            [
+                "fuse",
+                str(weights),
+                "--arch",
+                arch,
+                "--out",
+                str(tmp_path / name),
+                "--exporter",
+                exporter,
+                "--format",
+                "json",
+            ],
         )
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["verification"]["passed"]
