@@ -32,8 +32,9 @@ def run_measured(cmd: list[str], folder) -> tuple[int, float, str, str]:
     with out_path.open("w") as out, err_path.open("w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
     return (
-        os.waitstatus_to_exitcode(status),
+        proc.returncode,
         usage.ru_maxrss / 1024,
         out_path.read_text(),
         err_path.read_text(),
