@@ -14,8 +14,10 @@ Channel tracking: a contiguous tensor whose channel ``c`` of ``C`` sits at
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
 import math
 import operator
 from collections.abc import Sequence
@@ -163,7 +165,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
-    with torch.no_grad():
+    # ShapeProp prints a traceback of its own before raising; the caller reports the error
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         try:
             from torch._subclasses.fake_tensor import FakeTensorMode
 

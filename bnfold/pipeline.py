@@ -83,6 +83,7 @@ def run_fuse(
             hint="pass --arch (e.g. torchvision:resnet50 or mypkg.models:Net)",
         )
     original = loaded.module
+    _check_finite(original, opts.model)
     lap("load")
     with step("Capturing the data flow"):
         gm = capture(original)
@@ -104,10 +105,12 @@ def run_fuse(
         try:
             propagate_shapes(gm, example)
         except Exception as e:
+            guessed = "" if opts.input_shapes else " (inferred from the first layer)"
+            cause = e.__cause__ or e  # ShapeProp wraps the model's own error
             raise BnfoldError(
-                f"the model does not run on inputs of shape "
-                f"{', '.join(str(list(t.shape)) for t in example)}: {type(e).__name__}: "
-                f"{(str(e).splitlines() or [''])[0][:200]}",
+                f"the model does not run on inputs of shape{guessed} "
+                f"{', '.join(str(list(t.shape)) for t in example)}: {type(cause).__name__}: "
+                f"{(str(cause).splitlines() or [''])[0][:200]}",
                 hint="pass the right --input-shape",
             ) from e
     lap("capture")
@@ -321,6 +324,24 @@ def _numel(tensor: Any) -> int:
     for d in tensor.dims:
         n *= d
     return n
+
+
+def _check_finite(model: Any, path: Path) -> None:
+    """Refuse weights with NaN/Inf: no output of such a model can be verified."""
+    import torch
+
+    bad = [
+        name
+        for name, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise BnfoldError(
+            f"NaN or Inf in {len(bad)} tensors ({shown}); such a model cannot be verified",
+            hint="bnfold inspect shows which layers; fix the weights first",
+            path=path,
+        )
 
 
 def _batch_of_two(t: Any) -> Any:
