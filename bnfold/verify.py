@@ -184,8 +184,9 @@ def verify_onnx(
             else:
                 ref = [t.double() for _, t in eager]
             if i == 0 and folded_outputs is not None:
-                fold_err = max(_max_abs(g.double(), r) for g, r in
-                               zip(folded_outputs, ref, strict=True))
+                fold_err = max(
+                    _max_abs(g.double(), r) for g, r in zip(folded_outputs, ref, strict=True)
+                )
             worst.add([n for n, _ in eager], onnx_outputs[i], ref)
     return _verification(worst, atol, rtol, len(batches), input_source, fold_err, base_err)
 

@@ -36,23 +36,46 @@ NAN, INF = float("nan"), float("inf")
 
 def layer(name: str, **changes) -> BNLayerReport:
     base = BNLayerReport(
-        name=name, kind="BatchNorm2d", channels=64, eps=1e-5, eps_known=True, momentum=0.1,
-        affine=True, track_running_stats=True, num_batches_tracked=100, training=False,
-        running_mean=Spread(-1.0, 0.0, 1.0), running_var=Spread(0.25, 1.0, 4.0),
-        gamma=Spread(0.5, 1.0, 1.5), beta=Spread(-0.125, 0.0, 0.125),
-        fold_scale=Spread(0.25, 1.0, 3.0), fold_into="layer1.0.conv1", fold_direction="backward",
-        reason=None, reason_detail=None, warnings=(), diagnostics=(),
+        name=name,
+        kind="BatchNorm2d",
+        channels=64,
+        eps=1e-5,
+        eps_known=True,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        num_batches_tracked=100,
+        training=False,
+        running_mean=Spread(-1.0, 0.0, 1.0),
+        running_var=Spread(0.25, 1.0, 4.0),
+        gamma=Spread(0.5, 1.0, 1.5),
+        beta=Spread(-0.125, 0.0, 0.125),
+        fold_scale=Spread(0.25, 1.0, 3.0),
+        fold_into="layer1.0.conv1",
+        fold_direction="backward",
+        reason=None,
+        reason_detail=None,
+        warnings=(),
+        diagnostics=(),
     )
     return dataclasses.replace(base, **changes)
 
 
 def report(layers: tuple[BNLayerReport, ...], **changes) -> InspectReport:
     base = InspectReport(
-        model="model.pt", format="state_dict", architecture_known=True, order="data-flow",
+        model="model.pt",
+        format="state_dict",
+        architecture_known=True,
+        order="data-flow",
         layers=layers,
-        summary=InspectSummary(bn_layers=len(layers), foldable=1, params_removed=128,
-                               buffers_removed=129, bias_params_added=0,
-                               warnings_by_code={"dead_channels": 1}),
+        summary=InspectSummary(
+            bn_layers=len(layers),
+            foldable=1,
+            params_removed=128,
+            buffers_removed=129,
+            bias_params_added=0,
+            warnings_by_code={"dead_channels": 1},
+        ),
         thresholds={"dead_gamma": 1e-3, "tiny_variance": 1e-4, "scale_spread": 100.0},
         notes=("eps assumed",),
     )
@@ -60,20 +83,29 @@ def report(layers: tuple[BNLayerReport, ...], **changes) -> InspectReport:
 
 
 def sample() -> InspectReport:
-    return report((
-        layer("bn1"),
-        layer("layer1.0.bn2", fold_into=None, fold_direction=None,
-              reason="producer_output_shared", reason_detail="conv1's output also feeds add",
-              warnings=("dead_channels",),
-              diagnostics=(Diagnostic("dead_channels", "3 of 64 channels have |gamma| < 0.001"),)),
-        layer("head.bn", channels=10, fold_into="head.fc", fold_direction="forward"),
-    ))
+    return report(
+        (
+            layer("bn1"),
+            layer(
+                "layer1.0.bn2",
+                fold_into=None,
+                fold_direction=None,
+                reason="producer_output_shared",
+                reason_detail="conv1's output also feeds add",
+                warnings=("dead_channels",),
+                diagnostics=(Diagnostic("dead_channels", "3 of 64 channels have |gamma| < 0.001"),),
+            ),
+            layer("head.bn", channels=10, fold_into="head.fc", fold_direction="forward"),
+        )
+    )
 
 
 def strict_loads(text: str):
     """json.loads that refuses NaN/Infinity tokens (plain json.loads accepts them)."""
+
     def refuse(token):
         raise ValueError(f"non-standard JSON token {token}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -93,11 +125,28 @@ def test_json_has_schema_layers_and_summary():
     assert data["schema_version"] == SCHEMA_VERSION == 1
     assert [entry["name"] for entry in data["layers"]] == ["bn1", "layer1.0.bn2", "head.bn"]
     first, second, third = data["layers"]
-    for key in ("name", "kind", "channels", "eps", "momentum", "fold_into", "reason", "warnings",
-                "running_mean", "running_var", "gamma", "beta", "fold_scale"):
+    for key in (
+        "name",
+        "kind",
+        "channels",
+        "eps",
+        "momentum",
+        "fold_into",
+        "reason",
+        "warnings",
+        "running_mean",
+        "running_var",
+        "gamma",
+        "beta",
+        "fold_scale",
+    ):
         assert key in first, key
     assert (first["kind"], first["channels"], first["eps"], first["momentum"]) == (
-        "BatchNorm2d", 64, 1e-5, 0.1)
+        "BatchNorm2d",
+        64,
+        1e-5,
+        0.1,
+    )
     assert first["fold_into"] == "layer1.0.conv1" and first["reason"] is None
     assert first["fold_scale"] == {"min": 0.25, "median": 1.0, "max": 3.0}
     assert first["running_var"] == {"min": 0.25, "median": 1.0, "max": 4.0}
@@ -105,19 +154,26 @@ def test_json_has_schema_layers_and_summary():
     assert second["reason"] == "producer_output_shared"
     assert second["warnings"] == ["dead_channels"]
     assert second["diagnostics"] == [
-        {"code": "dead_channels", "message": "3 of 64 channels have |gamma| < 0.001"}]
+        {"code": "dead_channels", "message": "3 of 64 channels have |gamma| < 0.001"}
+    ]
     assert (third["fold_into"], third["fold_direction"]) == ("head.fc", "forward")
-    assert data["summary"] == {"bn_layers": 3, "foldable": 1, "params_removed": 128,
-                               "buffers_removed": 129, "bias_params_added": 0,
-                               "warnings_by_code": {"dead_channels": 1}}
+    assert data["summary"] == {
+        "bn_layers": 3,
+        "foldable": 1,
+        "params_removed": 128,
+        "buffers_removed": 129,
+        "bias_params_added": 0,
+        "warnings_by_code": {"dead_channels": 1},
+    }
     assert data["thresholds"]["scale_spread"] == 100.0
     assert data["notes"] == ["eps assumed"]
 
 
 def test_json_nonfinite_floats_become_null():
     """NaN and +-Inf anywhere (spreads, eps, thresholds) are written as null: valid JSON."""
-    bad = layer("bn", eps=NAN, fold_scale=Spread(NAN, INF, -INF),
-                running_var=Spread(-INF, 1.0, INF))
+    bad = layer(
+        "bn", eps=NAN, fold_scale=Spread(NAN, INF, -INF), running_var=Spread(-INF, 1.0, INF)
+    )
     text = render.to_json(report((bad,), thresholds={"scale_spread": INF}))
     assert "NaN" not in text and "Infinity" not in text
     data = strict_loads(text)
@@ -158,7 +214,7 @@ def test_markdown_one_row_per_layer():
     text = render.to_markdown(sample())
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| BN layer"))
-    rows = [line for line in lines[header + 2:] if line.startswith("|")]
+    rows = [line for line in lines[header + 2 :] if line.startswith("|")]
     assert len(rows) == 3
     assert [_cells(row)[0].strip() for row in rows] == ["`bn1`", "`layer1.0.bn2`", "`head.bn`"]
     width = len(_cells(lines[header]))
@@ -191,8 +247,9 @@ def test_markdown_lists_warnings_and_notes():
 
 def test_markdown_unknown_architecture():
     """Without an architecture the markdown says foldable is unknown."""
-    r = report((layer("bn"),), architecture_known=False,
-               summary=InspectSummary(1, None, 0, 0, 0, {}))
+    r = report(
+        (layer("bn"),), architecture_known=False, summary=InspectSummary(1, None, 0, 0, 0, {})
+    )
     assert "foldable: unknown (no architecture)" in render.to_markdown(r)
 
 
@@ -214,9 +271,16 @@ def test_table_fits_80_columns_and_names_every_layer():
 def test_table_long_names_stay_within_80_columns():
     """Very long layer names and paths wrap inside their column instead of widening the table."""
     long = "backbone.stages.3.blocks.12.conv_dw.bn_with_an_unusually_long_name"
-    r = report((layer(long, fold_into="backbone.stages.3.blocks.12.conv_dw.conv_pointwise",
-                      warnings=("dead_channels", "tiny_variance", "large_scale_spread")),),
-               model="/very/long/path/" + "x" * 90 + "/model.pt")
+    r = report(
+        (
+            layer(
+                long,
+                fold_into="backbone.stages.3.blocks.12.conv_dw.conv_pointwise",
+                warnings=("dead_channels", "tiny_variance", "large_scale_spread"),
+            ),
+        ),
+        model="/very/long/path/" + "x" * 90 + "/model.pt",
+    )
     text = table_text(r)
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "backbone" in text
@@ -224,12 +288,21 @@ def test_table_long_names_stay_within_80_columns():
 
 def test_table_prints_markup_literally():
     """Names, details, messages and notes containing rich markup are printed as written."""
-    r = report((
-        layer("[bold]x[/bold]", fold_into=None, fold_direction=None, reason="bn_output_shared",
-              reason_detail="[red]feeds[/red] two",
-              warnings=("dead_channels",),
-              diagnostics=(Diagnostic("dead_channels", "1 of 8 [i]dead[/i]"),)),
-    ), model="[link=http://x]m[/link].pt", notes=("[blink]note[/blink]",))
+    r = report(
+        (
+            layer(
+                "[bold]x[/bold]",
+                fold_into=None,
+                fold_direction=None,
+                reason="bn_output_shared",
+                reason_detail="[red]feeds[/red] two",
+                warnings=("dead_channels",),
+                diagnostics=(Diagnostic("dead_channels", "1 of 8 [i]dead[/i]"),),
+            ),
+        ),
+        model="[link=http://x]m[/link].pt",
+        notes=("[blink]note[/blink]",),
+    )
     text = table_text(r)  # a console with markup ON: render must not rely on it being off
     assert "[bold]x[/bold]" in text
     assert "[red]feeds[/red] two" in text
@@ -251,15 +324,29 @@ def test_table_nonfinite_values_do_not_crash():
 
 def fuse_report(**changes) -> FuseReport:
     base = FuseReport(
-        model="model.pt", format="state_dict", output="out|put.onnx", exporter="dynamo", opset=18,
+        model="model.pt",
+        format="state_dict",
+        output="out|put.onnx",
+        exporter="dynamo",
+        opset=18,
         folded=(FoldedSite("bn|1", "conv|1", "backward", "conv_bn", "BatchNorm2d"),),
         skipped=(SkippedSite("[bold]bn2[/bold]", "bn_output_shared", "feeds a|b"),),
-        params_before=100, params_after=84, onnx_nodes=5, onnx_bn_nodes=1,
+        params_before=100,
+        params_after=84,
+        onnx_nodes=5,
+        onnx_bn_nodes=1,
         verification=Verification(
-            passed=True, atol=1e-5, rtol=1e-4, inputs=2, input_source="random (seeded)",
-            max_abs_error=NAN, max_rel_error=INF,
+            passed=True,
+            atol=1e-5,
+            rtol=1e-4,
+            inputs=2,
+            input_source="random (seeded)",
+            max_abs_error=NAN,
+            max_rel_error=INF,
             outputs=(OutputCheck("y", (1, 10), 1e-7, 2e-7, 3.0, True),),
-            folded_torch_max_abs_error=1e-15, baseline_max_abs_error=None),
+            folded_torch_max_abs_error=1e-15,
+            baseline_max_abs_error=None,
+        ),
     )
     return dataclasses.replace(base, **changes)
 
@@ -271,8 +358,13 @@ def test_fuse_json_is_valid_with_nonfinite_errors():
     assert data["verification"]["max_abs_error"] is None
     assert data["verification"]["max_rel_error"] is None
     assert data["verification"]["outputs"][0]["shape"] == [1, 10]
-    assert data["folded"][0] == {"bn": "bn|1", "into": "conv|1", "direction": "backward",
-                                 "rule": "conv_bn", "bn_kind": "BatchNorm2d"}
+    assert data["folded"][0] == {
+        "bn": "bn|1",
+        "into": "conv|1",
+        "direction": "backward",
+        "rule": "conv_bn",
+        "bn_kind": "BatchNorm2d",
+    }
 
 
 def test_fuse_markdown_escapes_pipes():
@@ -297,10 +389,13 @@ def test_fuse_table_fits_and_is_literal():
 
 def test_render_imports_no_torch():
     """Importing the renderer in a fresh interpreter loads neither torch nor numpy."""
-    code = ("import sys, bnfold.cli.render; "
-            "print(sorted(m for m in ('torch', 'numpy', 'onnx') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60)
+    code = (
+        "import sys, bnfold.cli.render; "
+        "print(sorted(m for m in ('torch', 'numpy', 'onnx') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
     assert out.stdout.strip() == "[]"
 
 

@@ -221,7 +221,7 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
             console.print(
                 Text(
                     "  folded PyTorch model vs float64 reference: max abs "
-                f"{v.folded_torch_max_abs_error:.3g}"
+                    f"{v.folded_torch_max_abs_error:.3g}"
                     + (
                         f" (float32 noise of the original: {v.baseline_max_abs_error:.3g})"
                         if v.baseline_max_abs_error is not None
