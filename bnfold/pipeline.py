@@ -116,7 +116,9 @@ def run_fuse(
     lap("capture")
     with step("Folding BatchNorm layers"):
         params_before = count_params(original)
+        ops_before = _ops(gm)
         outcome = fold_graph(gm, original, shapes_known=True)
+        ops_after = _ops(outcome.module)
         folded_model = outcome.module
     lap("fold")
     folded = tuple(
@@ -228,6 +230,8 @@ def run_fuse(
         skipped=skipped,
         params_before=params_before,
         params_after=params_after,
+        ops_before=ops_before,
+        ops_after=ops_after,
         torch_output=torch_out,
         timings=timings,
         notes=tuple(notes),
@@ -313,10 +317,16 @@ def _run_fuse_onnx(
         skipped=skipped,
         params_before=before,
         params_after=after,
+        ops_before=len(original.graph.node),
+        ops_after=len(outcome.model.graph.node),
         timings=timings,
         notes=tuple(loaded.notes),
         **kwargs,
     )
+
+
+def _ops(gm: Any) -> int:
+    return sum(n.op in ("call_module", "call_function", "call_method") for n in gm.graph.nodes)
 
 
 def _numel(tensor: Any) -> int:

@@ -137,6 +137,10 @@ class FuseReport:
     onnx_bn_nodes: int | None
     verification: Verification | None
     torch_output: str | None = None
+    # operations in the model's graph before and after folding (torch.fx nodes that call a
+    # module or function; for ONNX inputs, ONNX nodes): what folding removed, before export
+    ops_before: int | None = None
+    ops_after: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION

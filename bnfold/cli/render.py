@@ -192,6 +192,7 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
             f"folded {len(r.folded)}, kept {len(r.skipped)}; stored values {r.params_before} → "
             f"{r.params_after}"
             + (
+                f"; graph ops {r.ops_before} → {r.ops_after}"
                 f"; ONNX nodes {r.onnx_nodes}, BatchNormalization left {r.onnx_bn_nodes}"
                 if r.onnx_nodes is not None
                 else ""
