@@ -114,11 +114,14 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
                 Decision(site.name, site.kind, reason=e.reason, detail=e.detail, site=site)
             )
             continue
+        s, t = folding.bn_affine(
+            site.running_mean, site.running_var, site.weight, site.bias, site.eps
+        )
         try:
-            plan = _try_backward(gm, site, shapes_known)
+            plan = _try_backward(gm, site, s, t, shapes_known)
         except _Declined as back:
             try:
-                plan = _try_forward(gm, site, shapes_known)
+                plan = _try_forward(gm, site, s, t, shapes_known)
             except _Declined as fwd:
                 decisions.append(_kept(site, back, fwd))
                 continue
@@ -205,7 +208,9 @@ def _plain_layer(layer: nn.Module) -> None:
         raise _Declined(Reason.CUSTOM_LAYER, f"{type(layer).__name__}.forward is overridden")
 
 
-def _try_backward(gm: fx.GraphModule, site: BNSite, shapes_known: bool) -> _Plan:
+def _try_backward(
+    gm: fx.GraphModule, site: BNSite, s: torch.Tensor, t: torch.Tensor, shapes_known: bool
+) -> _Plan:
     path: list[fx.Node] = []
     n = site.input
     while isinstance(n, fx.Node) and is_layout_node(gm, n):
@@ -253,17 +258,12 @@ def _try_backward(gm: fx.GraphModule, site: BNSite, shapes_known: bool) -> _Plan
             )
     elif path or rule.channel_axis != 1:
         raise _Declined(Reason.NEEDS_SHAPES, f"{n.target} -> {site.name}")
-    s, t = folding.bn_affine(
-        site.running_mean,
-        site.running_var,
-        site.weight,
-        site.bias,  # type: ignore[arg-type]
-        site.eps,
-    )
     return _Plan(rule, n, layer, s, t)
 
 
-def _try_forward(gm: fx.GraphModule, site: BNSite, shapes_known: bool) -> _Plan:
+def _try_forward(
+    gm: fx.GraphModule, site: BNSite, s: torch.Tensor, t: torch.Tensor, shapes_known: bool
+) -> _Plan:
     path: list[fx.Node] = []
     n = site.node
     while True:
@@ -288,13 +288,6 @@ def _try_forward(gm: fx.GraphModule, site: BNSite, shapes_known: bool) -> _Plan:
     _plain_layer(layer)
     if rule.zero_padding_breaks and _pads_with_zeros(layer):
         raise _Declined(Reason.ZERO_PADDING, f"{u.target} has padding={layer.padding}")
-    s, t = folding.bn_affine(
-        site.running_mean,
-        site.running_var,
-        site.weight,
-        site.bias,  # type: ignore[arg-type]
-        site.eps,
-    )
     channels = site.channels
     if shapes_known and shape_of(site.node) is not None:
         law = ChannelLaw.at_axis(shape_of(site.node), 1)  # type: ignore[arg-type]

@@ -121,20 +121,7 @@ def run_fuse(
         ops_after = _ops(outcome.module)
         folded_model = outcome.module
     lap("fold")
-    folded = tuple(
-        FoldedSite(d.bn, d.into, d.direction.value, d.rule or "", d.kind)  # type: ignore[arg-type, union-attr]
-        for d in outcome.decisions
-        if d.folded
-    )
-    skipped = tuple(
-        SkippedSite(
-            d.bn,
-            d.reason.value if d.reason else "",
-            d.detail or (d.reason.explanation if d.reason else ""),
-        )
-        for d in outcome.decisions
-        if not d.folded
-    )
+    folded, skipped = _sites(outcome.decisions)
     report_kwargs: dict[str, Any] = {}
     torch_out: str | None = None
     notes = list(loaded.notes)
@@ -259,16 +246,7 @@ def _run_fuse_onnx(
     with step("Folding BatchNormalization nodes"):
         outcome = fold_onnx(original)
     lap("fold")
-    folded = tuple(
-        FoldedSite(d.bn, d.into, d.direction.value, d.rule or "", d.kind)  # type: ignore[arg-type, union-attr]
-        for d in outcome.decisions
-        if d.folded
-    )
-    skipped = tuple(
-        SkippedSite(d.bn, d.reason.value if d.reason else "", d.detail)
-        for d in outcome.decisions
-        if not d.folded
-    )
+    folded, skipped = _sites(outcome.decisions)
     after = sum(_numel(t) for t in outcome.model.graph.initializer)
     kwargs: dict[str, Any] = {
         "exporter": "none (folded in the ONNX graph)",
@@ -323,6 +301,22 @@ def _run_fuse_onnx(
         notes=tuple(loaded.notes),
         **kwargs,
     )
+
+
+def _sites(decisions: Sequence[Any]) -> tuple[tuple[FoldedSite, ...], tuple[SkippedSite, ...]]:
+    """The fold pass's decisions as report rows: what folded, what stayed and why."""
+    folded = tuple(
+        FoldedSite(d.bn, d.into, d.direction.value, d.rule or "", d.kind)
+        for d in decisions
+        if d.folded
+    )
+    skipped = tuple(
+        SkippedSite(d.bn, d.reason.value if d.reason else "",
+                    d.detail or (d.reason.explanation if d.reason else ""))
+        for d in decisions
+        if not d.folded
+    )
+    return folded, skipped
 
 
 def _ops(gm: Any) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -21,6 +22,24 @@ class ConvConfig:
     padding_mode: str
     bias: bool
     output_padding: int
+
+
+def conv_from_config(cfg: ConvConfig) -> Any:
+    """The nn.ConvNd / nn.ConvTransposeNd a ConvConfig describes (float32, torch's init)."""
+    from torch import nn
+
+    common = {
+        "stride": cfg.stride,
+        "padding": cfg.padding,
+        "groups": cfg.groups,
+        "bias": cfg.bias,
+        "dilation": cfg.dilation,
+    }
+    if cfg.transpose:
+        cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[cfg.dims - 1]
+        return cls(cfg.c_in, cfg.c_out, cfg.kernel, output_padding=cfg.output_padding, **common)
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[cfg.dims - 1]
+    return cls(cfg.c_in, cfg.c_out, cfg.kernel, padding_mode=cfg.padding_mode, **common)
 
 
 @st.composite

@@ -9,36 +9,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnfold.folding import FoldKind, bn_affine, cast, fold_backward, fold_forward
-from tests.strategies import BNConfig, ConvConfig, bn_configs, conv_configs
+from tests.strategies import BNConfig, ConvConfig, bn_configs, conv_configs, conv_from_config
 
 
 def make_conv(cfg: ConvConfig, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    if cfg.transpose:
-        cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[cfg.dims - 1]
-        return cls(
-            cfg.c_in,
-            cfg.c_out,
-            cfg.kernel,
-            stride=cfg.stride,
-            padding=cfg.padding,
-            output_padding=cfg.output_padding,
-            groups=cfg.groups,
-            bias=cfg.bias,
-            dilation=cfg.dilation,
-        ).double()
-    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[cfg.dims - 1]
-    return cls(
-        cfg.c_in,
-        cfg.c_out,
-        cfg.kernel,
-        stride=cfg.stride,
-        padding=cfg.padding,
-        padding_mode=cfg.padding_mode,
-        groups=cfg.groups,
-        bias=cfg.bias,
-        dilation=cfg.dilation,
-    ).double()
+    return conv_from_config(cfg).double()
 
 
 def make_bn(channels: int, cfg: BNConfig) -> nn.Module:

@@ -21,6 +21,7 @@ from tests.strategies import (
     LinearConfig,
     bn_configs,
     conv_configs,
+    conv_from_config,
     linear_configs,
 )
 
@@ -40,34 +41,6 @@ def set_bn(bn: nn.Module, cfg: BNConfig) -> nn.Module:
 def bn_for(dims: int, c: int, cfg: BNConfig) -> nn.Module:
     cls = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
     return set_bn(cls(c, eps=cfg.eps, affine=cfg.affine), cfg)
-
-
-def conv_for(cfg: ConvConfig) -> nn.Module:
-    if cfg.transpose:
-        cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[cfg.dims - 1]
-        return cls(
-            cfg.c_in,
-            cfg.c_out,
-            cfg.kernel,
-            stride=cfg.stride,
-            padding=cfg.padding,
-            output_padding=cfg.output_padding,
-            groups=cfg.groups,
-            bias=cfg.bias,
-            dilation=cfg.dilation,
-        )
-    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[cfg.dims - 1]
-    return cls(
-        cfg.c_in,
-        cfg.c_out,
-        cfg.kernel,
-        stride=cfg.stride,
-        padding=cfg.padding,
-        padding_mode=cfg.padding_mode,
-        groups=cfg.groups,
-        bias=cfg.bias,
-        dilation=cfg.dilation,
-    )
 
 
 def bn_left(gm) -> int:
@@ -110,7 +83,7 @@ class ProducerBN(nn.Module):
 def test_random_conv_bn_folds_exactly(cfg: ConvConfig, bn_cfg: BNConfig, seed: int):
     """Any conv / conv-transpose + BN folds backward and matches float64 to fp32 precision."""
     torch.manual_seed(seed)
-    model = ProducerBN(conv_for(cfg), bn_for(cfg.dims, cfg.c_out, bn_cfg)).eval()
+    model = ProducerBN(conv_from_config(cfg), bn_for(cfg.dims, cfg.c_out, bn_cfg)).eval()
     x = torch.randn(2, cfg.c_in, *([6] * cfg.dims))
     outcome, err = fold_and_compare(model, x)
     (d,) = outcome.decisions
@@ -145,7 +118,7 @@ class ForwardCase(nn.Module):
 def test_random_forward_fold_is_exact_or_declined(cfg: ConvConfig, bn_cfg: BNConfig, seed: int):
     """BN -> conv folds forward exactly unless the conv zero-pads, which is declined."""
     torch.manual_seed(seed)
-    model = ForwardCase(bn_for(cfg.dims, cfg.c_in, bn_cfg), conv_for(cfg)).eval()
+    model = ForwardCase(bn_for(cfg.dims, cfg.c_in, bn_cfg), conv_from_config(cfg)).eval()
     x = torch.randn(2, cfg.c_in, *([7] * cfg.dims))
     outcome, err = fold_and_compare(model, x)
     (d,) = outcome.decisions
@@ -213,7 +186,7 @@ def test_shared_module_is_left_alone(cfg: ConvConfig, bn_cfg: BNConfig, seed: in
     """A layer called twice: the BN's call site gets a folded copy; the shared module's own
     weights are untouched and its other call computes what it did."""
     torch.manual_seed(seed)
-    conv = conv_for(cfg)
+    conv = conv_from_config(cfg)
     model = SharedTwice(conv, bn_for(cfg.dims, cfg.c_out, bn_cfg)).eval()
     before = {k: v.clone() for k, v in conv.state_dict().items()}
     x = torch.randn(2, cfg.c_in, *([6] * cfg.dims))
