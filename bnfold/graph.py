@@ -154,7 +154,16 @@ def capture(module: nn.Module) -> fx.GraphModule:
             "and pass the .pt2 file",
         ) from e
     name = module.__class__.__name__
-    return fx.GraphModule(module, graph, name)
+    try:
+        return fx.GraphModule(module, graph, name)
+    except (TypeError, AttributeError, RuntimeError) as e:
+        # e.g. a submodule called `meta` or `graph` clashes with GraphModule's own attributes
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CaptureError(
+            f"torch.fx cannot hold the traced model: {first}",
+            hint="a submodule named like a GraphModule attribute (meta, graph, code) must be "
+            "renamed",
+        ) from e
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:

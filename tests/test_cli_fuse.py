@@ -264,3 +264,87 @@ def test_same_input_gives_byte_identical_onnx(runner, net_files, tmp_path, expor
         assert json.loads(result.stdout)["verification"]["passed"]
         digests.append(sha(tmp_path / name))
     assert digests[0] == digests[1]
+
+
+TWO_INPUTS = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.tabular = nn.Linear(5, 4)
+            self.bn_meta = nn.BatchNorm1d(4)
+
+        def forward(self, x, m):
+            a = self.bn(self.image(x)).mean((2, 3))
+            return {"sum": a + self.bn_meta(self.tabular(m)), "image": a}
+""")
+
+
+def test_several_inputs_and_dict_outputs(runner, tmp_path):
+    """Two --input-shape options feed a two-input model; both dict outputs are verified."""
+    arch = tmp_path / "two.py"
+    arch.write_text(TWO_INPUTS)
+    namespace: dict = {}
+    exec(compile(TWO_INPUTS, str(arch), "exec"), namespace)
+    torch.manual_seed(0)
+    model = namespace["TwoInputs"]()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 6, 6), torch.randn(4, 5))  # train mode: statistics move
+    weights = tmp_path / "two.pt"
+    torch.save(model.state_dict(), weights)
+    result = runner.invoke(
+        app,
+        [
+            "fuse",
+            str(weights),
+            "--arch",
+            f"{arch}:TwoInputs",
+            "--input-shape",
+            "1,3,6,6",
+            "--input-shape",
+            "1,5",
+            "--out",
+            str(tmp_path / "two.onnx"),
+            "--format",
+            "json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {f["bn"] for f in report["folded"]} == {"bn", "bn_meta"}
+    assert [o["name"] for o in report["verification"]["outputs"]] == ["['sum']", "['image']"]
+    assert report["verification"]["passed"]
+    model_proto = onnx.load(str(tmp_path / "two.onnx"))
+    assert len(model_proto.graph.input) == 2
+
+
+def test_submodule_named_like_a_graphmodule_attribute_is_a_clear_error(runner, tmp_path):
+    """A submodule called `meta` (which torch.fx cannot hold) exits 2 with a hint, not 3."""
+    source = TWO_INPUTS.replace("self.tabular", "self.meta")
+    arch = tmp_path / "clash.py"
+    arch.write_text(source)
+    namespace: dict = {}
+    exec(compile(source, str(arch), "exec"), namespace)
+    weights = tmp_path / "clash.pt"
+    torch.save(namespace["TwoInputs"]().state_dict(), weights)
+    result = runner.invoke(
+        app,
+        [
+            "fuse",
+            str(weights),
+            "--arch",
+            f"{arch}:TwoInputs",
+            "--input-shape",
+            "1,3,6,6",
+            "--input-shape",
+            "1,5",
+            "--out",
+            str(tmp_path / "o.onnx"),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "renamed" in result.stderr
