@@ -215,6 +215,13 @@ def _load_torch_save(path: Path, *, trust_pickle: bool) -> LoadedModel:
         try:
             with path.open("rb") as f:
                 obj = torch.load(f, map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as e2:
+            raise LoadError(
+                f"unpickling failed: the pickled classes live in module {e2.name!r}, which is "
+                "not importable here",
+                hint="add its folder to PYTHONPATH, or save a state_dict and pass --arch",
+                path=path,
+            ) from e2
         except Exception as e2:
             raise LoadError(f"unpickling failed: {type(e2).__name__}: {e2}", path=path) from e2
     except Exception as e:
