@@ -87,11 +87,12 @@ def export_onnx(
     notes: list[str] = []
     inputs = tuple(example_inputs)
     names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    counts: tuple[int, int, int] | None = None
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         try:
             if exporter == "dynamo":
-                _export_dynamo(module, inputs, path, opset, dynamic_batch, external, notes)
+                counts = _export_dynamo(module, inputs, path, opset, dynamic_batch, external, notes)
             elif exporter == "legacy":
                 _export_legacy(module, inputs, path, opset, dynamic_batch, names, external)
             else:
@@ -104,7 +105,8 @@ def export_onnx(
                 f"torch.onnx.export ({exporter}) failed: {type(e).__name__}: {first}",
                 hint="try --exporter legacy" if exporter == "dynamo" else "try --exporter dynamo",
             ) from e
-    nodes, bn_nodes, used_opset = onnx_counts(path)
+    # counting from the in-memory program avoids parsing the whole file (weights and all)
+    nodes, bn_nodes, used_opset = counts if counts is not None else onnx_counts(path)
     return ExportResult(path, exporter, used_opset, nodes, bn_nodes, external, tuple(notes))
 
 
@@ -130,7 +132,7 @@ def _export_dynamo(
     dynamic_batch: bool,
     external: bool,
     notes: list[str],
-) -> None:
+) -> tuple[int, int, int]:
     kwargs: dict[str, Any] = {"dynamo": True, "external_data": external}
     if opset is not None:
         kwargs["opset_version"] = opset
@@ -151,6 +153,10 @@ def _export_dynamo(
     if program is None:
         raise ExportError("torch.onnx.export(dynamo=True) returned no program")
     program.save(str(path), external_data=external)
+    graph = program.model.graph
+    ops = [node.op_type for node in graph.all_nodes()]
+    opset = program.model.opset_imports.get("", 0)
+    return len(list(graph)), sum(op == "BatchNormalization" for op in ops), opset
 
 
 def _export_legacy(
