@@ -311,8 +311,11 @@ def _sites(decisions: Sequence[Any]) -> tuple[tuple[FoldedSite, ...], tuple[Skip
         if d.folded
     )
     skipped = tuple(
-        SkippedSite(d.bn, d.reason.value if d.reason else "",
-                    d.detail or (d.reason.explanation if d.reason else ""))
+        SkippedSite(
+            d.bn,
+            d.reason.value if d.reason else "",
+            d.detail or (d.reason.explanation if d.reason else ""),
+        )
         for d in decisions
         if not d.folded
     )

@@ -149,3 +149,31 @@ class FuseReport:
 def to_dict(report: Any) -> dict[str, Any]:
     """A report as JSON-ready plain data (tuples become lists)."""
     return dataclasses.asdict(report)
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    """One check on one file: a stable name, the verdict and a sentence."""
+
+    name: str
+    passed: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    path: str
+    readable: bool  # False: the file could not be read at all (exit 2)
+    passed: bool
+    checks: tuple[CheckItem, ...]
+    bn_nodes: tuple[str, ...]
+    outputs: tuple[OutputCheck, ...]  # the --reference comparison, when asked for
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    files: tuple[FileCheck, ...]
+    passed: bool
+    exit_code: int  # 0 passed, 1 a check failed, 2 a file could not be read
+    max_bn: int
+    schema_version: int = SCHEMA_VERSION

@@ -12,6 +12,7 @@ import warnings
 import typer
 
 from bnfold import __version__
+from bnfold.cli import check as _check
 from bnfold.cli import fuse as _fuse
 from bnfold.cli import inspect as _inspect
 
@@ -44,6 +45,7 @@ def _root(
 
 app.command("inspect")(_inspect.inspect_command)
 app.command("fuse")(_fuse.fuse_command)
+app.command("check")(_check.check_command)
 
 
 def main() -> None:

@@ -15,18 +15,22 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnfold.reports import FuseReport, InspectReport, Spread, to_dict
+from bnfold.reports import CheckReport, FuseReport, InspectReport, Spread, to_dict
 
 __all__ = ["emit", "to_json", "to_markdown"]
 
 
-def emit(report: InspectReport | FuseReport, fmt: str, console: Console) -> None:
+def emit(report: InspectReport | FuseReport | CheckReport, fmt: str, console: Console) -> None:
     if fmt == "json":
         console.file.write(to_json(report) + "\n")
     elif fmt == "markdown":
         console.file.write(to_markdown(report) + "\n")
+    elif fmt == "junit" and isinstance(report, CheckReport):
+        console.file.write(to_junit(report) + "\n")
     elif isinstance(report, InspectReport):
         _inspect_table(report, console)
+    elif isinstance(report, CheckReport):
+        _check_table(report, console)
     else:
         _fuse_table(report, console)
     console.file.flush()
@@ -273,7 +277,77 @@ def _fuse_markdown(r: FuseReport) -> str:
     return "\n".join(lines)
 
 
-def to_markdown(report: InspectReport | FuseReport) -> str:
+def to_markdown(report: InspectReport | FuseReport | CheckReport) -> str:
     if isinstance(report, InspectReport):
         return _inspect_markdown(report)
+    if isinstance(report, CheckReport):
+        return _check_markdown(report)
     return _fuse_markdown(report)
+
+
+# --------------------------------------------------------------------------- check
+
+
+def _check_table(r: CheckReport, console: Console) -> None:
+    for f in r.files:
+        verdict = "PASSED" if f.passed else "UNREADABLE" if not f.readable else "FAILED"
+        console.print(Text(f"{f.path}: {verdict}", style="bold green" if f.passed else "bold red"))
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("check")
+        table.add_column("result")
+        table.add_column("details", overflow="fold", ratio=1)
+        for c in f.checks:
+            table.add_row(
+                c.name,
+                Text("ok" if c.passed else "FAIL", style="green" if c.passed else "red"),
+                Text(c.message),
+            )
+        console.print(table)
+    passed = sum(f.passed for f in r.files)
+    console.print(Text(f"{passed}/{len(r.files)} files passed; exit {r.exit_code}", style="bold"))
+
+
+def _check_markdown(r: CheckReport) -> str:
+    lines = [
+        f"### bnfold check: {sum(f.passed for f in r.files)}/{len(r.files)} files passed",
+        "",
+        "| file | check | result | details |",
+        "|---|---|---|---|",
+    ]
+    for f in r.files:
+        for c in f.checks:
+            lines.append(
+                f"| `{_md_escape(f.path)}` | {c.name} | "
+                f"{'✅' if c.passed else '❌'} | {_md_escape(c.message)} |"
+            )
+    return "\n".join(lines)
+
+
+def to_junit(r: CheckReport) -> str:
+    """JUnit XML: one <testsuite> per file, one <testcase> per check."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.Element(
+        "testsuites",
+        name="bnfold check",
+        tests=str(sum(len(f.checks) for f in r.files)),
+        failures=str(sum(not c.passed for f in r.files if f.readable for c in f.checks)),
+        errors=str(sum(not f.readable for f in r.files)),
+    )
+    for f in r.files:
+        failed = sum(not c.passed for c in f.checks)
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=f.path,
+            tests=str(len(f.checks)),
+            failures=str(failed if f.readable else 0),
+            errors=str(0 if f.readable else 1),
+        )
+        for c in f.checks:
+            case = ET.SubElement(suite, "testcase", classname=f"bnfold.check.{f.path}", name=c.name)
+            if not c.passed:
+                tag = "failure" if f.readable else "error"
+                ET.SubElement(case, tag, message=c.message).text = c.message
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
