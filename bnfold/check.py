@@ -76,6 +76,7 @@ def check_file(path: Path, opts: CheckOptions) -> FileCheck:
             hint="bnfold check takes ONNX files; bnfold fuse makes them",
         )
     model = loaded.onnx_model
+    assert model is not None  # an ONNX load always carries its model
     items: list[CheckItem] = []
     items += _checker(model, path)
     items.append(_weights_finite(model))

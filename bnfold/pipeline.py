@@ -83,6 +83,7 @@ def run_fuse(
             hint="pass --arch (e.g. torchvision:resnet50 or mypkg.models:Net)",
         )
     original = loaded.module
+    notes = list(loaded.notes)
     _check_finite(original, opts.model)
     lap("load")
     with step("Capturing the data flow"):
@@ -102,6 +103,11 @@ def run_fuse(
                     hint="pass --input-shape, e.g. --input-shape 1,3,224,224",
                 )
             example = inferred
+            notes.append(
+                f"input shape inferred from the first layer: {list(example[0].shape)}; the "
+                "ONNX input keeps these sizes (batch aside): pass --input-shape for the "
+                "size you deploy"
+            )
         try:
             propagate_shapes(gm, example)
         except Exception as e:
@@ -124,7 +130,6 @@ def run_fuse(
     folded, skipped = _sites(outcome.decisions)
     report_kwargs: dict[str, Any] = {}
     torch_out: str | None = None
-    notes = list(loaded.notes)
     if opts.out is not None:
         import torch
 
