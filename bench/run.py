@@ -6,9 +6,11 @@
    (target: at most 1.5x).
 2. fuse end to end: ``bnfold fuse resnet50.pth --arch torchvision:resnet50 --out ...`` vs a
    bare ``torch.onnx.export(dynamo=True)`` of the same weights (target: at most 1.2x).
-3. the fold step alone on ResNet-50, in process (target: at most 50 ms).
-4. peak memory of fuse against the model's size (target: at most 3x).
-5. onnxruntime latency of bnfold's ONNX vs the peers' exports, optimisations on and off.
+3. check: ``bnfold check`` on the folded ResNet-50 ONNX vs loading it in onnxruntime and
+   running one inference (target: at most 1.3x).
+4. the fold step alone on ResNet-50, in process (target: at most 50 ms).
+5. peak memory of fuse against the model's size (target: at most 3x).
+6. onnxruntime latency of bnfold's ONNX vs the peers' exports, optimisations on and off.
 """
 
 from __future__ import annotations
@@ -119,6 +121,16 @@ def main() -> None:
         fuse_cmd,
         [PY, str(HERE / "peer_export.py"), str(weights), str(out / "peer.onnx")],
         runs=args.runs,
+    )
+    folded = out / "bnfold.onnx"
+    ort_once = (
+        "import numpy as np, onnxruntime as ort; "
+        f"s = ort.InferenceSession({str(folded)!r}, providers=['CPUExecutionProvider']); "
+        "s.run(None, {s.get_inputs()[0].name: np.random.default_rng(0)"
+        ".standard_normal((1, 3, 224, 224)).astype(np.float32)})"
+    )
+    results["check"] = compare(
+        bnfold("check", str(folded), "--format", "json"), [PY, "-c", ort_once], runs=args.runs
     )
     baseline = run_once([PY, "-c", "import torch, torchvision, onnx, onnxruntime, onnxscript"])
     fuse_peak = results["fuse"]["a_peak_mb"]  # type: ignore[index]

@@ -78,7 +78,7 @@ def check_file(path: Path, opts: CheckOptions) -> FileCheck:
     model = loaded.onnx_model
     assert model is not None  # an ONNX load always carries its model
     items: list[CheckItem] = []
-    items += _checker(model, path)
+    items += _checker(path)
     items.append(_weights_finite(model))
     bn_nodes = tuple(
         n.name or n.output[0] for n in model.graph.node if n.op_type == "BatchNormalization"
@@ -104,14 +104,13 @@ def check_file(path: Path, opts: CheckOptions) -> FileCheck:
     )
 
 
-def _checker(model: Any, path: Path) -> list[CheckItem]:
+def _checker(path: Path) -> list[CheckItem]:
     import onnx
 
     try:
-        if model.ByteSize() > 2**31 - 2**20:
-            onnx.checker.check_model(str(path), full_check=True)
-        else:
-            onnx.checker.check_model(model, full_check=True)
+        # from the path: the C++ checker reads the file itself (and any external data),
+        # which is faster than handing it the parsed model
+        onnx.checker.check_model(str(path), full_check=True)
     except onnx.shape_inference.InferenceError as e:
         return [CheckItem("checker", True, "valid"), CheckItem("shape_inference", False, _first(e))]
     except (onnx.checker.ValidationError, ValueError) as e:
@@ -141,7 +140,7 @@ def _batches(model: Any, opts: CheckOptions) -> list[list[Any]]:
     from bnfold.inputs import onnx_batches, read_npz
 
     if opts.inputs_npz is not None:
-        return read_npz(opts.inputs_npz)
+        return read_npz(opts.inputs_npz, as_numpy=True)
     return onnx_batches(model, opts.input_shapes, opts.batches, seed=opts.seed)
 
 
@@ -157,9 +156,7 @@ def _run(path: Path, batches: list[list[Any]]) -> tuple[list[CheckItem], list[An
         for batch in batches:
             if len(batch) != len(names):
                 raise BnfoldError(f"the model takes {len(names)} inputs, got {len(batch)}")
-            outputs.append(
-                session.run(None, {n: t.numpy() for n, t in zip(names, batch, strict=True)})
-            )
+            outputs.append(session.run(None, dict(zip(names, batch, strict=True))))
     except BnfoldError:
         raise
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
@@ -200,7 +197,10 @@ def _compare(
     if reference.onnx_model is not None:
         v = verify_onnx_pair(opts.reference, path, batches, atol=opts.atol, rtol=opts.rtol)
     elif reference.module is not None:
-        v = verify_onnx(reference.module, path, batches, atol=opts.atol, rtol=opts.rtol)
+        import torch
+
+        tensors = [[torch.from_numpy(np.asarray(a)) for a in batch] for batch in batches]
+        v = verify_onnx(reference.module, path, tensors, atol=opts.atol, rtol=opts.rtol)
     else:
         raise BnfoldError(
             "--reference is a bare state_dict",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -93,11 +93,9 @@ def random_batches(
     return out
 
 
-def read_npz(path: Path) -> list[list[torch.Tensor]]:
+def read_npz(path: Path, as_numpy: bool = False) -> list[list[Any]]:
     """Batches from an .npz: one array per model input, in the file's key order; each
-    array's first axis is the batch."""
-    import torch
-
+    array's first axis is the batch. Torch tensors unless ``as_numpy``."""
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = [data[k] for k in data.files]
@@ -105,20 +103,24 @@ def read_npz(path: Path) -> list[list[torch.Tensor]]:
         raise LoadError(f"cannot read inputs: {e}", path=path) from e
     if not arrays:
         raise LoadError("the .npz holds no arrays", path=path)
-    return [[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]]
+    arrays = [np.ascontiguousarray(a) for a in arrays]
+    if as_numpy:
+        return [arrays]
+    import torch
+
+    return [[torch.from_numpy(a) for a in arrays]]
 
 
 def onnx_batches(
     model: object, shapes: Sequence[tuple[int, ...]], count: int, seed: int = 0
-) -> list[list[torch.Tensor]]:
+) -> list[list[np.ndarray]]:
     """Seeded random batches for an ONNX model's graph inputs (initializers excluded).
 
     Dimensions come from ``shapes`` (one per input, in order) or from the graph; a
     symbolic first dimension is taken as a batch of 1, any other symbolic dimension needs
-    ``--input-shape``.
+    ``--input-shape``. Arrays are numpy: checking an ONNX file never needs torch.
     """
     import onnx
-    import torch
 
     graph = model.graph  # type: ignore[attr-defined]
     inits = {t.name for t in graph.initializer}
@@ -153,6 +155,6 @@ def onnx_batches(
                 array = gen.integers(0, 2, size).astype(bool)
             else:
                 array = gen.integers(0, 10, size).astype(dtype)
-            batch.append(torch.from_numpy(array))
+            batch.append(array)
         out.append(batch)
     return out

@@ -110,7 +110,7 @@ class _Worst:
         )
 
 
-def _run(session: Any, batch: Sequence[torch.Tensor], what: str) -> list[Any]:
+def _run(session: Any, batch: Sequence[torch.Tensor | np.ndarray], what: str) -> list[Any]:
     names = [i.name for i in session.get_inputs()]
     if len(batch) != len(names):
         raise VerifyError(f"the {what} takes {len(names)} inputs, got {len(batch)}")
@@ -195,7 +195,7 @@ def verify_onnx(
 def verify_onnx_pair(
     reference_path: Path,
     onnx_path: Path,
-    batches: Sequence[Sequence[torch.Tensor]],
+    batches: Sequence[Sequence[torch.Tensor | np.ndarray]],
     *,
     atol: float | None = None,
     rtol: float | None = None,
@@ -251,7 +251,9 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nan_to_num(diff, nan=float("inf")).max())
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def _to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t
     if t.dtype is torch.bfloat16:
         import ml_dtypes  # shipped with onnx
 

@@ -103,7 +103,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("name", CORPUS)
-@pytest.mark.parametrize("command", ["inspect", "fuse"])
+@pytest.mark.parametrize("command", ["inspect", "fuse", "check"])
 def test_broken_input_gives_one_line_and_exit_2(corpus, name, command, tmp_path):
     """Every broken file, every command: exit 2, one `error:` line, no output, input intact."""
     path = corpus[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 from pathlib import Path
 
 import typer
@@ -77,5 +78,8 @@ def check_command(
     with progress.step(f"Checking {len(models)} file(s)"):
         report = run_check(models, opts)
     render.emit(report, fmt.value, stdout_console())
+    for f in report.files:  # the report says it too; stderr gets the one line per bad file
+        if not f.readable:
+            sys.stderr.write(f"error: {f.checks[0].message}\n")
     if report.exit_code:
         raise typer.Exit(report.exit_code)
