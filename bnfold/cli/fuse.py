@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -19,6 +20,32 @@ from bnfold.cli.common import (
     parse_arch_kwargs,
     stdout_console,
 )
+
+if TYPE_CHECKING:
+    from bnfold.pipeline import FuseOptions
+    from bnfold.reports import FuseReport
+
+
+def _write_html(report: FuseReport, opts: FuseOptions, html: Path) -> None:
+    """The fuse report plus the model's BatchNorm statistics, as one HTML file."""
+    import sys
+
+    from bnfold.cli import html as html_render
+    from bnfold.cli.inspect import _png_or_none
+    from bnfold.cli.plot import write_atomic
+    from bnfold.loading import load_model
+    from bnfold.stats import inspect_model
+
+    loaded = load_model(
+        opts.model,
+        arch=opts.arch,
+        arch_kwargs=opts.arch_kwargs,  # type: ignore[attr-defined]
+        trust_pickle=opts.trust_pickle,
+    )  # type: ignore[attr-defined]
+    stats = inspect_model(loaded)
+    page = html_render.fuse_html(report, stats, _png_or_none(stats))  # type: ignore[arg-type]
+    write_atomic(html, page.encode())
+    sys.stderr.write(f"wrote {html}\n")
 
 
 class Exporter(str, enum.Enum):
@@ -59,6 +86,12 @@ def fuse_command(
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
+    html: Path | None = typer.Option(
+        None,
+        "--html",
+        help="Also write a self-contained HTML report: folded, kept and why, "
+        "verification, and the BatchNorm statistics (pictures need matplotlib).",
+    ),
     debug: bool = DEBUG,
 ) -> None:
     """Fold BatchNorm exactly, export ONNX and prove it in onnxruntime (exit 1 if not)."""
@@ -84,8 +117,14 @@ def fuse_command(
         verify_batches=verify_batches,
         force=force,
     )
+    if html is not None:
+        from bnfold.cli.plot import check_output_path
+
+        check_output_path(html, model)
     progress = Progress(enabled=None if fmt is OutputFormat.table else False)
     report = run_fuse(opts, step=progress.step)
     render.emit(report, fmt.value, stdout_console())
+    if html is not None:
+        _write_html(report, opts, html)
     if report.verification is not None and not report.verification.passed:
         raise typer.Exit(1)

@@ -40,6 +40,15 @@ def inspect_command(
         help="Override a diagnostic threshold: dead_gamma (1e-3), tiny_variance (1e-4), "
         "scale_spread (100).",
     ),
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="Also draw the layers' statistics to a .png, .svg or .pdf "
+        "(needs: pip install 'bnfold[plot]').",
+    ),
+    html: Path | None = typer.Option(
+        None, "--html", help="Also write a self-contained HTML report (pictures need matplotlib)."
+    ),
     debug: bool = DEBUG,
 ) -> None:
     """Report every BatchNorm layer: statistics, what it folds into (or why not), warnings."""
@@ -52,6 +61,16 @@ def inspect_command(
     except ValueError as e:
         raise BnfoldError(f"--threshold: {e}") from e
     kwargs = parse_arch_kwargs(arch_kwargs)
+    plot_format = None
+    if plot is not None:
+        from bnfold.cli.plot import check_plot_path, require_matplotlib
+
+        plot_format = check_plot_path(plot, model)
+        require_matplotlib()
+    if html is not None:
+        from bnfold.cli.plot import check_output_path
+
+        check_output_path(html, model)
     progress = Progress(enabled=None if fmt is OutputFormat.table else False)
     with progress.step(f"Loading {model.name}"):
         from bnfold.loading import load_model
@@ -67,3 +86,40 @@ def inspect_command(
 
         report = inspect_model(loaded, thresholds, example)
     render.emit(report, fmt.value, stdout_console())
+    if plot is not None or html is not None:
+        write_pictures(report, plot, plot_format, html)
+
+
+def write_pictures(
+    report: object, plot: Path | None, plot_format: str | None, html: Path | None
+) -> None:
+    """--plot and --html for an inspect report; messages on stderr (stdout stays clean)."""
+    import sys
+
+    from bnfold.cli import html as html_render
+    from bnfold.cli import plot as plotting
+    from bnfold.reports import InspectReport
+
+    assert isinstance(report, InspectReport)
+    if plot is not None and plot_format is not None:
+        plotting.write_atomic(plot, plotting.render(report, plot_format))
+        sys.stderr.write(f"wrote {plot}\n")
+    if html is not None:
+        png = _png_or_none(report)
+        plotting.write_atomic(html, html_render.inspect_html(report, png).encode())
+        sys.stderr.write(f"wrote {html}\n")
+
+
+def _png_or_none(report: object) -> bytes | None:
+    """The picture for an HTML report, or None (and a line on stderr) without matplotlib."""
+    import sys
+
+    from bnfold.cli import plot as plotting
+    from bnfold.errors import BnfoldError
+
+    try:
+        plotting.require_matplotlib()
+    except BnfoldError:
+        sys.stderr.write("note: no pictures in the HTML: pip install 'bnfold[plot]'\n")
+        return None
+    return plotting.render(report, "png")  # type: ignore[arg-type]
