@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO := build/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-peers clean
 
 install:
 	$(PIP) install --quiet -e '.[test]'
@@ -26,6 +26,10 @@ lint:
 
 bench: install
 	$(PYTHON) bench/run.py
+
+bench-peers: install
+	$(PIP) install --quiet onnxsim
+	$(PYTHON) bench/peers.py
 
 clean:
 	rm -rf build .pytest_cache .hypothesis
