@@ -1,5 +1,5 @@
 """Models over protobuf's 2 GB limit: fuse writes ONNX with external data, within 3x the
-model's size of memory above the import baseline (issue 5)."""
+model's size of memory above the import baseline, and check passes it (issue 5)."""
 
 from __future__ import annotations
 
@@ -94,3 +94,8 @@ def test_model_over_2gb_fuses_with_external_data_within_3x_memory(tmp_path):
     model = onnx.load(str(out), load_external_data=False)
     assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert (peak - base_peak) <= 3 * size_mb, (peak, base_peak, size_mb)
+    code, _, stdout, stderr = run_measured(
+        [sys.executable, "-m", "bnfold", "check", str(out), "--format", "json"], tmp_path
+    )
+    assert code == 0, stdout + stderr
+    assert json.loads(stdout)["files"][0]["passed"]
