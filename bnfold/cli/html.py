@@ -142,7 +142,7 @@ def fuse_html(r: FuseReport, inspect: InspectReport | None, png: bytes | None) -
                 f"<tr><td>{escape(o.name)}</td><td>{list(o.shape)}</td><td>{o.max_abs_error:.3g}"
                 f"</td><td>{o.max_rel_error:.3g}</td><td>{o.reference_max_abs:.3g}</td>"
                 f'<td class="{"ok" if o.passed else "bad"}">'
-                f'{"ok" if o.passed else "FAIL"}</td></tr>'
+                f"{'ok' if o.passed else 'FAIL'}</td></tr>"
                 for o in v.outputs
             ],
             "</table>",
