@@ -18,6 +18,7 @@ Checks, in order (a file that cannot be read at all is reported as unreadable, e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,22 @@ def check_file(path: Path, opts: CheckOptions) -> FileCheck:
         )
     model = loaded.onnx_model
     assert model is not None  # an ONNX load always carries its model
+    # the checker (C++) runs in a thread while Python checks the weights and onnxruntime
+    # builds its session: on two cores that hides most of its time
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        checker = pool.submit(_checker, path)
+        items, bn_nodes, comparison = _rest(model, path, opts)
+        every = [*checker.result(), *items]
+    return FileCheck(
+        str(path), True, all(i.passed for i in every), tuple(every), bn_nodes, comparison
+    )
+
+
+def _rest(
+    model: Any, path: Path, opts: CheckOptions
+) -> tuple[list[CheckItem], tuple[str, ...], tuple[OutputCheck, ...]]:
+    """Every check but the checker: weights, BatchNorm count, onnxruntime, reference."""
     items: list[CheckItem] = []
-    items += _checker(path)
     items.append(_weights_finite(model))
     bn_nodes = tuple(
         n.name or n.output[0] for n in model.graph.node if n.op_type == "BatchNormalization"
@@ -99,9 +114,7 @@ def check_file(path: Path, opts: CheckOptions) -> FileCheck:
     if opts.reference is not None and outputs is not None:
         item, comparison = _compare(path, batches, opts)
         items.append(item)
-    return FileCheck(
-        str(path), True, all(i.passed for i in items), tuple(items), bn_nodes, comparison
-    )
+    return items, bn_nodes, comparison
 
 
 def _checker(path: Path) -> list[CheckItem]:
