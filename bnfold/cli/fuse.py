@@ -27,25 +27,34 @@ if TYPE_CHECKING:
 
 
 def _write_html(report: FuseReport, opts: FuseOptions, html: Path) -> None:
-    """The fuse report plus the model's BatchNorm statistics, as one HTML file."""
-    import sys
+    """The fuse report plus the original model's BatchNorm statistics, as one HTML file.
 
-    from bnfold.cli import html as html_render
-    from bnfold.cli.inspect import _png_or_none
-    from bnfold.cli.plot import write_atomic
+    The statistics need the model again (the fuse pipeline keeps no loaded model): it is
+    loaded once more and analysed with the same example inputs the fuse run used.
+    """
+    from bnfold.cli import html as pages
+    from bnfold.cli import plot as plotting
+    from bnfold.cli.inspect import tell
+    from bnfold.inputs import random_batches, read_npz
     from bnfold.loading import load_model
     from bnfold.stats import inspect_model
 
     loaded = load_model(
-        opts.model,
-        arch=opts.arch,
-        arch_kwargs=opts.arch_kwargs,  # type: ignore[attr-defined]
-        trust_pickle=opts.trust_pickle,
-    )  # type: ignore[attr-defined]
-    stats = inspect_model(loaded)
-    page = html_render.fuse_html(report, stats, _png_or_none(stats))  # type: ignore[arg-type]
-    write_atomic(html, page.encode())
-    sys.stderr.write(f"wrote {html}\n")
+        opts.model, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_pickle=opts.trust_pickle
+    )
+    example = None
+    if loaded.onnx_model is None and loaded.module is not None:
+        if opts.input_shapes:
+            example = random_batches(opts.input_shapes, opts.input_dtype, 1, seed=opts.seed)[0]
+        elif opts.inputs_npz is not None:
+            example = [t[:2] for t in read_npz(opts.inputs_npz)[0]]
+    stats = inspect_model(loaded, example_inputs=example)
+    del loaded
+    png, missing = plotting.picture_for_html(stats)
+    if missing is not None:
+        tell(f"note: {html} has no pictures: matplotlib is not installed ({plotting.INSTALL_HINT})")
+    plotting.write_atomic(html, pages.fuse_html(report, stats, png, missing).encode("utf-8"))
+    tell(f"wrote {html}")
 
 
 class Exporter(str, enum.Enum):
@@ -117,10 +126,11 @@ def fuse_command(
         verify_batches=verify_batches,
         force=force,
     )
-    if html is not None:
-        from bnfold.cli.plot import check_output_path
+    if html is not None:  # before the expensive work
+        from bnfold.cli.html import check_html_path
 
-        check_output_path(html, model)
+        taken = [out, save_torch, out.with_name(out.name + ".data") if out else None]
+        check_html_path(html, model, taken)
     progress = Progress(enabled=None if fmt is OutputFormat.table else False)
     report = run_fuse(opts, step=progress.step)
     render.emit(report, fmt.value, stdout_console())

@@ -1,153 +1,365 @@
 """Self-contained HTML reports (``--html``): summary, tables, pictures, explanations.
 
-One file with inline CSS and the picture embedded as base64 PNG: it opens without a
-network. Every string from the model is escaped.
+One file that opens without a network: inline CSS, no scripts, no fonts, the picture
+embedded as a base64 PNG (``data:`` URI). Every string that comes from the model or
+the command line (paths, layer names, reason details, notes) goes through
+``html.escape``. No timestamps: the same report gives the same bytes.
 """
 
 from __future__ import annotations
 
 import base64
+import math
+from collections.abc import Iterable
 from html import escape
+from pathlib import Path
 
-from bnfold.reports import FuseReport, InspectReport
+from bnfold import __version__
+from bnfold.errors import OutputError
+from bnfold.reports import BNLayerReport, FuseReport, InspectReport, Spread
 
-# what each diagnostic means (thresholds: bnfold/stats.py, README)
-EXPLANATIONS = {
-    "stale_stats": "num_batches_tracked is 0, or running_mean is all 0 and running_var all 1: "
-    "the statistics were never updated, so folding bakes in meaningless values.",
-    "dead_channels": "|gamma| below dead_gamma (1e-3) in some channels: those channels "
-    "output a constant; they can usually be pruned.",
-    "tiny_variance": "running_var + eps below tiny_variance (1e-4): folding multiplies the "
-    "channel's weights by over 100x|gamma|, which hurts low-precision inference.",
-    "large_scale_spread": "the largest fold scale is over scale_spread (100) times the "
-    "smallest: per-tensor quantisation of the folded weights loses the small channels.",
-    "nonfinite": "NaN or Inf in a parameter or statistic.",
-    "negative_variance": "a running variance below zero: the statistics are corrupt.",
-    "train_mode": "the module is in training mode and normalises with batch statistics.",
-    "no_running_stats": "track_running_stats=False or no running buffers: nothing to fold.",
-}
+__all__ = ["EXTENSIONS", "check_html_path", "explanations", "fuse_html", "inspect_html"]
+
+EXTENSIONS = (".html", ".htm")
+
+
+def check_html_path(path: Path, model: Path, taken: Iterable[Path | None] = ()) -> None:
+    """Refuse ``--html`` paths without an .html extension (a typo must not hit a model)."""
+    from bnfold.cli.plot import check_output_path
+
+    if path.suffix.lower() not in EXTENSIONS:
+        raise OutputError(
+            f"--html {path}: unsupported extension {path.suffix or '(none)'!r}; "
+            "use a .html file name"
+        )
+    check_output_path(path, "--html", model, taken)
+
+
+def explanations(thresholds: dict[str, float]) -> dict[str, str]:
+    """What each diagnostic code means, with the thresholds this report used."""
+    dead = thresholds.get("dead_gamma", 1e-3)
+    tiny = thresholds.get("tiny_variance", 1e-4)
+    spread = thresholds.get("scale_spread", 100.0)
+    return {
+        "stale_stats": "num_batches_tracked is 0, or running_mean is all 0 and running_var "
+        "all 1: the statistics were never updated, so folding bakes in meaningless values. "
+        "Calibrate the BatchNorm layers on real data before folding.",
+        "dead_channels": f"|gamma| < dead_gamma ({dead:g}) in some channel: the channel "
+        "outputs (almost) a constant beta; it can usually be pruned.",
+        "tiny_variance": f"running_var + eps < tiny_variance ({tiny:g}) in some channel: "
+        f"folding multiplies that channel's weights by more than {1 / math.sqrt(tiny):.4g}"
+        "·|gamma|, which low-precision (float16, int8) inference may not survive.",
+        "large_scale_spread": "the largest |fold scale| over live channels is more than "
+        f"scale_spread ({spread:g}) times the smallest: per-tensor quantisation of the "
+        "folded weights loses the small channels (use per-channel quantisation).",
+        "nonfinite": "NaN or Inf in a parameter or statistic: the layer cannot be folded and "
+        "its outputs are not meaningful.",
+        "negative_variance": "running_var < 0 in some channel: the statistics are corrupt.",
+        "train_mode": "the module is in training mode: it normalises with the statistics "
+        "of each batch, not its running statistics; call model.eval() before saving.",
+        "no_running_stats": "track_running_stats=False or no running buffers: the layer "
+        "always normalises with batch statistics, so there is nothing to fold.",
+    }
+
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f2f2f2} .bad{color:#b00} .ok{color:#070} img{max-width:100%}
-code{background:#f6f6f6;padding:0 3px}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em 2em;color:#222;
+ line-height:1.4}
+h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em;
+ border-bottom:1px solid #ddd} h3{font-size:1.05em}
+table{border-collapse:collapse;margin:.6em 0;font-size:13px}
+th,td{border:1px solid #d0d0d0;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f2f2f2;position:sticky;top:0}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr:nth-child(even) td{background:#fafafa}
+.scroll{overflow-x:auto;max-width:100%}
+.picture img{max-width:none;display:block}
+.bad{color:#b00020;font-weight:600} .ok{color:#1b7a1b;font-weight:600}
+.warn{color:#9a5b00} .muted{color:#666}
+code{background:#f4f4f4;padding:0 3px;border-radius:3px}
+dl.summary{display:grid;grid-template-columns:max-content auto;gap:2px 14px}
+dl.summary dt{color:#555} dl.summary dd{margin:0}
+footer{margin-top:2em;color:#888;font-size:12px}
 """
 
 
-def _page(title: str, body: list[str]) -> str:
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
-    )
+def _e(value: object) -> str:
+    return escape(str(value), quote=True)
 
 
 def _g(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
-def _picture(png: bytes | None) -> list[str]:
-    if png is None:
-        return [
-            "<p><em>No pictures: matplotlib is not installed (pip install 'bnfold[plot]').</em></p>"
-        ]
-    data = base64.b64encode(png).decode("ascii")
-    return [f'<img alt="BatchNorm statistics per layer" src="data:image/png;base64,{data}">']
+def _spread(s: Spread | None) -> str:
+    return "-" if s is None else f"{_g(s.min)} / {_g(s.median)} / {_g(s.max)}"
 
 
-def inspect_sections(r: InspectReport, png: bytes | None) -> list[str]:
-    s = r.summary
-    foldable = "unknown (no architecture)" if s.foldable is None else f"{s.foldable}/{s.bn_layers}"
-    out = [
-        f"<h2>BatchNorm layers of <code>{escape(r.model)}</code></h2>",
-        f"<p>{s.bn_layers} layers ({escape(r.format)}, {escape(r.order)} order); foldable: "
-        f"{foldable}; folding removes {s.params_removed} parameters and {s.buffers_removed} "
-        "buffer values.</p>",
-        *_picture(png),
-        "<table><tr><th>#</th><th>layer</th><th>kind</th><th>C</th><th>folds into</th>"
-        "<th>fold scale min / median / max</th><th>var min</th><th>warnings</th></tr>",
-    ]
-    for i, layer in enumerate(r.layers):
-        fs = layer.fold_scale
-        scale = "-" if fs is None else f"{_g(fs.min)} / {_g(fs.median)} / {_g(fs.max)}"
-        fold = (
-            f"{escape(layer.fold_into)} ({layer.fold_direction})"
-            if layer.fold_into
-            else f"stays: <code>{escape(layer.reason or '-')}</code> "
-            f"{escape(layer.reason_detail or '')}"
-        )
-        warn = ", ".join(escape(w) for w in layer.warnings) or "-"
-        out.append(
-            f"<tr><td>{i}</td><td>{escape(layer.name)}</td><td>{escape(layer.kind)}</td>"
-            f"<td>{layer.channels}</td><td>{fold}</td><td>{scale}</td>"
-            f"<td>{_g(layer.running_var.min if layer.running_var else None)}</td>"
-            f'<td class="{"bad" if layer.warnings else "ok"}">{warn}</td></tr>'
-        )
-    out.append("</table>")
-    codes = [c for c in EXPLANATIONS if c in s.warnings_by_code]
-    if codes:
-        out.append("<h3>Diagnostics</h3><ul>")
-        out += [
-            f"<li><code>{c}</code> ({s.warnings_by_code[c]} layers): {escape(EXPLANATIONS[c])}</li>"
-            for c in codes
-        ]
-        out.append("</ul>")
-    out += [f"<p><em>Note: {escape(n)}</em></p>" for n in r.notes]
-    return out
+def _summary(items: list[tuple[str, str]]) -> str:
+    """A definition list; values are already-escaped HTML."""
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items)
+    return f'<dl class="summary">{rows}</dl>'
 
 
-def inspect_html(r: InspectReport, png: bytes | None) -> str:
-    return _page(
-        f"bnfold inspect {r.model}", ["<h1>bnfold inspect</h1>", *inspect_sections(r, png)]
+def _table(head: list[str], rows: list[str]) -> str:
+    cells = "".join(f"<th>{_e(h)}</th>" for h in head)
+    return f'<div class="scroll"><table><tr>{cells}</tr>\n' + "\n".join(rows) + "</table></div>"
+
+
+def _page(title: str, body: list[str]) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n"
+        + "\n".join(body)
+        + f"\n<footer>Written by bnfold {_e(__version__)}.</footer>\n</body></html>\n"
     )
 
 
-def fuse_html(r: FuseReport, inspect: InspectReport | None, png: bytes | None) -> str:
-    body = [
-        "<h1>bnfold fuse</h1>",
-        f"<p><code>{escape(r.model)}</code> → <code>{escape(r.output or '-')}</code> "
-        f"with {escape(r.exporter)}. Folded {len(r.folded)}, kept {len(r.skipped)}; stored "
-        f"values {r.params_before} → {r.params_after}; BatchNormalization left in the ONNX "
-        f"file: {r.onnx_bn_nodes if r.onnx_bn_nodes is not None else '-'}.</p>",
-        "<h2>Folded</h2><table><tr><th>BN</th><th>into</th><th>direction</th><th>rule</th></tr>",
-        *[
-            f"<tr><td>{escape(f.bn)}</td><td>{escape(f.into)}</td><td>{f.direction}</td>"
-            f"<td>{escape(f.rule)}</td></tr>"
-            for f in r.folded
-        ],
-        "</table><h2>Kept, and why</h2><table><tr><th>BN</th><th>reason</th><th>detail</th></tr>",
-        *[
-            f"<tr><td>{escape(k.bn)}</td><td><code>{escape(k.reason)}</code></td>"
-            f"<td>{escape(k.detail)}</td></tr>"
-            for k in r.skipped
-        ],
-        "</table>",
+def _picture(png: bytes | None, missing: str | None) -> list[str]:
+    if png is None:
+        why = missing or "no picture"
+        return [f'<p class="muted"><em>{_e(why)}</em></p>']
+    data = base64.b64encode(png).decode("ascii")
+    return [
+        '<div class="scroll picture"><img alt="BatchNorm statistics per layer: fold scale, '
+        f'running variance, |gamma| and warnings" src="data:image/png;base64,{data}"></div>',
+        '<p class="muted">Bars: min…max over the channels (log scale), dots: median. Red '
+        "bars: the layer has the warning the panel shows; ✕: the values change sign across "
+        "channels (the smallest magnitude is then unknown); ▼: dead channels; dashed: the "
+        "threshold.</p>",
     ]
-    v = r.verification
-    if v is not None:
-        verdict = (
-            '<span class="ok">passed</span>' if v.passed else '<span class="bad">FAILED</span>'
+
+
+def _fold_cell(layer: BNLayerReport) -> str:
+    if layer.fold_into:
+        arrow = "→" if layer.fold_direction == "backward" else "←"
+        return (
+            f'<span class="ok">{arrow}</span> {_e(layer.fold_into)} '
+            f'<span class="muted">({_e(layer.fold_direction)})</span>'
         )
-        body += [
-            f"<h2>Verification: {verdict}</h2>",
-            f"<p>{v.inputs} input batches ({escape(v.input_source)}), onnxruntime with graph "
-            f"optimisations off against a float64 run of the original; atol {v.atol:g}, rtol "
-            f"{v.rtol:g} (relative to each output's largest magnitude).</p>",
-            "<table><tr><th>output</th><th>shape</th><th>max abs error</th>"
-            "<th>max rel error</th><th>max |reference|</th><th>result</th></tr>",
-            *[
-                f"<tr><td>{escape(o.name)}</td><td>{list(o.shape)}</td><td>{o.max_abs_error:.3g}"
-                f"</td><td>{o.max_rel_error:.3g}</td><td>{o.reference_max_abs:.3g}</td>"
-                f'<td class="{"ok" if o.passed else "bad"}">'
-                f"{'ok' if o.passed else 'FAIL'}</td></tr>"
-                for o in v.outputs
+    if layer.reason:
+        detail = f" {_e(layer.reason_detail)}" if layer.reason_detail else ""
+        return f'<span class="warn">stays: <code>{_e(layer.reason)}</code></span>{detail}'
+    return "-"
+
+
+def _layer_row(i: int, layer: BNLayerReport) -> str:
+    eps = _g(layer.eps) + ("" if layer.eps_known else ' <span class="muted">(assumed)</span>')
+    warnings = ", ".join(f"<code>{_e(w)}</code>" for w in layer.warnings)
+    cells = [
+        f'<td class="num">{i}</td>',
+        f"<td>{_e(layer.name)}</td>",
+        f"<td>{_e(layer.kind)}</td>",
+        f'<td class="num">{layer.channels}</td>',
+        f"<td>{_fold_cell(layer)}</td>",
+        f'<td class="num">{_spread(layer.fold_scale)}</td>',
+        f'<td class="num">{_spread(layer.running_var)}</td>',
+        f'<td class="num">{_spread(layer.running_mean)}</td>',
+        f'<td class="num">{_spread(layer.gamma)}</td>',
+        f'<td class="num">{_spread(layer.beta)}</td>',
+        f'<td class="num">{eps}</td>',
+        f'<td class="num">{_g(layer.momentum)}</td>',
+        f'<td class="num">{_e(_opt(layer.num_batches_tracked))}</td>',
+        f"<td>{_e(_opt(layer.training))}</td>",
+        f'<td class="{"bad" if layer.warnings else "ok"}">{warnings or "-"}</td>',
+    ]
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def _opt(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def inspect_sections(
+    r: InspectReport, png: bytes | None, missing: str | None = None, heading: str | None = None
+) -> list[str]:
+    """The inspect report as HTML sections (also the second half of the fuse report)."""
+    s = r.summary
+    foldable = (
+        "unknown (no architecture)" if s.foldable is None else f"{s.foldable} of {s.bn_layers}"
+    )
+    warn = ", ".join(f"<code>{_e(k)}</code> ×{v}" for k, v in s.warnings_by_code.items())
+    thresholds = ", ".join(f"{_e(k)}={v:g}" for k, v in r.thresholds.items())
+    out = [
+        f"<h2>{_e(heading or 'Summary')}</h2>",
+        _summary(
+            [
+                ("model", f"<code>{_e(r.model)}</code>"),
+                ("format", _e(r.format)),
+                ("layer order", _e(r.order)),
+                ("BatchNorm layers", str(s.bn_layers)),
+                ("foldable", _e(foldable)),
+                (
+                    "folding removes",
+                    f"{s.params_removed} parameters and {s.buffers_removed} buffer values"
+                    + (f"; adds {s.bias_params_added} bias values" if s.bias_params_added else ""),
+                ),
+                ("warnings", warn or '<span class="ok">none</span>'),
+                ("thresholds", thresholds or "-"),
+            ]
+        ),
+        "<h2>Pictures</h2>",
+        *_picture(png, missing),
+        "<h2>Layers</h2>",
+        f'<p class="muted">In {_e(r.order)} order. Spreads are min / median / max over the '
+        "channels; the fold scale is gamma / sqrt(running_var + eps). → folds backward into "
+        "the layer before, ← forward into the layer after.</p>",
+        _table(
+            [
+                "#",
+                "layer",
+                "kind",
+                "C",
+                "folds into",
+                "fold scale",
+                "running_var",
+                "running_mean",
+                "gamma",
+                "beta",
+                "eps",
+                "momentum",
+                "batches tracked",
+                "training",
+                "warnings",
             ],
-            "</table>",
-        ]
-    if inspect is not None:
-        body += inspect_sections(inspect, png)
-    body += [f"<p><em>Note: {escape(n)}</em></p>" for n in r.notes]
+            [_layer_row(i, layer) for i, layer in enumerate(r.layers)],
+        ),
+    ]
+    explain = explanations(r.thresholds)
+    codes = list(s.warnings_by_code)
+    if codes:
+        out.append("<h2>Diagnostics</h2>")
+        for code in codes:
+            hits = [
+                (layer.name, d.message)
+                for layer in r.layers
+                for d in layer.diagnostics
+                if d.code == code
+            ]
+            layers = "".join(f"<li>{_e(name)}: {_e(message)}</li>" for name, message in hits)
+            out.append(
+                f'<h3 id="{_e(code)}"><code>{_e(code)}</code> '
+                f'<span class="muted">({s.warnings_by_code[code]} layers)</span></h3>'
+                f"<p>{_e(explain.get(code, 'see the bnfold README'))}</p><ul>{layers}</ul>"
+            )
+    if r.notes:
+        out.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in r.notes) + "</ul>")
+    return out
+
+
+def inspect_html(r: InspectReport, png: bytes | None, missing: str | None = None) -> str:
+    """The whole ``inspect --html`` page; ``missing`` says why ``png`` is None."""
+    return _page(
+        f"bnfold inspect {r.model}",
+        [
+            f"<h1>bnfold inspect: <code>{_e(Path(r.model).name)}</code></h1>",
+            *inspect_sections(r, png, missing),
+        ],
+    )
+
+
+def _verification(r: FuseReport) -> list[str]:
+    v = r.verification
+    if v is None:
+        return ["<h2>Verification</h2><p>not run.</p>"]
+    verdict = '<span class="ok">passed</span>' if v.passed else '<span class="bad">FAILED</span>'
+    items = [
+        ("inputs", f"{v.inputs} batches ({_e(v.input_source)})"),
+        (
+            "how",
+            "the ONNX file in onnxruntime (CPU, graph optimisations off) against a float64 "
+            "run of the original model",
+        ),
+        (
+            "passes when",
+            f"max abs error ≤ atol + rtol · max|reference|, atol {v.atol:g}, rtol {v.rtol:g}",
+        ),
+        ("max abs error", _g(v.max_abs_error)),
+        ("max rel error", _g(v.max_rel_error) + " (relative to the output's largest magnitude)"),
+    ]
+    if v.folded_torch_max_abs_error is not None:
+        items.append(("folded PyTorch model, max abs error", _g(v.folded_torch_max_abs_error)))
+    if v.baseline_max_abs_error is not None:
+        items.append(("float32 noise of the original (max abs)", _g(v.baseline_max_abs_error)))
+    rows = []
+    for o in v.outputs:
+        allowed = v.atol + v.rtol * o.reference_max_abs
+        rows.append(
+            f"<tr><td>{_e(o.name)}</td><td>{_e(list(o.shape))}</td>"
+            f'<td class="num">{_g(o.max_abs_error)}</td><td class="num">{_g(allowed)}</td>'
+            f'<td class="num">{_g(o.max_rel_error)}</td>'
+            f'<td class="num">{_g(o.reference_max_abs)}</td>'
+            f'<td class="{"ok" if o.passed else "bad"}">{"ok" if o.passed else "FAIL"}</td></tr>'
+        )
+    return [
+        f"<h2>Verification: {verdict}</h2>",
+        _summary(items),
+        _table(
+            [
+                "output",
+                "shape",
+                "max abs error",
+                "allowed",
+                "max rel error",
+                "max |reference|",
+                "result",
+            ],
+            rows,
+        ),
+    ]
+
+
+def fuse_html(
+    r: FuseReport, stats: InspectReport | None, png: bytes | None, missing: str | None = None
+) -> str:
+    """The whole ``fuse --html`` page: folds, kept layers, verification, then statistics."""
+    items = [
+        ("model", f"<code>{_e(r.model)}</code> ({_e(r.format)})"),
+        ("output", f"<code>{_e(r.output or '-')}</code>"),
+        ("exporter", f"{_e(r.exporter)}, opset {_e(_opt(r.opset))}"),
+        ("folded", f"{len(r.folded)} BatchNorm layers"),
+        ("kept", f"{len(r.skipped)} BatchNorm layers"),
+        ("stored values", f"{r.params_before} → {r.params_after}"),
+    ]
+    if r.ops_before is not None:
+        items.append(("graph operations", f"{r.ops_before} → {_e(_opt(r.ops_after))}"))
+    if r.onnx_nodes is not None:
+        items.append(
+            ("ONNX nodes", f"{r.onnx_nodes}, BatchNormalization left: {_e(_opt(r.onnx_bn_nodes))}")
+        )
+    if r.torch_output:
+        items.append(("folded PyTorch model", f"<code>{_e(r.torch_output)}</code>"))
+    if r.timings:
+        items.append(("timings", ", ".join(f"{_e(k)} {v:.2f} s" for k, v in r.timings.items())))
+    folded = [
+        f"<tr><td>{_e(f.bn)}</td><td>{_e(f.bn_kind)}</td><td>{_e(f.into)}</td>"
+        f"<td>{'→' if f.direction == 'backward' else '←'} {_e(f.direction)}</td>"
+        f"<td><code>{_e(f.rule)}</code></td></tr>"
+        for f in r.folded
+    ]
+    kept = [
+        f"<tr><td>{_e(k.bn)}</td><td><code>{_e(k.reason)}</code></td><td>{_e(k.detail)}</td></tr>"
+        for k in r.skipped
+    ]
+    output = Path(r.output).name if r.output else "(no output)"
+    body = [
+        f"<h1>bnfold fuse: <code>{_e(Path(r.model).name)}</code> → <code>{_e(output)}</code></h1>",
+        _summary(items),
+        *_verification(r),
+        f"<h2>Folded ({len(r.folded)})</h2>",
+        '<p class="muted">backward: into the layer that produces the BatchNorm\'s input; '
+        "forward: into the layer that consumes its output.</p>",
+        _table(["BN", "kind", "folded into", "direction", "rule"], folded)
+        if folded
+        else "<p>none</p>",
+        f"<h2>Kept, and why ({len(r.skipped)})</h2>",
+        _table(["BN", "reason", "detail"], kept) if kept else "<p>none: every BatchNorm folded</p>",
+    ]
+    if r.notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in r.notes) + "</ul>")
+    if stats is not None:
+        body += inspect_sections(
+            stats, png, missing, heading="BatchNorm statistics of the original model"
+        )
     return _page(f"bnfold fuse {r.model}", body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -19,6 +20,9 @@ from bnfold.cli.common import (
     parse_thresholds,
     stdout_console,
 )
+
+if TYPE_CHECKING:
+    from bnfold.reports import InspectReport
 
 
 @handle_errors
@@ -43,11 +47,14 @@ def inspect_command(
     plot: Path | None = typer.Option(
         None,
         "--plot",
-        help="Also draw the layers' statistics to a .png, .svg or .pdf "
-        "(needs: pip install 'bnfold[plot]').",
+        help="Also draw the layers' statistics to a picture; .png, .svg or .pdf chosen by "
+        "the extension (needs: pip install 'bnfold[plot]').",
     ),
     html: Path | None = typer.Option(
-        None, "--html", help="Also write a self-contained HTML report (pictures need matplotlib)."
+        None,
+        "--html",
+        help="Also write a self-contained .html report: summary, layer table, explanations "
+        "and the picture (without matplotlib: no picture).",
     ),
     debug: bool = DEBUG,
 ) -> None:
@@ -61,6 +68,7 @@ def inspect_command(
     except ValueError as e:
         raise BnfoldError(f"--threshold: {e}") from e
     kwargs = parse_arch_kwargs(arch_kwargs)
+    # refuse bad --plot/--html paths (and a missing matplotlib) before loading the model
     plot_format = None
     if plot is not None:
         from bnfold.cli.plot import check_plot_path, require_matplotlib
@@ -68,9 +76,9 @@ def inspect_command(
         plot_format = check_plot_path(plot, model)
         require_matplotlib()
     if html is not None:
-        from bnfold.cli.plot import check_output_path
+        from bnfold.cli.html import check_html_path
 
-        check_output_path(html, model)
+        check_html_path(html, model, [plot])
     progress = Progress(enabled=None if fmt is OutputFormat.table else False)
     with progress.step(f"Loading {model.name}"):
         from bnfold.loading import load_model
@@ -86,40 +94,40 @@ def inspect_command(
 
         report = inspect_model(loaded, thresholds, example)
     render.emit(report, fmt.value, stdout_console())
-    if plot is not None or html is not None:
-        write_pictures(report, plot, plot_format, html)
-
-
-def write_pictures(
-    report: object, plot: Path | None, plot_format: str | None, html: Path | None
-) -> None:
-    """--plot and --html for an inspect report; messages on stderr (stdout stays clean)."""
-    import sys
-
-    from bnfold.cli import html as html_render
-    from bnfold.cli import plot as plotting
-    from bnfold.reports import InspectReport
-
-    assert isinstance(report, InspectReport)
-    if plot is not None and plot_format is not None:
-        plotting.write_atomic(plot, plotting.render(report, plot_format))
-        sys.stderr.write(f"wrote {plot}\n")
+    picture = None
+    if plot_format is not None and plot is not None:
+        picture = write_picture(report, plot, plot_format)
     if html is not None:
-        png = _png_or_none(report)
-        plotting.write_atomic(html, html_render.inspect_html(report, png).encode())
-        sys.stderr.write(f"wrote {html}\n")
+        write_html(report, html, picture if plot_format == "png" else None)
 
 
-def _png_or_none(report: object) -> bytes | None:
-    """The picture for an HTML report, or None (and a line on stderr) without matplotlib."""
+def write_picture(report: InspectReport, path: Path, fmt: str) -> bytes:
+    """--plot: the picture, written atomically (and returned); the message goes to stderr."""
+    from bnfold.cli import plot as plotting
+
+    data = plotting.render(report, fmt)
+    plotting.write_atomic(path, data)
+    tell(f"wrote {path}")
+    return data
+
+
+def write_html(report: InspectReport, path: Path, png: bytes | None = None) -> None:
+    """--html: the page with the picture when matplotlib is there, a note on stderr if not."""
+    from bnfold.cli import html as pages
+    from bnfold.cli import plot as plotting
+
+    missing = None
+    if png is None:
+        png, missing = plotting.picture_for_html(report)
+    if missing is not None:
+        tell(f"note: {path} has no pictures: matplotlib is not installed ({plotting.INSTALL_HINT})")
+    plotting.write_atomic(path, pages.inspect_html(report, png, missing).encode("utf-8"))
+    tell(f"wrote {path}")
+
+
+def tell(line: str) -> None:
+    """A line on stderr: stdout carries only the report (clean JSON with --format json)."""
     import sys
 
-    from bnfold.cli import plot as plotting
-    from bnfold.errors import BnfoldError
-
-    try:
-        plotting.require_matplotlib()
-    except BnfoldError:
-        sys.stderr.write("note: no pictures in the HTML: pip install 'bnfold[plot]'\n")
-        return None
-    return plotting.render(report, "png")  # type: ignore[arg-type]
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
