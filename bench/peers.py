@@ -1,14 +1,34 @@
 """bnfold against the tools people use today, side by side, in one run.
 
-    python bench/peers.py [--quick]      # writes docs/BENCHMARKS.md and docs/benchmarks.png
+    python bench/peers.py            # writes docs/BENCHMARKS.md and docs/benchmarks.png
+    python bench/peers.py --quick    # the hand-built cases and two models: a smoke test
 
-For every model (torchvision and timm architectures with random weights and statistics
-from a few train-mode passes; the hand-built cases the fold rules exist for) and every
-tool, it records the BatchNorm layers left, the error against a float64 PyTorch
-reference on the same seeded inputs (relative to the output's largest magnitude),
-"wrong" when that error exceeds 1e-3, the tool's time, and the onnxruntime latency of its
-output (batch 1, 2 threads, optimisations on, median). A tool that fails is recorded
-with its reason.
+Models: the hand-built cases the fold rules exist for, and torchvision and timm
+architectures with random weights (nothing can be downloaded here), gamma/beta drawn
+from U(0.5, 1.5)/U(-0.5, 0.5) and BatchNorm statistics from two train-mode passes, as in
+tests/test_real_models.py.
+
+Tools, each given the same eval-mode model:
+
+1. bnfold: the fold pass (``capture`` -> ``propagate_shapes`` -> ``fold_graph``), then
+   ``export_onnx`` (the dynamo exporter, static batch like every peer here);
+2. ``torch.fx.experimental.optimization.fuse``: BN left is counted in its fx graph and its
+   error measured on its own PyTorch output; its latency is that of its graph exported
+   with ``torch.onnx.export(dynamo=True)``;
+3. ``torch.onnx.export(dynamo=True)`` (its default optimiser folds Conv+BN);
+4. ``torch.onnx.export(dynamo=False)``, the legacy exporter (constant folding folds Conv+BN);
+5. onnxsim and 6. onnxruntime's ORT_ENABLE_BASIC level (``optimized_model_filepath``),
+   both applied to an export that keeps every BatchNormalization (legacy exporter,
+   ``do_constant_folding=False, training=TrainingMode.PRESERVE``); their time is theirs
+   alone, without that export.
+
+Per model and tool: BatchNorm left, the max error against the model run in float64 in
+PyTorch on two seeded inputs (relative to the reference's largest magnitude; onnxruntime
+with all optimisations off, so its own fusions cannot hide a mistake), "wrong" above
+1e-3, the tool's wall time, and the onnxruntime latency of its output (batch as listed,
+CPU, 2 threads without spinning, all optimisations on, median of 60 runs taken
+round-robin across the tools so that drift in the machine's speed hits every tool
+alike). A tool that fails is recorded with the reason.
 """
 
 from __future__ import annotations
@@ -17,12 +37,16 @@ import argparse
 import copy
 import datetime
 import io
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,27 +64,17 @@ from bnfold.fuse import fold_graph  # noqa: E402
 from bnfold.graph import capture, is_bn_module, propagate_shapes  # noqa: E402
 
 WRONG = 1e-3
-TOOLS = ("bnfold", "torch.fx fuse", "dynamo export", "legacy export", "onnxsim", "ORT basic opt")
+TOOLS = ("bnfold", "torch.fx fuse", "dynamo export", "legacy export", "onnxsim", "ORT basic")
+LATENCY_ROUNDS, LATENCY_PER_ROUND = 20, 3  # 60 timed runs per tool and model
 
 
-# --------------------------------------------------------------------------- models
-
-
-def _stats(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for m in model.modules():
-            if is_bn_module(m) and getattr(m, "weight", None) is not None:
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-        for _ in range(2):
-            model(x)
-    return model.eval()
+# --------------------------------------------------------------------------- hand-built cases
 
 
 class ConvTGroups(nn.Module):
-    def __init__(self):
+    """ConvTranspose2d with groups=4, then BN: the weight's channel axis is split by group."""
+
+    def __init__(self) -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(8, 12, 3, stride=2, groups=4)
         self.bn = nn.BatchNorm2d(12)
@@ -70,7 +84,9 @@ class ConvTGroups(nn.Module):
 
 
 class LeViTTokens(nn.Module):
-    def __init__(self):
+    """timm's LeViT ``Linear_BN``: Linear over tokens, BN1d over the flattened tokens."""
+
+    def __init__(self) -> None:
         super().__init__()
         self.linear = nn.Linear(16, 32)
         self.bn = nn.BatchNorm1d(32)
@@ -81,7 +97,9 @@ class LeViTTokens(nn.Module):
 
 
 class BNNeck(nn.Module):
-    def __init__(self):
+    """A BN between global pooling and the classifier (re-identification's BNNeck)."""
+
+    def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -93,7 +111,10 @@ class BNNeck(nn.Module):
 
 
 class SharedConv(nn.Module):
-    def __init__(self):
+    """One conv module called twice, a BN after only one call: folding in place breaks the
+    other call."""
+
+    def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(8, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
@@ -103,7 +124,9 @@ class SharedConv(nn.Module):
 
 
 class PaddedAfterBN(nn.Module):
-    def __init__(self):
+    """BN -> zero-padded conv: the padding sees zeros, not the BN's shift, so it must stay."""
+
+    def __init__(self) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(8)
         self.conv = nn.Conv2d(8, 8, 3, padding=1)
@@ -113,7 +136,7 @@ class PaddedAfterBN(nn.Module):
 
 
 class ConvBNBN(nn.Module):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3)
         self.bn1 = nn.BatchNorm2d(8)
@@ -123,57 +146,106 @@ class ConvBNBN(nn.Module):
         return self.bn2(self.bn1(self.conv(x)))
 
 
-def zoo(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor]]:
-    import timm
-    import torchvision
+# --------------------------------------------------------------------------- the zoo
 
-    image = torch.randn(1, 3, 224, 224)
-    hand = [
-        ("convtranspose groups=4 + BN", ConvTGroups(), torch.randn(1, 8, 9, 9)),
-        ("LeViT Linear+BN over tokens", LeViTTokens(), torch.randn(2, 10, 16)),
-        ("BN before classifier (BNNeck)", BNNeck(), torch.randn(2, 3, 16, 16)),
-        ("conv called twice, BN after one", SharedConv(), torch.randn(1, 8, 12, 12)),
-        ("BN -> zero-padded conv (must stay)", PaddedAfterBN(), torch.randn(1, 8, 12, 12)),
-        ("conv -> BN -> BN", ConvBNBN(), torch.randn(1, 3, 12, 12)),
-    ]
-    real = [
-        ("torchvision resnet18", lambda: torchvision.models.resnet18(), image),
-        ("torchvision mobilenet_v3_small", lambda: torchvision.models.mobilenet_v3_small(), image),
-    ]
-    if not quick:
-        real += [
-            ("torchvision resnet50", lambda: torchvision.models.resnet50(), image),
-            ("torchvision efficientnet_b0", lambda: torchvision.models.efficientnet_b0(), image),
-            ("torchvision regnet_y_400mf", lambda: torchvision.models.regnet_y_400mf(), image),
-            ("torchvision densenet121", lambda: torchvision.models.densenet121(), image),
-            (
-                "torchvision convnext_tiny (no BN)",
-                lambda: torchvision.models.convnext_tiny(),
-                image,
-            ),
-            ("timm levit_128s", lambda: timm.create_model("levit_128s"), image),
-            ("timm rexnet_100", lambda: timm.create_model("rexnet_100"), image),
-        ]
-    out = []
-    for name, model, x in hand:
-        out.append((name, _stats(model, torch.randn(4, *x.shape[1:])), x))
-    for name, build, x in real:
-        torch.manual_seed(0)
-        out.append((name, _stats(build(), torch.randn(2, *x.shape[1:])), x))
-    return out
+
+@dataclass
+class Case:
+    name: str
+    group: str  # "hand-built" or "zoo"
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]  # the input, batch included
+
+
+def _tv(arch: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(arch, weights=None)
+
+    return build
+
+
+def _timm(arch: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(arch, pretrained=False)
+
+    return build
+
+
+IMAGE = (1, 3, 224, 224)
+HAND = [
+    Case("convtranspose groups=4 + BN", "hand-built", ConvTGroups, (1, 8, 9, 9)),
+    Case("LeViT Linear+BN over tokens", "hand-built", LeViTTokens, (2, 10, 16)),
+    Case("BN before classifier (BNNeck)", "hand-built", BNNeck, (2, 3, 16, 16)),
+    Case("conv called twice, BN after one", "hand-built", SharedConv, (1, 8, 12, 12)),
+    Case("BN -> zero-padded conv (must stay)", "hand-built", PaddedAfterBN, (1, 8, 12, 12)),
+    Case("conv -> BN -> BN", "hand-built", ConvBNBN, (1, 3, 12, 12)),
+]
+QUICK_ZOO = [
+    Case("tv resnet18", "zoo", _tv("resnet18"), IMAGE),
+    Case("tv mobilenet_v3_small", "zoo", _tv("mobilenet_v3_small"), IMAGE),
+]
+ZOO = [
+    *QUICK_ZOO,
+    Case("tv resnet50", "zoo", _tv("resnet50"), IMAGE),
+    Case("tv efficientnet_b0", "zoo", _tv("efficientnet_b0"), IMAGE),
+    Case("tv regnet_y_400mf", "zoo", _tv("regnet_y_400mf"), IMAGE),
+    Case("tv shufflenet_v2_x0_5", "zoo", _tv("shufflenet_v2_x0_5"), IMAGE),
+    Case("tv googlenet", "zoo", _tv("googlenet"), IMAGE),
+    Case("tv densenet121", "zoo", _tv("densenet121"), IMAGE),
+    Case("tv convnext_tiny (no BN)", "zoo", _tv("convnext_tiny"), IMAGE),
+    Case("timm levit_128s", "zoo", _timm("levit_128s"), IMAGE),
+    Case("timm efficientnet_b0", "zoo", _timm("efficientnet_b0"), IMAGE),
+    Case("timm rexnet_100", "zoo", _timm("rexnet_100"), IMAGE),
+    Case("timm resnet26d", "zoo", _timm("resnet26d"), IMAGE),
+    Case("timm dla34", "zoo", _timm("dla34"), IMAGE),
+]
+
+
+def populate(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """Random gamma/beta and real running statistics (two train-mode passes), then eval."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for m in model.modules():
+            if is_bn_module(m) and getattr(m, "weight", None) is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        batch = (max(shape[0], 2), *shape[1:])  # BN1d in train mode needs a batch > 1
+        for _ in range(2):
+            model(torch.randn(batch))
+    return model.eval()
 
 
 # --------------------------------------------------------------------------- measuring
 
 
+def quiet(fn, *args, **kwargs):
+    """Call fn with the exporters' progress prints and warnings swallowed."""
+    saved = sys.stdout
+    sys.stdout = io.StringIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args, **kwargs)
+    finally:
+        sys.stdout = saved
+
+
 def bn_in_onnx(path: Path) -> int:
-    return sum(
-        n.op_type == "BatchNormalization"
-        for n in onnx.load(str(path), load_external_data=False).graph.node
-    )
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sum(n.op_type == "BatchNormalization" for n in graph.node)
+
+
+def nodes_in_onnx(path: Path) -> int:
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def bn_in_fx(gm: torch.fx.GraphModule) -> int:
+    """BN modules and functional batch_norm calls left in an fx graph."""
     left = 0
     for node in gm.graph.nodes:
         if (node.op == "call_module" and is_bn_module(gm.get_submodule(node.target))) or (
@@ -187,260 +259,573 @@ def session(path: Path, level: ort.GraphOptimizationLevel, save: Path | None = N
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
     opts.intra_op_num_threads = 2
+    opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # spinning worker threads of the sessions taking turns would compete for the 2 cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if save is not None:
         opts.optimized_model_filepath = str(save)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def onnx_error(path: Path, x: torch.Tensor, ref: np.ndarray) -> tuple[float, float]:
-    """(relative error of the ONNX model, latency ms with optimisations on)."""
+def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max())
+
+
+def onnx_error(path: Path, inputs: list[torch.Tensor], refs: list[np.ndarray]) -> float:
     s = session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    feed = {s.get_inputs()[0].name: x.numpy()}
-    got = s.run(None, feed)[0]
-    err = float(np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max())
-    fast = session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    for _ in range(3):
-        fast.run(None, feed)
-    times = []
-    for _ in range(15):
-        start = time.perf_counter()
-        fast.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return err, statistics.median(times)
+    name = s.get_inputs()[0].name
+    return max(
+        rel_error(s.run(None, {name: x.numpy()})[0], r) for x, r in zip(inputs, refs, strict=True)
+    )
 
 
-def quiet(fn, *args, **kwargs):
-    saved = sys.stdout
-    sys.stdout = io.StringIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn(*args, **kwargs)
-    finally:
-        sys.stdout = saved
+@dataclass
+class Cell:
+    """One tool on one model."""
+
+    bn_left: int | None = None
+    error: float | None = None
+    seconds: float | None = None
+    latency_ms: float | None = None
+    nodes: int | None = None  # nodes in the ONNX file whose latency is measured
+    onnx: Path | None = None  # the file whose latency is measured
+    failed: str | None = None
+    note: str = ""
+
+    @property
+    def wrong(self) -> bool:
+        return self.error is not None and self.error > WRONG
 
 
-def run_tool(tool: str, model: nn.Module, x: torch.Tensor, ref: np.ndarray, work: Path):
-    """One row cell: dict with bn_left, error, wrong, seconds, latency_ms or failed."""
+@dataclass
+class Row:
+    case: Case
+    bn: int  # BN modules in the model
+    bn_unfolded: int | None = None  # BatchNormalization nodes in the export onnxsim/ORT start from
+    kept: Counter = field(default_factory=Counter)  # bnfold's reason codes for BNs it kept
+    again_ms: float | None = None  # bnfold's file in a second session: the noise floor
+    bn_unused: int = 0  # BN modules the eval-mode forward never calls
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+
+def run_tool(tool: str, model: nn.Module, inputs, refs, work: Path, row: Row) -> Cell:
+    x = inputs[0]
     path = work / f"{tool.replace(' ', '_').replace('.', '')}.onnx"
     start = time.perf_counter()
-    latency = None
     if tool == "bnfold":
         gm = capture(model)
         propagate_shapes(gm, [x])
-        folded = fold_graph(gm, model, shapes_known=True).module
-        quiet(export_onnx, folded, [x], work, path.name, dynamic_batch=False)
+        outcome = fold_graph(gm, model, shapes_known=True)
+        export_onnx(outcome.module, [x], work, path.name, dynamic_batch=False)
         seconds = time.perf_counter() - start
-        left = bn_in_onnx(path)
-        err, latency = onnx_error(path, x, ref)
-    elif tool == "torch.fx fuse":
+        row.kept = Counter(d.reason.value for d in outcome.decisions if not d.folded and d.reason)
+        return Cell(bn_in_onnx(path), onnx_error(path, inputs, refs), seconds, onnx=path)
+    if tool == "torch.fx fuse":
         from torch.fx.experimental.optimization import fuse
 
-        fused = quiet(fuse, copy.deepcopy(model))
+        fused = quiet(fuse, model)  # fuse deep-copies the model (inplace=False)
         seconds = time.perf_counter() - start
-        left = bn_in_fx(fused)
         with torch.no_grad():
-            got = fused(x).double().numpy()
-        err = float(np.abs(got - ref).max() / np.abs(ref).max())
-        quiet(torch.onnx.export, fused, (x,), str(path), dynamo=True)
-        _, latency = onnx_error(path, x, ref)
-    elif tool == "dynamo export":
-        quiet(torch.onnx.export, model, (x,), str(path), dynamo=True)
+            error = max(rel_error(fused(i).numpy(), r) for i, r in zip(inputs, refs, strict=True))
+        cell = Cell(bn_in_fx(fused), error, seconds)
+        try:
+            quiet(torch.onnx.export, fused, (x,), str(path), dynamo=True)
+            cell.onnx = path
+            cell.note = f"{bn_in_onnx(path)} BN in its ONNX export"
+        except Exception as e:  # noqa: BLE001 - the fuse result stands; only latency is lost
+            cell.note = f"its ONNX export failed: {_first_line(e)}"
+        return cell
+    if tool in ("dynamo export", "legacy export"):
+        quiet(torch.onnx.export, model, (x,), str(path), dynamo=tool == "dynamo export")
         seconds = time.perf_counter() - start
-        left = bn_in_onnx(path)
-        err, latency = onnx_error(path, x, ref)
-    elif tool == "legacy export":
-        quiet(torch.onnx.export, model, (x,), str(path), dynamo=False)
-        seconds = time.perf_counter() - start
-        left = bn_in_onnx(path)
-        err, latency = onnx_error(path, x, ref)
+        return Cell(bn_in_onnx(path), onnx_error(path, inputs, refs), seconds, onnx=path)
+    raw = work / "unfolded.onnx"
+    if not raw.exists():
+        why = row.cells["_unfolded"].failed if "_unfolded" in row.cells else "unknown"
+        raise RuntimeError(f"the unfolded export it starts from failed: {why}")
+    start = time.perf_counter()
+    if tool == "onnxsim":
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(onnx.load(str(raw)))
+        if not ok:
+            raise RuntimeError("onnxsim could not validate its result")
+        onnx.save(simplified, str(path))
     else:
-        raw = work / "unfolded.onnx"
-        quiet(
-            torch.onnx.export,
-            model,
-            (x,),
-            str(raw),
-            dynamo=False,
-            do_constant_folding=False,
-            training=torch.onnx.TrainingMode.PRESERVE,
-        )
-        start = time.perf_counter()
-        if tool == "onnxsim":
+        session(raw, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, save=path)
+    seconds = time.perf_counter() - start
+    return Cell(bn_in_onnx(path), onnx_error(path, inputs, refs), seconds, onnx=path)
+
+
+def export_unfolded(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """An ONNX export that keeps every BatchNormalization, for onnxsim and ORT to fold."""
+    quiet(
+        torch.onnx.export,
+        model,
+        (x,),
+        str(path),
+        dynamo=False,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+    )
+
+
+def latencies(row: Row, x: torch.Tensor) -> None:
+    """Median latency of each tool's ONNX, optimisations on, sessions run in turn; bnfold's
+    file twice, in two sessions, so that the page shows how far one file's figures spread."""
+    files = {tool: cell.onnx for tool, cell in row.cells.items() if cell.onnx is not None}
+    if "bnfold" in files:
+        files["again"] = files["bnfold"]
+    runs = {}
+    for tool, path in files.items():
+        s = session(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        feed = {s.get_inputs()[0].name: x.numpy()}
+        for _ in range(3):
+            s.run(None, feed)
+        runs[tool] = (s, feed, [])
+    for _ in range(LATENCY_ROUNDS):
+        for s, feed, times in runs.values():
+            for _ in range(LATENCY_PER_ROUND):
+                start = time.perf_counter()
+                s.run(None, feed)
+                times.append((time.perf_counter() - start) * 1000)
+    for tool, (_, _, times) in runs.items():
+        if tool == "again":
+            row.again_ms = statistics.median(times)
+        else:
+            row.cells[tool].latency_ms = statistics.median(times)
+            row.cells[tool].nodes = nodes_in_onnx(files[tool])
+
+
+def _first_line(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:140]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def measure_case(case: Case) -> Row:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's googlenet warns about its init
+        model = populate(case.build(), case.shape)
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(case.shape, generator=gen) for _ in range(2)]
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        refs = [reference(x.double()).numpy() for x in inputs]
+    del reference
+    row = Row(case, sum(1 for m in model.modules() if is_bn_module(m)))
+    row.bn_unused = unused_bn(model, inputs[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        try:
+            export_unfolded(model, inputs[0], work / "unfolded.onnx")
+            row.bn_unfolded = bn_in_onnx(work / "unfolded.onnx")
+        except Exception as e:  # noqa: BLE001 - onnxsim and ORT then fail with this reason
+            row.cells["_unfolded"] = Cell(failed=_first_line(e))
+        for tool in TOOLS:
+            try:
+                row.cells[tool] = run_tool(tool, model, inputs, refs, work, row)
+            except Exception as e:  # noqa: BLE001 - a failing tool is a result
+                row.cells[tool] = Cell(failed=_first_line(e))
+        row.cells.pop("_unfolded", None)
+        latencies(row, inputs[0])
+    return row
+
+
+def unused_bn(model: nn.Module, x: torch.Tensor) -> int:
+    """BN modules that one eval-mode forward never calls (e.g. googlenet's aux classifiers)."""
+    called: set[int] = set()
+    hooks = [
+        m.register_forward_hook(lambda mod, *_: called.add(id(mod)))
+        for m in model.modules()
+        if is_bn_module(m)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(1 for m in model.modules() if is_bn_module(m) and id(m) not in called)
+
+
+def warm_up() -> None:
+    """Pay the exporters' one-time start-up (imports, registries) before anything is timed."""
+    model = populate(ConvBNBN(), (1, 3, 12, 12))
+    x = torch.randn(1, 3, 12, 12)
+    with tempfile.TemporaryDirectory() as tmp:
+        for dynamo in (True, False):
+            quiet(torch.onnx.export, model, (x,), f"{tmp}/w.onnx", dynamo=dynamo)
+        export_unfolded(model, x, Path(tmp) / "u.onnx")
+        gm = capture(model)
+        propagate_shapes(gm, [x])
+        export_onnx(fold_graph(gm, model, shapes_known=True).module, [x], Path(tmp), "b.onnx")
+        try:
             import onnxsim
 
-            simplified, ok = onnxsim.simplify(onnx.load(str(raw)))
-            if not ok:
-                raise RuntimeError("onnxsim could not validate its result")
-            onnx.save(simplified, str(path))
-        else:
-            session(raw, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, save=path)
-        seconds = time.perf_counter() - start
-        left = bn_in_onnx(path)
-        err, latency = onnx_error(path, x, ref)
-    return {
-        "bn_left": left,
-        "error": err,
-        "wrong": err > WRONG,
-        "seconds": seconds,
-        "latency_ms": latency,
-    }
+            onnxsim.simplify(onnx.load(f"{tmp}/u.onnx"))
+        except ImportError:
+            pass
 
 
-def measure(quick: bool) -> list[dict]:
-    rows = []
-    for name, model, x in zoo(quick):
-        with torch.no_grad():
-            ref = copy.deepcopy(model).double()(x.double()).numpy()
-        bn_total = sum(1 for m in model.modules() if is_bn_module(m))
-        row = {"model": name, "bn": bn_total, "tools": {}}
-        with tempfile.TemporaryDirectory() as tmp:
-            for tool in TOOLS:
-                try:
-                    row["tools"][tool] = run_tool(tool, model, x, ref, Path(tmp))
-                except Exception as e:  # noqa: BLE001 - a failing tool is a result
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-                    row["tools"][tool] = {"failed": f"{type(e).__name__}: {first}"}
-        rows.append(row)
-        print(name, {t: c.get("bn_left", "fail") for t, c in row["tools"].items()}, file=sys.stderr)
-    return rows
+# --------------------------------------------------------------------------- the page
 
 
-# --------------------------------------------------------------------------- page
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = []
+    for mod in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "onnxsim"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            versions.append(f"{mod} not installed")
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}, {platform.machine()}), torch using "
+        f"{torch.get_num_threads()} threads; Python {platform.python_version()}; "
+        + ", ".join(versions)
+    )
 
 
-def cell(c: dict, key: str) -> str:
-    if "failed" in c:
+def best_peer(row: Row) -> int | None:
+    """Fewest BN left by a peer that neither failed nor changed the model."""
+    left = [
+        c.bn_left
+        for t, c in row.cells.items()
+        if t != "bnfold" and c.failed is None and not c.wrong and c.bn_left is not None
+    ]
+    return min(left) if left else None
+
+
+def fmt(cell: Cell, key: str) -> str:
+    if cell.failed is not None:
         return "failed"
-    value = c[key]
+    value = getattr(cell, key)
+    if value is None:
+        return "-"
     if key == "error":
-        return ("**WRONG** " if c["wrong"] else "") + f"{value:.1e}"
-    if key in ("seconds", "latency_ms"):
-        return "-" if value is None else f"{value:.2f}"
+        return ("**WRONG** " if cell.wrong else "") + f"{value:.1e}"
+    if key == "seconds":
+        return f"{value:.2f}"
+    if key == "latency_ms":
+        return f"{value:.3f}" if value < 1 else f"{value:.1f}"
     return str(value)
 
 
-def page(rows: list[dict], seconds: float, command: str) -> str:
+def table(
+    rows: list[Row],
+    key: str,
+    before: tuple[str, Callable[[Row], str]] | None = None,
+    after: tuple[str, Callable[[Row], str]] | None = None,
+) -> list[str]:
+    head = "| model | BN in model | " + (f"{before[0]} | " if before else "") + " | ".join(TOOLS)
+    head += f" | {after[0]}" if after else ""
+    lines = [
+        head + " |",
+        "|---|---:|"
+        + ("---:|" if before else "")
+        + "---:|" * len(TOOLS)
+        + ("---:|" if after else ""),
+    ]
+    for group in ("hand-built", "zoo"):
+        for r in (r for r in rows if r.case.group == group):
+            cells = []
+            for t in TOOLS:
+                text = fmt(r.cells[t], key)
+                if key == "bn_left" and t == "bnfold" and r.cells[t].failed is None:
+                    peer = best_peer(r)
+                    if peer is not None and r.cells[t].bn_left is not None:
+                        if r.cells[t].bn_left < peer:
+                            text = f"**{text}**"
+                        elif r.cells[t].bn_left > peer:
+                            text = f"{text} ⚠"
+                cells.append(text)
+            lines.append(
+                f"| {r.case.name} | {r.bn} | "
+                + (f"{before[1](r)} | " if before else "")
+                + " | ".join(cells)
+                + (f" | {after[1](r)}" if after else "")
+                + " |"
+            )
+    return lines
+
+
+def page(rows: list[Row], seconds: float, command: str, started: str, load: str) -> str:
+    fewer = [r.case.name for r in rows if _compare(r) == "fewer"]
+    more = [r.case.name for r in rows if _compare(r) == "more"]
     lines = [
         "# bnfold against the tools people use today",
         "",
-        f"Regenerate with `{command}` (this run: {seconds / 60:.1f} min on "
-        f"{platform.machine()} with {torch.get_num_threads()} threads; "
-        f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {ort.__version__}; "
-        f"{datetime.date.today()}).",
+        "Generated by `bench/peers.py`; do not edit by hand. Regenerate with "
+        "`make bench-peers` or:",
         "",
-        "Models have random weights with BatchNorm statistics from two train-mode passes and "
-        "randomised gamma/beta (no weights can be downloaded here). Error: max |output - "
-        "float64 PyTorch reference| / max |reference| on the same seeded input; **WRONG** "
-        f"above {WRONG:g}. torch.fx fuse is measured on its PyTorch output; every other tool "
-        "on its ONNX file in onnxruntime with optimisations off. onnxsim and ORT basic "
-        "optimisation start from an export that keeps every BatchNormalization "
-        "(legacy exporter, `do_constant_folding=False, training=PRESERVE`).",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"This run: **{seconds / 60:.1f} min** wall time, started {started}; "
+        f"{machine()}. Load average before the run: {load}.",
+        "",
+        "## What is compared",
+        "",
+        "Every tool gets the same eval-mode PyTorch model:",
+        "",
+        "| tool | what runs | BN left counted in | error measured on |",
+        "|---|---|---|---|",
+        "| bnfold | `capture` → `propagate_shapes` → `fold_graph`, then `export_onnx` "
+        "(dynamo exporter, static batch) | its ONNX file | its ONNX file |",
+        "| torch.fx fuse | `torch.fx.experimental.optimization.fuse(model)` | **its fx graph** "
+        "(BN modules and `batch_norm` calls); the count after exporting that graph with "
+        "the dynamo exporter is in the notes | its PyTorch output |",
+        "| dynamo export | `torch.onnx.export(model, dynamo=True)` (default optimiser on) "
+        "| its ONNX file | its ONNX file |",
+        "| legacy export | `torch.onnx.export(model, dynamo=False)` (constant folding on) "
+        "| its ONNX file | its ONNX file |",
+        "| onnxsim | `onnxsim.simplify` on the unfolded export¹ | its ONNX file | its ONNX file |",
+        "| ORT basic | `onnxruntime.InferenceSession` with `ORT_ENABLE_BASIC` and "
+        "`optimized_model_filepath`, on the unfolded export¹ | the saved ONNX file "
+        "| the saved ONNX file |",
+        "",
+        "¹ The unfolded export is `torch.onnx.export(model, dynamo=False, "
+        "do_constant_folding=False, training=TrainingMode.PRESERVE)`; the column "
+        '"unfolded export" below shows it kept every BatchNormalization. Its time is not '
+        "counted in onnxsim's or ORT's.",
+        "",
+        "Models have random weights (no downloads are possible here), gamma and beta drawn "
+        "from U(0.5, 1.5) and U(-0.5, 0.5), and running statistics from two train-mode "
+        "passes on random batches. **Error** is max |output − reference| / max |reference| "
+        "over two seeded inputs, the reference being the PyTorch model in float64; ONNX "
+        "files run in onnxruntime with all graph optimisations off, so its own fusions "
+        f"cannot hide a mistake. **WRONG** means an error above {WRONG:g}. **Time** is the "
+        "tool's wall time in this process (exporters warmed up first on a tiny model). "
+        "**Latency** is onnxruntime on the CPU, 2 intra-op threads without spinning, all "
+        "optimisations on, "
+        "input batch as in the model's shape (1 for the zoo), median of "
+        f"{LATENCY_ROUNDS * LATENCY_PER_ROUND} runs taken round-robin across the tools.",
         "",
         "![BatchNorm left per model and tool](benchmarks.png)",
         "",
+        "## Summary",
+        "",
+        f"- bnfold leaves fewer BatchNorm layers than the best correct peer on "
+        f"{len(fewer)} of {len(rows)} models: {', '.join(fewer) if fewer else 'none'}.",
+        f"- bnfold leaves more BatchNorm layers than some correct peer on: "
+        f"{', '.join(more) if more else 'none'}.",
     ]
-    better = [
-        r["model"]
-        for r in rows
-        if "bn_left" in r["tools"]["bnfold"]
-        and not r["tools"]["bnfold"]["wrong"]
-        and r["tools"]["bnfold"]["bn_left"]
-        < min(
-            (
-                c["bn_left"]
-                for t, c in r["tools"].items()
-                if t != "bnfold" and "bn_left" in c and not c["wrong"]
-            ),
-            default=10**9,
-        )
-    ]
-    wrong = {t: [r["model"] for r in rows if r["tools"][t].get("wrong")] for t in TOOLS}
-    lines += ["## Summary", ""]
-    lines.append(
-        f"- bnfold leaves fewer BatchNorm layers than every correct peer on: "
-        f"{', '.join(better) if better else 'none'}."
-    )
     for tool in TOOLS:
+        wrong = [r.case.name for r in rows if r.cells[tool].wrong]
+        failed = [r.case.name for r in rows if r.cells[tool].failed is not None]
         lines.append(
-            f"- wrong results from {tool}: {', '.join(wrong[tool]) if wrong[tool] else 'none'}."
+            f"- {tool}: wrong results on {', '.join(wrong) if wrong else 'none'}; "
+            f"failed on {', '.join(failed) if failed else 'none'}."
         )
-    for key, title in (
-        ("bn_left", "BatchNorm left"),
-        ("error", "Error against float64"),
-        ("seconds", "Time taken by the tool (s)"),
-        ("latency_ms", "onnxruntime latency of the output (ms, batch 1)"),
-    ):
+    lines += [
+        "",
+        "## BatchNorm left",
+        "",
+        "Bold: bnfold leaves fewer than every correct peer; ⚠: more than some correct peer.",
+        "",
+        *table(
+            rows,
+            "bn_left",
+            ("unfolded export", lambda r: "-" if r.bn_unfolded is None else str(r.bn_unfolded)),
+        ),
+        "",
+        "## Why bnfold keeps the BatchNorm layers it keeps",
+        "",
+        "| model | kept | reason codes (bnfold's own report) |",
+        "|---|---:|---|",
+    ]
+    for r in rows:
+        if r.kept:
+            codes = ", ".join(f"`{code}` × {n}" for code, n in r.kept.most_common())
+            lines.append(f"| {r.case.name} | {sum(r.kept.values())} | {codes} |")
+    lines += [
+        "",
+        "## Error against the float64 reference",
+        "",
+        *table(rows, "error"),
+        "",
+        "## Time taken by the tool (s)",
+        "",
+        *table(rows, "seconds"),
+        "",
+        "## onnxruntime latency of the output (ms, optimisations on)",
+        "",
+        *table(
+            rows,
+            "latency_ms",
+            after=(
+                "bnfold, 2nd session",
+                lambda r: (
+                    "-" if r.again_ms is None else fmt(Cell(latency_ms=r.again_ms), "latency_ms")
+                ),
+            ),
+        ),
+        "",
+        "The last column is bnfold's own file again, in a second session taking its turn "
+        "with the others: how far two measurements of one file drift apart in this run. "
+        "Latencies of the hand-built cases are microseconds of call overhead, not a "
+        "comparison.",
+        "",
+        "## Nodes in the ONNX file whose latency is measured",
+        "",
+        "For torch.fx fuse, its graph exported with the dynamo exporter.",
+        "",
+        *table(rows, "nodes"),
+    ]
+    notes = (
+        [
+            f"- {t} on {r.case.name}: failed: {c.failed}"
+            for r in rows
+            for t, c in r.cells.items()
+            if c.failed is not None
+        ]
+        + [
+            f"- {r.case.name}: the model has {r.bn} BN modules, the unfolded export "
+            f"{r.bn_unfolded} BatchNormalization nodes; {r.bn_unused} BN modules are never "
+            "called by the eval-mode forward"
+            for r in rows
+            if r.bn_unfolded is not None and r.bn_unfolded != r.bn
+        ]
+        + [
+            f"- {t} on {r.case.name}: {c.note}"
+            for r in rows
+            for t, c in r.cells.items()
+            if c.note
+            and not (t == "torch.fx fuse" and c.note == f"{c.bn_left} BN in its ONNX export")
+        ]
+    )
+    if notes:
         lines += [
             "",
-            f"## {title}",
+            "## Failures and notes",
             "",
-            "| model | BN | " + " | ".join(TOOLS) + " |",
-            "|---|---:|" + "---:|" * len(TOOLS),
+            "torch.fx fuse notes appear only where its ONNX export holds a different number "
+            "of BatchNormalization nodes than its fx graph (the dynamo exporter folded more).",
+            "",
+            *notes,
         ]
-        for r in rows:
-            lines.append(
-                f"| {r['model']} | {r['bn']} | "
-                + " | ".join(cell(r["tools"][t], key) for t in TOOLS)
-                + " |"
-            )
-    failures = [
-        (r["model"], t, c["failed"]) for r in rows for t, c in r["tools"].items() if "failed" in c
-    ]
-    if failures:
-        lines += ["", "## Failures", ""]
-        lines += [f"- {t} on {m}: {why}" for m, t, why in failures]
     return "\n".join(lines) + "\n"
 
 
-def chart(rows: list[dict], path: Path) -> None:
+def _compare(row: Row) -> str:
+    ours, peer = row.cells["bnfold"], best_peer(row)
+    if ours.failed is not None or ours.wrong or ours.bn_left is None or peer is None:
+        return "n/a"
+    return "fewer" if ours.bn_left < peer else "more" if ours.bn_left > peer else "same"
+
+
+def chart(rows: list[Row], path: Path) -> None:
+    """A grid, models down and tools across: the BN left in each cell, shaded by the share
+    of the model's BN left (pale green: none), red for a wrong result, grey for a failure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
-    fig, ax = plt.subplots(figsize=(14, 6))
-    width = 0.8 / len(TOOLS)
-    for k, tool in enumerate(TOOLS):
-        values = [r["tools"][tool].get("bn_left", np.nan) for r in rows]
-        xs = [i + k * width for i in range(len(rows))]
-        bars = ax.bar(xs, values, width, label=tool)
-        for x, r, bar in zip(xs, rows, bars, strict=True):
-            c = r["tools"][tool]
-            if "failed" in c:
-                ax.text(x, 0.3, "fail", rotation=90, fontsize=6, ha="center")
-            elif c.get("wrong"):
-                ax.text(x, bar.get_height() + 0.3, "✗", color="red", ha="center")
-    ax.set_xticks(
-        [i + 0.4 - width / 2 for i in range(len(rows))],
-        [r["model"] for r in rows],
-        rotation=35,
-        ha="right",
-        fontsize=8,
+    ordered = [r for g in ("hand-built", "zoo") for r in rows if r.case.group == g]
+    columns = ["BN in model", *TOOLS]
+    n_hand = sum(r.case.group == "hand-built" for r in ordered)
+    fig, ax = plt.subplots(figsize=(11, 0.42 * len(ordered) + 2.4))
+    cmap = plt.get_cmap("Blues")
+    for i, r in enumerate(ordered):
+        y = len(ordered) - 1 - i
+        ax.add_patch(Rectangle((0, y), 1, 1, facecolor="#f0f0f0", edgecolor="white", lw=2))
+        ax.text(0.5, y + 0.5, str(r.bn), ha="center", va="center", fontsize=10)
+        for j, tool in enumerate(TOOLS, start=1):
+            c = r.cells[tool]
+            if c.failed is not None:
+                face, text, colour, weight = "#d0d0d0", "failed", "#444444", "normal"
+            elif c.wrong:
+                face, text, colour, weight = "#d62728", f"{c.bn_left}: WRONG", "white", "bold"
+            elif c.bn_left == 0:
+                face, text, colour, weight = "#dff2e1", "0", "#2e7d32", "normal"
+            else:
+                share = (c.bn_left or 0) / max(r.bn, 1)
+                face, text = cmap(0.2 + 0.55 * share), str(c.bn_left)
+                colour, weight = ("white" if share > 0.7 else "black"), "normal"
+            ax.add_patch(Rectangle((j, y), 1, 1, facecolor=face, edgecolor="white", lw=2))
+            if tool == "bnfold" and _compare(r) == "fewer":
+                weight = "bold"
+                text += " ★"
+            ax.text(
+                j + 0.5,
+                y + 0.5,
+                text,
+                ha="center",
+                va="center",
+                fontsize=10,
+                color=colour,
+                fontweight=weight,
+            )
+    # bnfold's column framed; a rule between the hand-built cases and the zoo
+    ax.add_patch(Rectangle((1, 0), 1, len(ordered), fill=False, edgecolor="black", lw=2.5))
+    if 0 < n_hand < len(ordered):
+        ax.axhline(len(ordered) - n_hand, color="black", lw=1.5)
+    ax.set_xlim(0, len(columns))
+    ax.set_ylim(0, len(ordered))
+    ax.set_xticks([j + 0.5 for j in range(len(columns))], columns, fontsize=10)
+    ax.xaxis.tick_top()
+    ax.set_yticks(
+        [len(ordered) - 1 - i + 0.5 for i in range(len(ordered))],
+        [r.case.name for r in ordered],
+        fontsize=10,
     )
-    ax.set_ylabel("BatchNorm layers left (lower is better; ✗ = wrong result)")
-    ax.set_yscale("symlog", linthresh=1)
-    ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(
+        "BatchNorm layers left after each tool (hand-built cases above the line, model zoo below)",
+        fontsize=12,
+        pad=28,
+    )
+    fig.text(
+        0.01,
+        0.01,
+        "green: none left · blue: darker = larger share of the model's BN left · red: wrong "
+        "result (error > 1e-3) · grey: the tool failed · ★: bnfold leaves fewer than every "
+        "correct peer",
+        fontsize=8.5,
+        color="#444444",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="hand-built cases and two models")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="the hand-built cases and two models (smoke test)"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the page")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     start = time.perf_counter()
-    rows = measure(args.quick)
+    warm_up()
+    rows = []
+    for case in HAND + (QUICK_ZOO if args.quick else ZOO):
+        t0 = time.perf_counter()
+        rows.append(measure_case(case))
+        left = {t: c.bn_left if c.failed is None else "failed" for t, c in rows[-1].cells.items()}
+        print(f"{case.name} ({time.perf_counter() - t0:.0f} s): {left}", file=sys.stderr)
     seconds = time.perf_counter() - start
-    docs = ROOT / "docs"
-    docs.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     command = "python bench/peers.py" + (" --quick" if args.quick else "")
-    (docs / "BENCHMARKS.md").write_text(page(rows, seconds, command))
-    chart(rows, docs / "benchmarks.png")
-    print(f"wrote docs/BENCHMARKS.md and docs/benchmarks.png in {seconds:.0f} s", file=sys.stderr)
+    (args.out / "BENCHMARKS.md").write_text(page(rows, seconds, command, started, load))
+    chart(rows, args.out / "benchmarks.png")
+    print(f"wrote {args.out}/BENCHMARKS.md and benchmarks.png in {seconds:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
