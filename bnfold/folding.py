@@ -28,10 +28,14 @@ rounding overflowed the dtype.
 from __future__ import annotations
 
 import enum
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
-__all__ = ["FoldKind", "bn_affine", "cast", "fold_backward", "fold_forward", "overflowed"]
+__all__ = ["FoldKind", "Folded", "bn_affine", "cast", "fold_backward", "fold_forward", "overflowed"]
 
 
 class FoldKind(str, enum.Enum):
@@ -61,6 +65,14 @@ def bn_affine(
     return s, t
 
 
+class Folded(NamedTuple):
+    """A folded layer's new weight and bias, and whether rounding them overflowed."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    overflow: bool
+
+
 def fold_backward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -69,26 +81,29 @@ def fold_backward(
     kind: FoldKind,
     groups: int = 1,
     dtype: torch.dtype = torch.float64,
-    scratch: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold ``s * y + t`` into the layer producing ``y``; returns (W', b') in ``dtype``.
+) -> Folded:
+    """Fold ``s * y + t`` into the layer producing ``y``; (W', b') in ``dtype``.
 
-    The weights are widened to float64 (a copy, also when they already are float64;
-    into ``scratch`` when given, a reusable float64 buffer that saves the allocation),
-    scaled in place and rounded once to ``dtype``.
+    ``W'`` is computed in float64 and rounded once (see ``_scaled``).
     """
-    w = _widen(weight, scratch)
-    extra = [1] * (w.dim() - 2)
+    extra = [1] * (weight.dim() - 2)
     if kind in (FoldKind.CONV_OUT, FoldKind.LINEAR_OUT):
-        w.mul_(s.reshape(-1, 1, *extra))
+        scale = s.reshape(-1, 1, *extra)
     elif kind is FoldKind.CONVT_OUT:
-        c_in, c_out_g = w.shape[0], w.shape[1]
-        grouped = (groups, c_in // groups, c_out_g, *w.shape[2:])
-        w.view(grouped).mul_(s.reshape(groups, 1, c_out_g, *extra))
+        # weight (C_in, C_out/g, k...): row r belongs to group r // (C_in/g), whose output
+        # channels are s[g * C_out/g : (g + 1) * C_out/g]
+        c_in, c_out_g = weight.shape[0], weight.shape[1]
+        scale = (
+            s.reshape(groups, 1, c_out_g)
+            .expand(groups, c_in // groups, c_out_g)
+            .reshape(c_in, c_out_g, *extra)
+        )
     else:
         raise ValueError(f"{kind} is not a backward fold")
+    w, overflow = _scaled(weight, scale, dtype)
     b = t.clone() if bias is None else bias.detach().to(torch.float64) * s + t
-    return w.to(dtype), b.to(dtype)
+    b_out = b.to(dtype)
+    return Folded(w, b_out, overflow or overflowed(b_out, b))
 
 
 def fold_forward(
@@ -99,32 +114,86 @@ def fold_forward(
     kind: FoldKind,
     groups: int = 1,
     dtype: torch.dtype = torch.float64,
-    scratch: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Folded:
     """Fold ``s * x + t`` into the layer consuming it; ``s``/``t`` are per input feature."""
-    w64 = _widen(weight, scratch)
-    c_out = w64.shape[0]
+    c_out = weight.shape[0]
     b = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    w64 = weight.detach().to(torch.float64)
     if kind is FoldKind.LINEAR_IN:
         shift = w64 @ t
-        return w64.mul_(s.reshape(1, -1)).to(dtype), (b + shift).to(dtype)
-    if kind is not FoldKind.CONV_IN:
+        scale = s.reshape(1, -1)
+    elif kind is FoldKind.CONV_IN:
+        c_in_g = weight.shape[1]
+        extra = [1] * (weight.dim() - 2)
+        summed = w64.reshape(groups, c_out // groups, c_in_g, -1).sum(dim=-1)
+        shift = torch.einsum("goi,gi->go", summed, t.reshape(groups, c_in_g)).reshape(c_out)
+        scale = (
+            s.reshape(groups, 1, c_in_g)
+            .expand(groups, c_out // groups, c_in_g)
+            .reshape(c_out, c_in_g, *extra)
+        )
+    else:
         raise ValueError(f"{kind} is not a forward fold")
-    c_in_g = w64.shape[1]
-    extra = [1] * (w64.dim() - 2)
-    grouped = (groups, c_out // groups, c_in_g, *w64.shape[2:])
-    summed = w64.reshape(groups, c_out // groups, c_in_g, -1).sum(dim=-1)
-    shift = torch.einsum("goi,gi->go", summed, t.reshape(groups, c_in_g)).reshape(c_out)
-    w64.view(grouped).mul_(s.reshape(groups, 1, c_in_g, *extra))
-    return w64.to(dtype), (b + shift).to(dtype)
+    del w64
+    w, overflow = _scaled(weight, scale, dtype)
+    b = b + shift
+    b_out = b.to(dtype)
+    return Folded(w, b_out, overflow or overflowed(b_out, b))
 
 
-def _widen(weight: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
-    """A float64 copy of ``weight`` (never the caller's tensor itself)."""
-    if scratch is not None and scratch.numel() >= weight.numel():
-        out = scratch[: weight.numel()].view(weight.shape)
-        return out.copy_(weight.detach())
-    return weight.detach().to(torch.float64, copy=True)
+_NUMPY_DTYPES = {torch.float16, torch.float32, torch.float64}
+_SPLIT = 1 << 18  # elements: a layer at least this big is shared out among the threads
+_pool: ThreadPoolExecutor | None = None
+
+
+def _scaled(
+    weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, bool]:
+    """``weight * scale`` computed in float64 and rounded once to ``dtype``.
+
+    ``scale`` is float64 and broadcasts against ``weight``; its first axis is 1 or the
+    weight's.  The flag says whether the rounding overflowed.
+
+    One pass over the weights: numpy's multiply widens each small block of the float32
+    (or float16) weights to float64 in a buffer, multiplies there and rounds into the
+    new tensor, so no weight-sized float64 temporary is made; overflow comes from the
+    floating-point status of that rounding (values that were already Inf do not count).
+    Big layers are split by rows over a few threads (numpy releases the GIL).  bfloat16,
+    which numpy lacks, takes the plain torch route, whose float64 -> bfloat16 conversion
+    goes through float32 (a second rounding that can move a value by one unit in the last
+    place when the first lands on a tie).
+    """
+    w = weight.detach()
+    if w.dtype not in _NUMPY_DTYPES or dtype not in _NUMPY_DTYPES or w.device.type != "cpu":
+        wide = w.to(torch.float64).mul_(scale)
+        out = wide.to(dtype)
+        return out, overflowed(out, wide)
+    out = torch.empty(w.shape, dtype=dtype)
+    src, dst, factor = w.numpy(), out.numpy(), scale.numpy()
+    rows = w.shape[0] if w.dim() else 1
+    parts = min(torch.get_num_threads(), rows, max(1, w.numel() // _SPLIT))
+    if parts <= 1:
+        return out, _multiply(src, factor, dst)
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    pieces = [
+        (src[a:b], factor if factor.shape[0] == 1 else factor[a:b], dst[a:b])
+        for a, b in itertools.pairwise(bounds)
+    ]
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="bnfold")
+    flags = list(_pool.map(lambda piece: _multiply(*piece), pieces))
+    return out, any(flags)
+
+
+def _multiply(src: np.ndarray, factor: np.ndarray, dst: np.ndarray) -> bool:
+    """``dst = src * factor`` in float64, rounded into ``dst``; True if that overflowed."""
+    try:
+        with np.errstate(over="raise"):
+            np.multiply(src, factor, out=dst, casting="same_kind")
+    except FloatingPointError:
+        return True
+    return False
 
 
 def cast(value: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:

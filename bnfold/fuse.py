@@ -34,6 +34,7 @@ from bnfold.graph import (
     has_plain_forward,
     is_layout_node,
     shape_of,
+    submodule,
     value_users,
 )
 from bnfold.rules import Direction, FoldRule, Reason, function_rule, rules_for
@@ -95,12 +96,11 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
     """Fold every BN of ``gm`` that folds exactly; ``original``'s modules stay untouched."""
     protected = {id(m) for m in original.modules()} - {id(gm)}
     calls = Counter(
-        id(gm.get_submodule(str(n.target))) for n in gm.graph.nodes if n.op == "call_module"
+        id(submodule(gm, str(n.target))) for n in gm.graph.nodes if n.op == "call_module"
     )
     decisions: list[Decision] = []
     erased: set[fx.Node] = set()
     copies = Counter[str]()
-    scratch = torch.empty(0, dtype=torch.float64)
     for node in list(gm.graph.nodes):
         if node in erased:
             continue
@@ -126,7 +126,7 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
                 decisions.append(_kept(site, back, fwd))
                 continue
         try:
-            into = _apply(gm, site, plan, calls, protected, copies, scratch)
+            into = _apply(gm, site, plan, calls, protected, copies)
         except _Declined as e:
             decisions.append(
                 Decision(site.name, site.kind, reason=e.reason, detail=e.detail, site=site)
@@ -181,13 +181,21 @@ def _check_site(site: BNSite) -> None:
         raise _Declined(Reason.TRAIN_MODE, "module.training is True; call model.eval()")
     if m is not None and not has_plain_forward(m):
         raise _Declined(Reason.CUSTOM_FORWARD, f"{type(m).__name__}.forward is overridden")
-    for label, tensor in (
-        ("running_mean", site.running_mean),
-        ("running_var", site.running_var),
-        ("weight", site.weight),
-        ("bias", site.bias),
-    ):
-        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+    named = [
+        (label, tensor)
+        for label, tensor in (
+            ("running_mean", site.running_mean),
+            ("running_var", site.running_var),
+            ("weight", site.weight),
+            ("bias", site.bias),
+        )
+        if tensor is not None
+    ]
+    shapes = {tuple(tensor.shape) for _, tensor in named}
+    if len(shapes) == 1 and bool(torch.isfinite(torch.stack([t for _, t in named])).all()):
+        return  # the common case: one check for all four per-channel tensors
+    for label, tensor in named:
+        if not bool(torch.isfinite(tensor).all()):
             raise _Declined(Reason.NONFINITE_STATS, f"{label} has NaN/Inf")
 
 
@@ -195,7 +203,7 @@ def _describe(gm: fx.GraphModule, node: object) -> str:
     if not isinstance(node, fx.Node):
         return repr(node)
     if node.op == "call_module":
-        return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
+        return f"{node.target} ({type(submodule(gm, str(node.target))).__name__})"
     if node.op == "placeholder":
         return f"the model input {node.target!r}"
     if node.op == "call_function":
@@ -225,7 +233,7 @@ def _try_backward(
         layer = functional_layer(gm, n)
         rule = function_rule(n.target) if layer is not None else None
     else:
-        layer = gm.get_submodule(str(n.target))
+        layer = submodule(gm, str(n.target))
         rule = rules_for(layer, Direction.BACKWARD)
     if rule is None or layer is None:
         raise _Declined(Reason.NO_NEIGHBOUR, f"input comes from {_describe(gm, n)}")
@@ -281,7 +289,7 @@ def _try_forward(
         n = u
     if u.op != "call_module" or u.args[0] is not n:
         raise _Declined(Reason.NO_NEIGHBOUR, f"output goes to {_describe(gm, u)}")
-    layer = gm.get_submodule(str(u.target))
+    layer = submodule(gm, str(u.target))
     rule = rules_for(layer, Direction.FORWARD)
     if rule is None:
         raise _Declined(Reason.NO_NEIGHBOUR, f"output goes to {_describe(gm, u)}")
@@ -339,7 +347,6 @@ def _apply(
     calls: Counter[int],
     protected: set[int],
     copies: Counter[str],
-    scratch: torch.Tensor,
 ) -> str:
     layer = plan.layer
     groups = int(getattr(layer, "groups", 1))
@@ -347,13 +354,11 @@ def _apply(
         folding.fold_backward if plan.rule.direction is Direction.BACKWARD else folding.fold_forward
     )
     dtype = layer.weight.dtype  # type: ignore[union-attr]
-    n = layer.weight.numel()  # type: ignore[operator]
-    if scratch.numel() < n:  # one float64 buffer, grown to the largest layer, for all folds
-        scratch.resize_(n)
-    w, b = fold(layer.weight, layer.bias, plan.s, plan.t, plan.rule.kind, groups, dtype, scratch)  # type: ignore[arg-type]
+    w, b, overflow = fold(layer.weight, layer.bias, plan.s, plan.t, plan.rule.kind, groups, dtype)  # type: ignore[arg-type]
     if layer.bias is not None and layer.bias.dtype != dtype:  # type: ignore[union-attr]
         b = b.to(layer.bias.dtype)  # type: ignore[union-attr]
-    if folding.overflowed(w, layer.weight) or folding.overflowed(b):  # type: ignore[arg-type]
+        overflow = overflow or folding.overflowed(b)
+    if overflow:
         raise _Declined(Reason.OVERFLOW, f"folded values exceed {dtype}")
     if isinstance(layer, FunctionalLayer):
         return _install_functional(gm, plan.layer_node, layer, w, b)
@@ -366,7 +371,7 @@ def _apply(
     new.bias = nn.Parameter(b, requires_grad=requires_grad)
     target = str(plan.layer_node.target)
     parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
+    parent = submodule(gm, parent_name) if parent_name else gm
     if calls[id(layer)] <= 1 and id(parent) not in protected:
         setattr(parent, leaf, new)
     else:
@@ -414,16 +419,20 @@ def _remove_bn(gm: fx.GraphModule, site: BNSite) -> set[fx.Node]:
 
 def _drop_unused(gm: fx.GraphModule, protected: set[int]) -> None:
     """Delete modules no node uses any more, never touching the original model's modules."""
-    used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    used = {""}  # every used target and each of its parents
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            parts = str(n.target).split(".")
+            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     for name, _ in list(gm.named_modules()):
-        if not name or any(u == name or u.startswith(name + ".") for u in used):
+        if name in used:
             continue
         parent_name, _, leaf = name.rpartition(".")
         try:
-            parent = gm.get_submodule(parent_name) if parent_name else gm
+            parent = submodule(gm, parent_name)
         except AttributeError:
             continue  # already removed with its parent
-        if id(parent) not in protected and hasattr(parent, leaf):
+        if id(parent) not in protected and leaf in parent._modules:
             delattr(parent, leaf)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "capture",
     "is_bn_module",
     "propagate_shapes",
+    "submodule",
 ]
 
 _BN_FUNCTIONS = {F.batch_norm, torch.batch_norm}
@@ -229,10 +230,24 @@ def _attr(gm: fx.GraphModule, node: Any) -> torch.Tensor | bool | None:
     return False
 
 
+def submodule(root: nn.Module, target: str) -> nn.Module:
+    """``root.get_submodule(target)`` without its per-call checks (the fold pass asks often).
+
+    Raises AttributeError, as ``get_submodule`` does, when there is no such module.
+    """
+    module = root
+    for part in target.split(".") if target else ():
+        try:
+            module = module._modules[part]  # type: ignore[assignment]
+        except KeyError:
+            raise AttributeError(f"{type(module).__name__} has no submodule {part!r}") from None
+    return module
+
+
 def bn_site(gm: fx.GraphModule, node: fx.Node) -> BNSite | None:
     """The BN site at ``node``, or None when the node is not a BatchNorm."""
     if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
+        module = submodule(gm, str(node.target))
         if not is_bn_module(module):
             return None
         return BNSite(
@@ -277,7 +292,7 @@ def bn_site(gm: fx.GraphModule, node: fx.Node) -> BNSite | None:
     name = _functional_name(node, params)
     kind = "functional batch_norm"
     try:
-        owner = gm.get_submodule(name)
+        owner = submodule(gm, name)
         kind = f"{type(owner).__name__} (traced)" if type(owner) is not nn.Module else kind
     except AttributeError:
         pass
@@ -437,7 +452,7 @@ def is_layout_node(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _RESHAPE_FUNCTIONS | _PERMUTE_FUNCTIONS
     if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
+        m = submodule(gm, str(node.target))
         return isinstance(m, (*_IDENTITY_MODULES, nn.Flatten)) or _is_global_pool(m)
     return False
 
@@ -456,7 +471,7 @@ def carry_law(gm: fx.GraphModule, node: fx.Node, law: ChannelLaw) -> ChannelLaw 
     if src is None or dst is None:
         return None
     is_module = node.op == "call_module"
-    module = gm.get_submodule(str(node.target)) if is_module else None
+    module = submodule(gm, str(node.target)) if is_module else None
     if module is not None and _is_global_pool(module):
         axis = law.axis_in(src)
         if axis != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -65,7 +66,7 @@ def test_backward_fold_matches_float64_reference(cfg: ConvConfig, bn_cfg: BNConf
         expected = apply_bn(bn, conv(x))
         s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         kind = FoldKind.CONVT_OUT if cfg.transpose else FoldKind.CONV_OUT
-        w, b = fold_backward(conv.weight, conv.bias, s, t, kind, cfg.groups)
+        w, b, _ = fold_backward(conv.weight, conv.bias, s, t, kind, cfg.groups)
         got = with_weights(conv, w, b)(x)
     assert got.dtype == torch.float64
     assert rel_err(got, expected) < 1e-9
@@ -82,7 +83,7 @@ def test_forward_fold_into_conv_matches_reference(cfg: ConvConfig, bn_cfg: BNCon
     with torch.no_grad():
         expected = conv(apply_bn(bn, x))
         s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-        w, b = fold_forward(conv.weight, conv.bias, s, t, FoldKind.CONV_IN, cfg.groups)
+        w, b, _ = fold_forward(conv.weight, conv.bias, s, t, FoldKind.CONV_IN, cfg.groups)
         got = with_weights(conv, w, b)(x)
     assert rel_err(got, expected) < 1e-9
 
@@ -98,11 +99,11 @@ def test_linear_folds_both_directions(
     with torch.no_grad():
         bn = make_bn(n_out, bn_cfg)
         s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-        w, b = fold_backward(lin.weight, lin.bias, s, t, FoldKind.LINEAR_OUT)
+        w, b, _ = fold_backward(lin.weight, lin.bias, s, t, FoldKind.LINEAR_OUT)
         assert rel_err(x @ w.T + b, apply_bn(bn, lin(x))) < 1e-9
         bn_in = make_bn(n_in, bn_cfg)
         s, t = bn_affine(bn_in.running_mean, bn_in.running_var, bn_in.weight, bn_in.bias, bn_in.eps)
-        w, b = fold_forward(lin.weight, lin.bias, s, t, FoldKind.LINEAR_IN)
+        w, b, _ = fold_forward(lin.weight, lin.bias, s, t, FoldKind.LINEAR_IN)
         assert rel_err(x @ w.T + b, lin(apply_bn(bn_in, x))) < 1e-9
 
 
@@ -114,7 +115,7 @@ def test_grouped_conv_transpose_scales_the_right_slices():
     """
     w = torch.ones(4, 3, 1, 1, dtype=torch.float64)  # C_in=4, C_out/groups=3, groups=2 -> C_out=6
     s = torch.arange(1.0, 7.0, dtype=torch.float64)
-    new_w, _ = fold_backward(
+    new_w, _, _ = fold_backward(
         w, None, s, torch.zeros(6, dtype=torch.float64), FoldKind.CONVT_OUT, groups=2
     )
     assert new_w[:2, :, 0, 0].tolist() == [[1, 2, 3], [1, 2, 3]]
@@ -143,3 +144,55 @@ def test_cast_reports_overflow_only_when_it_happens(dtype):
     fine, overflow = cast(torch.tensor([1.0, float("inf")], dtype=torch.float64), dtype)
     assert overflow is False
     assert fine[0].item() == 1.0
+
+
+def round_once(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 values rounded to the nearest ``dtype`` value.
+
+    torch's float64 -> float16 conversion goes through float32 (two roundings, off by one
+    unit in the last place for about 1 value in 10,000); numpy's is direct.
+    """
+    if dtype is torch.float16:
+        return torch.from_numpy(exact.numpy().astype(np.float16))
+    return exact.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", [FoldKind.CONV_OUT, FoldKind.CONVT_OUT])
+@pytest.mark.parametrize("c_out", [8, 512])  # 512 x 256 x 3 x 3 is split over threads
+def test_folded_weights_are_the_float64_product_rounded_once(dtype, kind, c_out):
+    """Bit for bit: W' == round_to_dtype(float64(W) * s), whatever route computes it."""
+    gen = torch.Generator().manual_seed(c_out)
+    groups = 2
+    shape = (
+        (c_out, 256 // groups, 3, 3) if kind is FoldKind.CONV_OUT else (256, c_out // groups, 3, 3)
+    )
+    w = torch.randn(shape, generator=gen).to(dtype)
+    s = torch.rand(c_out, generator=gen, dtype=torch.float64) * 3 + 1e-3
+    t = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    got, b, overflow = fold_backward(w, None, s, t, kind, groups, dtype)
+    if kind is FoldKind.CONV_OUT:
+        exact = w.double() * s.reshape(-1, 1, 1, 1)
+    else:  # output channel g * C_out/g + j of ConvTranspose is weight[rows of group g, j]
+        rows = w.double().reshape(groups, 256 // groups, c_out // groups, 9)
+        exact = (rows * s.reshape(groups, 1, c_out // groups, 1)).reshape(shape)
+    expected = round_once(exact, dtype)
+    assert got.dtype == dtype and not overflow
+    assert torch.equal(got, expected)
+    assert torch.equal(b, t.to(dtype))
+    assert torch.equal(w, w.clone())  # (the input is a fresh tensor; see the fuse tests)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [4, 4096])  # small, and split over threads
+def test_fold_flags_overflow_but_not_inputs_already_infinite(dtype, rows):
+    big = torch.finfo(dtype).max
+    w = torch.ones(rows, 128, dtype=dtype)
+    s = torch.ones(rows, dtype=torch.float64)
+    zero = torch.zeros(rows, dtype=torch.float64)
+    w[rows - 1, 5] = big
+    s[rows - 1] = 4.0
+    assert fold_backward(w, None, s, zero, FoldKind.LINEAR_OUT, 1, dtype).overflow
+    w[rows - 1, 5] = float("inf")
+    folded = fold_backward(w, None, s, zero, FoldKind.LINEAR_OUT, 1, dtype)
+    assert not folded.overflow and folded.weight[rows - 1, 5] == float("inf")
