@@ -17,8 +17,9 @@ Checks, in order (a file that cannot be read at all is reported as unreadable, e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,57 @@ def run_check(paths: Sequence[Path], opts: CheckOptions) -> CheckReport:
 
 
 def check_file(path: Path, opts: CheckOptions) -> FileCheck:
-    """Run every check on one ONNX file; LoadError when it cannot be read as ONNX."""
+    """Run every check on one ONNX file; LoadError when it cannot be read as ONNX.
+
+    Scheduled for two cores: onnxruntime loads and runs the model in a thread (its C++
+    lets go of the GIL) while this thread reads the file, scans the weights and runs
+    onnx's checker (which holds the GIL for as long as it runs).
+    """
+    if not _sniffs_as_onnx(path):
+        _load(path)  # raises: says which format the file is
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        feed: Future[list[list[Any]]] = Future()
+        built = threading.Event()
+        ran = pool.submit(_onnxruntime, path, feed, built)
+        try:
+            model, arrays = _read(path)
+            items = [_weights_finite(arrays), _batchnorm(model, opts)]
+            batches = _batches(model, opts)
+            feed.set_result(batches)
+        finally:
+            feed.cancel()  # lets the thread go when reading failed; no-op once fed
+        # the checker holds the GIL throughout, and onnxruntime needs it between loading
+        # the model, building the session and running it: start the checker once the
+        # session is built, so that the run (the longest stretch without the GIL) overlaps it
+        built.wait()
+        checker = _checker(path)
+        run_items, outputs = ran.result()
+    items += run_items
+    comparison: tuple[OutputCheck, ...] = ()
+    if opts.reference is not None and outputs is not None:
+        item, comparison = _compare(path, batches, opts)
+        items.append(item)
+    every = [*checker, *items]
+    return FileCheck(
+        str(path), True, all(i.passed for i in every), tuple(every), _bn_nodes(model), comparison
+    )
+
+
+def _sniffs_as_onnx(path: Path) -> bool:
+    """load_model's own sniffing: no other format's signature (LoadError when unreadable)."""
+    from bnfold.loading import _looks_like_safetensors, _looks_like_text, _read_head
+
+    head = _read_head(path)
+    return not (
+        head[:4] == b"PK\x03\x04"
+        or head[:1] == b"\x80"
+        or _looks_like_safetensors(path, head)
+        or _looks_like_text(head)
+    )
+
+
+def _load(path: Path) -> Any:
+    """The ONNX model as load_model reads it (external data too); LoadError otherwise."""
     from bnfold.loading import ModelFormat, load_model
 
     loaded = load_model(path)
@@ -76,45 +127,183 @@ def check_file(path: Path, opts: CheckOptions) -> FileCheck:
             path=path,
             hint="bnfold check takes ONNX files; bnfold fuse makes them",
         )
-    model = loaded.onnx_model
-    assert model is not None  # an ONNX load always carries its model
-    # the checker (C++) runs in a thread while Python checks the weights and onnxruntime
-    # builds its session: on two cores that hides most of its time
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        checker = pool.submit(_checker, path)
-        items, bn_nodes, comparison = _rest(model, path, opts)
-        every = [*checker.result(), *items]
-    return FileCheck(
-        str(path), True, all(i.passed for i in every), tuple(every), bn_nodes, comparison
+    assert loaded.onnx_model is not None  # an ONNX load always carries its model
+    return loaded.onnx_model
+
+
+def _read(path: Path) -> tuple[Any, Iterator[tuple[str, np.ndarray]]]:
+    """The model and its initializers as (name, array).
+
+    A file with all its weights inside is mapped and walked without copying them
+    (``_walk``); anything else (external data, a file the walk does not take) is read by
+    load_model, whose errors are the ones to report.
+    """
+    from onnx import numpy_helper
+
+    walked = _walk(path)
+    if walked is not None:
+        return walked
+    model = _load(path)
+    return model, ((t.name, numpy_helper.to_array(t)) for t in model.graph.initializer)
+
+
+# --------------------------------------------------------------------------- the walk
+# ONNX files are protobuf: each field is a varint key (number << 3 | wire type) and a
+# value. Parsing a 100 MB file copies every weight into freshly allocated memory twice
+# (the read, then the message); the walk below maps the file, cuts the bytes of each
+# initializer's raw_data out of the message and parses only the rest (names, shapes,
+# nodes, inputs), so protobuf still validates every byte but the weights, which numpy
+# reads in place.
+
+_MODEL_GRAPH = 7  # ModelProto.graph
+_GRAPH_INITIALIZER = 5  # GraphProto.initializer
+_TENSOR_RAW_DATA = 9  # TensorProto.raw_data
+
+
+class _Unwalkable(Exception):
+    """Not a file the walk takes: load_model reads it (and reports what is wrong)."""
+
+
+def _walk(path: Path) -> tuple[Any, Iterator[tuple[str, np.ndarray]]] | None:
+    """The model without raw_data payloads and its initializers as views of the mapped
+    file; None when the walk does not take the file (external data, anything odd)."""
+    import mmap
+    import sys
+
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if sys.byteorder != "little":  # ONNX raw_data is little-endian
+        return None
+    try:
+        with path.open("rb") as f:
+            buf = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        spans: list[tuple[int, int, tuple[int, int] | None]] = []
+        model = onnx.ModelProto.FromString(_strip(buf, spans))
+    except (OSError, ValueError, RuntimeError, DecodeError, _Unwalkable):
+        return None
+    if model.ir_version <= 0 or not model.opset_import or not model.HasField("graph"):
+        return None
+    initializers = model.graph.initializer
+    if len(initializers) != len(spans) or any(
+        t.data_location == onnx.TensorProto.EXTERNAL or t.external_data for t in initializers
+    ):
+        return None
+    return model, _arrays(buf, initializers, spans)
+
+
+def _strip(buf: memoryview, spans: list[tuple[int, int, tuple[int, int] | None]]) -> bytes:
+    """The ModelProto in ``buf`` without its initializers' raw_data; ``spans`` gets, per
+    initializer in order, the bounds of its TensorProto and of its raw_data (or None)."""
+    out = bytearray()
+    for number, wire, start, value, end in _fields(buf, 0, len(buf)):
+        if number != _MODEL_GRAPH or wire != 2:
+            out += buf[start:end]
+            continue
+        graph = bytearray()
+        for g_number, g_wire, g_start, g_value, g_end in _fields(buf, value, end):
+            if g_number != _GRAPH_INITIALIZER or g_wire != 2:
+                graph += buf[g_start:g_end]
+                continue
+            tensor = bytearray()
+            raw = None
+            for t_number, t_wire, t_start, t_value, t_end in _fields(buf, g_value, g_end):
+                if t_number == _TENSOR_RAW_DATA and t_wire == 2:
+                    raw = (t_value, t_end)  # the last one counts, as in protobuf
+                else:
+                    tensor += buf[t_start:t_end]
+            spans.append((g_value, g_end, raw))
+            graph += _key(_GRAPH_INITIALIZER) + _varint(len(tensor)) + tensor
+        out += _key(_MODEL_GRAPH) + _varint(len(graph)) + graph
+    return bytes(out)
+
+
+def _arrays(
+    buf: memoryview, initializers: Any, spans: list[tuple[int, int, tuple[int, int] | None]]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Each initializer as numpy_helper.to_array gives it: a view of raw_data when that is
+    a plain little-endian array of the right size, else the tensor parsed whole."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    for header, (start, end, raw) in zip(initializers, spans, strict=True):
+        if raw is not None and header.data_type in _PLAIN and not header.HasField("segment"):
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(header.data_type))
+            count = 1
+            for d in header.dims:
+                count *= d
+            if min(header.dims, default=0) >= 0 and raw[1] - raw[0] == count * dtype.itemsize:
+                yield header.name, np.frombuffer(buf[raw[0] : raw[1]], dtype)
+                continue
+        yield header.name, numpy_helper.to_array(onnx.TensorProto.FromString(buf[start:end]))
+
+
+# TensorProto data types numpy reads from raw_data as they are (to_array's frombuffer)
+_PLAIN = frozenset((1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13))
+
+
+def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(number, wire type, start, value start, end) of each field of the message in
+    ``buf[pos:end]``."""
+    while pos < end:
+        start = pos
+        key, pos = _read_varint(buf, pos, end)
+        wire = key & 7
+        if wire == 0:
+            value = pos
+            _, pos = _read_varint(buf, pos, end)
+        elif wire == 2:
+            size, value = _read_varint(buf, pos, end)
+            pos = value + size
+        elif wire in (1, 5):
+            value = pos
+            pos += 8 if wire == 1 else 4
+        else:  # groups: not in ONNX
+            raise _Unwalkable
+        if pos > end:
+            raise _Unwalkable
+        yield key >> 3, wire, start, value, pos
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while pos < end and shift < 64:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+    raise _Unwalkable
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(number: int) -> bytes:
+    return _varint(number << 3 | 2)
+
+
+def _batchnorm(model: Any, opts: CheckOptions) -> CheckItem:
+    bn_nodes = _bn_nodes(model)
+    return CheckItem(
+        "batchnorm",
+        len(bn_nodes) <= opts.max_bn,
+        f"{len(bn_nodes)} BatchNormalization nodes (at most {opts.max_bn})"
+        + (f": {', '.join(bn_nodes[:20])}" if bn_nodes else ""),
     )
 
 
-def _rest(
-    model: Any, path: Path, opts: CheckOptions
-) -> tuple[list[CheckItem], tuple[str, ...], tuple[OutputCheck, ...]]:
-    """Every check but the checker: weights, BatchNorm count, onnxruntime, reference."""
-    items: list[CheckItem] = []
-    items.append(_weights_finite(model))
-    bn_nodes = tuple(
+def _bn_nodes(model: Any) -> tuple[str, ...]:
+    return tuple(
         n.name or n.output[0] for n in model.graph.node if n.op_type == "BatchNormalization"
     )
-    ok = len(bn_nodes) <= opts.max_bn
-    items.append(
-        CheckItem(
-            "batchnorm",
-            ok,
-            f"{len(bn_nodes)} BatchNormalization nodes (at most {opts.max_bn})"
-            + (f": {', '.join(bn_nodes[:20])}" if bn_nodes else ""),
-        )
-    )
-    batches = _batches(model, opts)
-    run_items, outputs = _run(path, batches)
-    items += run_items
-    comparison: tuple[OutputCheck, ...] = ()
-    if opts.reference is not None and outputs is not None:
-        item, comparison = _compare(path, batches, opts)
-        items.append(item)
-    return items, bn_nodes, comparison
 
 
 def _checker(path: Path) -> list[CheckItem]:
@@ -134,14 +323,12 @@ def _checker(path: Path) -> list[CheckItem]:
     return [CheckItem("checker", True, "valid"), CheckItem("shape_inference", True, "consistent")]
 
 
-def _weights_finite(model: Any) -> CheckItem:
-    from onnx import numpy_helper
-
-    bad = []
-    for tensor in model.graph.initializer:
-        array = numpy_helper.to_array(tensor)
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            bad.append(tensor.name)
+def _weights_finite(arrays: Iterator[tuple[str, np.ndarray]]) -> CheckItem:
+    bad = [
+        name
+        for name, array in arrays
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all()
+    ]
     if bad:
         return CheckItem(
             "weights_finite", False, f"NaN/Inf in {len(bad)} initializers: {', '.join(bad[:10])}"
@@ -157,13 +344,32 @@ def _batches(model: Any, opts: CheckOptions) -> list[list[Any]]:
     return onnx_batches(model, opts.input_shapes, opts.batches, seed=opts.seed)
 
 
-def _run(path: Path, batches: list[list[Any]]) -> tuple[list[CheckItem], list[Any] | None]:
+def _session(path: Path) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # the basic graph rewrites only: every node still gets its kernel and the model still
+    # runs, which is what this check proves; the layout rewrites of the default level cost
+    # twice the session's build time and are onnxruntime's own business
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnxruntime(
+    path: Path, feed: Future[list[list[Any]]], built: threading.Event
+) -> tuple[list[CheckItem], list[Any] | None]:
+    """Load the model in onnxruntime (``built`` is set when done), then run it on the
+    batches ``feed`` delivers."""
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = _session(path)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+        return _ort_failed(e)
+    finally:
+        built.set()
+    batches = feed.result()
+    try:
         names = [i.name for i in session.get_inputs()]
         outputs = []
         for batch in batches:
@@ -173,10 +379,7 @@ def _run(path: Path, batches: list[list[Any]]) -> tuple[list[CheckItem], list[An
     except BnfoldError:
         raise
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-        return [
-            CheckItem("onnxruntime", False, _first(e)),
-            CheckItem("outputs_finite", False, "not run: onnxruntime failed"),
-        ], None
+        return _ort_failed(e)
     items = [CheckItem("onnxruntime", True, f"loads and runs on {len(batches)} input batch(es)")]
     out_names = [o.name for o in session.get_outputs()]
     bad = sorted(
@@ -195,6 +398,13 @@ def _run(path: Path, batches: list[list[Any]]) -> tuple[list[CheckItem], list[An
         )
     )
     return items, outputs
+
+
+def _ort_failed(e: Exception) -> tuple[list[CheckItem], None]:
+    return [
+        CheckItem("onnxruntime", False, _first(e)),
+        CheckItem("outputs_finite", False, "not run: onnxruntime failed"),
+    ], None
 
 
 def _compare(
