@@ -77,7 +77,7 @@ def check_command(
     progress = Progress(enabled=None if fmt is CheckFormat.table else False)
     with progress.step(f"Checking {len(models)} file(s)"):
         report = run_check(models, opts)
-    render.emit(report, fmt.value, stdout_console())
+    render.emit(report, fmt.value, stdout_console() if fmt is CheckFormat.table else None)
     for f in report.files:  # the report says it too; stderr gets the one line per bad file
         if not f.readable:
             sys.stderr.write(f"error: {f.checks[0].message}\n")

@@ -8,26 +8,39 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
-
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+import sys
+from typing import TYPE_CHECKING, Any
 
 from bnfold.reports import CheckReport, FuseReport, InspectReport, Spread, to_dict
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["emit", "to_json", "to_markdown"]
 
 
-def emit(report: InspectReport | FuseReport | CheckReport, fmt: str, console: Console) -> None:
+def emit(
+    report: InspectReport | FuseReport | CheckReport, fmt: str, console: Console | None = None
+) -> None:
+    """Write the report to stdout (``console``'s file when given). Only tables need rich:
+    the text formats do not import it, which keeps ``check --format json`` quick."""
+    text = None
     if fmt == "json":
-        console.file.write(to_json(report) + "\n")
+        text = to_json(report)
     elif fmt == "markdown":
-        console.file.write(to_markdown(report) + "\n")
+        text = to_markdown(report)
     elif fmt == "junit" and isinstance(report, CheckReport):
-        console.file.write(to_junit(report) + "\n")
-    elif isinstance(report, InspectReport):
+        text = to_junit(report)
+    if text is not None:
+        out = console.file if console is not None else sys.stdout
+        out.write(text + "\n")
+        out.flush()
+        return
+    if console is None:
+        from bnfold.cli.common import stdout_console
+
+        console = stdout_console()
+    if isinstance(report, InspectReport):
         _inspect_table(report, console)
     elif isinstance(report, CheckReport):
         _check_table(report, console)
@@ -69,6 +82,10 @@ def _fold_cell(layer: Any) -> str:
 
 
 def _inspect_table(r: InspectReport, console: Console) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     s = r.summary
     console.print(
         Text(
@@ -179,6 +196,10 @@ def _inspect_markdown(r: InspectReport) -> str:
 
 
 def _fuse_table(r: FuseReport, console: Console) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     console.print(
         Text(f"{r.model} ({r.format}) → {r.output or '(no output)'} [{r.exporter}]", style="bold")
     )
@@ -289,6 +310,10 @@ def to_markdown(report: InspectReport | FuseReport | CheckReport) -> str:
 
 
 def _check_table(r: CheckReport, console: Console) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     for f in r.files:
         verdict = "PASSED" if f.passed else "UNREADABLE" if not f.readable else "FAILED"
         console.print(Text(f"{f.path}: {verdict}", style="bold green" if f.passed else "bold red"))
