@@ -120,6 +120,25 @@ def run_fuse(
                 hint="pass the right --input-shape",
             ) from e
     lap("capture")
+    reference = None
+    if opts.out is not None:
+        from bnfold.verify import compute_reference
+
+        batches = random_batches(
+            [tuple(t.shape) for t in example],
+            opts.input_dtype,
+            opts.verify_batches,
+            seed=opts.seed + 1,
+        )
+        source = f"{opts.verify_batches} random (seeded)"
+        if real is not None:
+            batches = real + batches
+            source = f"{opts.inputs_npz} + {source}"
+        with step("Running the original model (float32 and float64)"):
+            # before folding, on the still unfolded graph: the reference needs no copy of
+            # the weights, and the original can be freed before the export
+            reference = compute_reference(original, batches, graph=gm)
+        lap("reference")
     with step("Folding BatchNorm layers"):
         params_before = count_params(original)
         ops_before = _ops(gm)
@@ -128,6 +147,9 @@ def run_fuse(
         folded_model = outcome.module
     lap("fold")
     folded, skipped = _sites(outcome.decisions)
+    model_format = loaded.format.value
+    del original, loaded  # the layers folded away are freed: only the folded model stays
+    gc.collect()
     report_kwargs: dict[str, Any] = {}
     torch_out: str | None = None
     if opts.out is not None:
@@ -136,6 +158,7 @@ def run_fuse(
         from bnfold.export import atomic_output, export_onnx
         from bnfold.verify import flatten_outputs, verify_onnx
 
+        assert reference is not None
         export_example = [_batch_of_two(t) for t in example] if opts.dynamic_batch else example
         with atomic_output(opts.out, force=opts.force) as tmp:
             with step(f"Exporting ONNX ({opts.exporter})"):
@@ -150,31 +173,21 @@ def run_fuse(
                 )
                 notes.extend(result.notes)
             lap("export")
-            batches = random_batches(
-                [tuple(t.shape) for t in example],
-                opts.input_dtype,
-                opts.verify_batches,
-                seed=opts.seed + 1,
-            )
-            source = f"{opts.verify_batches} random (seeded)"
-            if real is not None:
-                batches = real + batches
-                source = f"{opts.inputs_npz} + {source}"
             with torch.no_grad():
-                folded_first = [t for _, t in flatten_outputs(folded_model(*batches[0]))]
+                folded_first = [t for _, t in flatten_outputs(folded_model(*reference.batches[0]))]
             if opts.save_torch is not None:
                 torch_out = _save_torch(folded_model, example, opts)
                 notes.append(
                     f"folded PyTorch model saved as a torch.export archive ({opts.save_torch})"
                 )
             params_after = count_params(folded_model)
-            del folded_model, outcome, gm  # free the folded weights before verifying
+            _release(folded_model)  # free the folded weights before onnxruntime loads
+            del folded_model, outcome, gm
             gc.collect()
             with step("Verifying in onnxruntime"):
                 verification = verify_onnx(
-                    original,
+                    reference,
                     result.path,
-                    batches,
                     atol=opts.atol,
                     rtol=opts.rtol,
                     input_source=source,
@@ -217,7 +230,7 @@ def run_fuse(
             )
     return FuseReport(
         model=str(opts.model),
-        format=loaded.format.value,
+        format=model_format,
         folded=folded,
         skipped=skipped,
         params_before=params_before,
@@ -354,6 +367,19 @@ def _check_finite(model: Any, path: Path) -> None:
             hint="bnfold inspect shows which layers; fix the weights first",
             path=path,
         )
+
+
+def _release(model: Any) -> None:
+    """Free the memory of the model's tensors, which this run owns (it loaded them).
+
+    ``torch.onnx.export`` (torch 2.14, dynamo) keeps references to the exported module's
+    tensors after it returns, from no Python object gc can see, so dropping the model
+    does not free its weights; emptying their storage does.
+    """
+    for t in (*model.parameters(), *model.buffers()):
+        storage = t.detach().untyped_storage()
+        if t.device.type == "cpu" and storage.resizable():
+            storage.resize_(0)  # (tensors read from the file are not resizable: left alone)
 
 
 def _batch_of_two(t: Any) -> Any:

@@ -21,16 +21,25 @@ from __future__ import annotations
 import copy
 import gc
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import fx
 
 from bnfold.errors import VerifyError
 from bnfold.reports import OutputCheck, Verification
 
-__all__ = ["DEFAULT_TOLERANCES", "flatten_outputs", "verify_onnx", "verify_onnx_pair"]
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "Reference",
+    "compute_reference",
+    "flatten_outputs",
+    "verify_onnx",
+    "verify_onnx_pair",
+]
 
 DEFAULT_TOLERANCES = {
     torch.float32: (1e-6, 1e-5),
@@ -144,52 +153,176 @@ def _verification(
     )
 
 
-def verify_onnx(
+@dataclass
+class Reference:
+    """What the exported graph must reproduce: the inputs, and per batch the original
+    model's outputs in float32 (eager) and in float64 (the reference)."""
+
+    batches: list[list[torch.Tensor]]
+    names: list[str]
+    expected: list[list[torch.Tensor]]  # float64 reference, per batch and output
+    eager: list[list[torch.Tensor]]  # the original in its own precision
+    dtype: torch.dtype
+    baseline_max_abs_error: float | None  # eager vs float64; None: no float64 reference
+    how: str
+
+
+def compute_reference(
     original: torch.nn.Module,
-    onnx_path: Path,
     batches: Sequence[Sequence[torch.Tensor]],
+    graph: fx.GraphModule | None = None,
+) -> Reference:
+    """Run ``original`` eagerly and in float64 on every batch.
+
+    With ``graph`` (the captured, still unfolded graph of ``original``) the float64 run
+    widens one layer's weights at a time, so it needs almost no memory beyond the model;
+    it is trusted only when the eager float32 outputs agree with it within the default
+    tolerances, otherwise the whole model is widened (as without ``graph``).  Models over
+    1 GiB of float64 weights, without ``graph``, use the float32 run as the reference.
+    """
+    dtype = next((p.dtype for p in original.parameters() if p.is_floating_point()), torch.float32)
+    inputs = [list(b) for b in batches]
+    with torch.no_grad():
+        eager_named = [flatten_outputs(original(*b)) for b in inputs]
+    names = [n for n, _ in eager_named[0]] if eager_named else []
+    eager = [[t for _, t in outs] for outs in eager_named]
+    del eager_named
+    if graph is not None:
+        try:
+            with torch.no_grad():
+                expected = [
+                    [t for _, t in flatten_outputs(_Float64Run(graph).run(*_double(b)))]
+                    for b in inputs
+                ]
+        except Exception:  # noqa: BLE001 - the whole-model route below still works
+            expected = None
+        if expected is not None and _agrees(eager, expected, dtype):
+            return Reference(
+                inputs,
+                names,
+                expected,
+                eager,
+                dtype,
+                _max_error(eager, expected),
+                "float64 run of the captured graph, one layer widened at a time",
+            )
+    n_bytes = sum(p.numel() * 8 for p in original.parameters())
+    if n_bytes > _FP64_REFERENCE_LIMIT:
+        expected = [[t.double() for t in outs] for outs in eager]
+        return Reference(inputs, names, expected, eager, dtype, None, "the float32 model")
+    ref_model = _float64(original)
+    with torch.no_grad():
+        expected = [[t for _, t in flatten_outputs(ref_model(*_double(b)))] for b in inputs]
+    del ref_model
+    gc.collect()
+    return Reference(
+        inputs,
+        names,
+        expected,
+        eager,
+        dtype,
+        _max_error(eager, expected),
+        "float64 copy of the model",
+    )
+
+
+class _Float64Run(fx.Interpreter):
+    """Runs a captured graph in float64: each module's floating-point parameters and
+    buffers are widened just for its own call, get_attr tensors when fetched."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        state = {
+            k: v.double() if v.is_floating_point() else v
+            for k, v in (*module.named_parameters(), *module.named_buffers())
+        }
+        if not state:
+            return module(*args, **kwargs)
+        return torch.func.functional_call(module, state, tuple(args), kwargs)
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.double()
+        return value
+
+
+def _max_error(got: list[list[torch.Tensor]], ref: list[list[torch.Tensor]]) -> float:
+    return max(
+        (
+            _max_abs(g.double(), r)
+            for gs, rs in zip(got, ref, strict=True)
+            for g, r in zip(gs, rs, strict=True)
+        ),
+        default=0.0,
+    )
+
+
+def _agrees(
+    eager: list[list[torch.Tensor]], expected: list[list[torch.Tensor]], dtype: torch.dtype
+) -> bool:
+    """Whether the eager outputs match a float64 run within the default tolerances."""
+    atol, rtol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
+    for gs, rs in zip(eager, expected, strict=True):
+        if len(gs) != len(rs):
+            return False
+        for g, r in zip(gs, rs, strict=True):
+            if tuple(g.shape) != tuple(r.shape):
+                return False
+            scale = float(r.abs().max()) if r.numel() else 0.0
+            if _max_abs(g.double(), r) > atol + rtol * scale:
+                return False
+    return True
+
+
+def verify_onnx(
+    original: torch.nn.Module | Reference,
+    onnx_path: Path,
+    batches: Sequence[Sequence[torch.Tensor]] | None = None,
     *,
     atol: float | None = None,
     rtol: float | None = None,
     input_source: str = "random (seeded)",
     folded_outputs: Sequence[torch.Tensor] | None = None,
 ) -> Verification:
-    """Run the ONNX file, then ``original`` in float32 and float64, on ``batches``.
+    """Run the ONNX file on the reference's batches and compare with its float64 outputs.
 
-    The phases run one after the other so that the onnxruntime session and the float64
-    copy of the weights are never in memory together. ``folded_outputs`` (the folded
-    PyTorch model's outputs on the first batch) are compared with the same reference.
+    ``original`` is a ``Reference`` (``compute_reference``), or the original module and
+    ``batches``, for which the reference is computed here first.  ``folded_outputs`` (the
+    folded PyTorch model's outputs on the first batch) are compared with the same reference.
     """
-    dtype = next((p.dtype for p in original.parameters() if p.is_floating_point()), torch.float32)
-    d_atol, d_rtol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
+    if isinstance(original, Reference):
+        reference = original
+    else:
+        if batches is None:
+            raise ValueError("verify_onnx needs batches with a module")
+        reference = compute_reference(original, batches)
+    d_atol, d_rtol = DEFAULT_TOLERANCES.get(reference.dtype, DEFAULT_TOLERANCES[torch.float32])
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
     session = _session(onnx_path, "exported model")
-    onnx_outputs = [_run(session, batch, "exported model") for batch in batches]
-    del session
-    gc.collect()
-    n_bytes = sum(p.numel() * 8 for p in original.parameters())
-    ref_model = _float64(original) if n_bytes <= _FP64_REFERENCE_LIMIT else None
     worst = _Worst()
+    for batch, expected in zip(reference.batches, reference.expected, strict=True):
+        worst.add(reference.names, _run(session, batch, "exported model"), expected)
+    del session
     fold_err = None
-    base_err = 0.0 if ref_model is not None else None
-    with torch.no_grad():
-        for i, batch in enumerate(batches):
-            eager = flatten_outputs(original(*batch))
-            if ref_model is not None:
-                ref = [t for _, t in flatten_outputs(ref_model(*_double(batch)))]
-                base_err = max(
-                    base_err or 0.0,
-                    *(_max_abs(e.double(), r) for (_, e), r in zip(eager, ref, strict=True)),
-                )
-            else:
-                ref = [t.double() for _, t in eager]
-            if i == 0 and folded_outputs is not None:
-                fold_err = max(
-                    _max_abs(g.double(), r) for g, r in zip(folded_outputs, ref, strict=True)
-                )
-            worst.add([n for n, _ in eager], onnx_outputs[i], ref)
-    return _verification(worst, atol, rtol, len(batches), input_source, fold_err, base_err)
+    if folded_outputs is not None and reference.expected:
+        fold_err = max(
+            (
+                _max_abs(g.double(), r)
+                for g, r in zip(folded_outputs, reference.expected[0], strict=True)
+            ),
+            default=0.0,
+        )
+    return _verification(
+        worst,
+        atol,
+        rtol,
+        len(reference.batches),
+        input_source,
+        fold_err,
+        reference.baseline_max_abs_error,
+    )
 
 
 def verify_onnx_pair(

@@ -110,3 +110,37 @@ def test_multi_output_models_are_compared_per_output(tmp_path, as_dict):
     assert [o.shape for o in v.outputs] == [(2, 2), (2, 3)]
     if as_dict:
         assert [o.name for o in v.outputs] == ["['first']", "['second']"]
+
+
+def test_layerwise_float64_reference_equals_the_whole_model_copy():
+    """The reference computed on the captured graph, one layer widened at a time, is the
+    float64 run of the whole model (up to float64 rounding)."""
+    from bnfold.verify import compute_reference
+
+    model = small_cnn().eval()
+    batches = random_batches([(2, 3, 16, 16)], "float32", 2)
+    gm = capture(model)
+    propagate_shapes(gm, [batches[0][0]])
+    layerwise = compute_reference(model, batches, graph=gm)
+    whole = compute_reference(model, batches)
+    assert layerwise.how.startswith("float64 run of the captured graph")
+    assert whole.how == "float64 copy of the model"
+    for a, b in zip(layerwise.expected, whole.expected, strict=True):
+        assert a[0].dtype == torch.float64
+        assert torch.allclose(a[0], b[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_graph_that_disagrees_with_the_model_is_not_trusted():
+    """If the eager model and the captured graph differ, the whole model is widened instead."""
+    from bnfold.verify import compute_reference
+
+    model = small_cnn().eval()
+    batches = random_batches([(2, 3, 16, 16)], "float32", 1)
+    other = small_cnn().eval()
+    with torch.no_grad():
+        other[0].weight.mul_(1.5)
+    gm = capture(other)
+    ref = compute_reference(model, batches, graph=gm)
+    assert ref.how == "float64 copy of the model"
+    with torch.no_grad():
+        assert torch.allclose(ref.expected[0][0].float(), model(batches[0][0]), atol=1e-5)

@@ -1,0 +1,29 @@
+"""Export (bnfold/export.py): the streamed single-file writer is onnx's own bytes."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+import torch
+from torch import nn
+
+from bnfold.export import save_single_file
+
+
+def exported(model: nn.Module, x: torch.Tensor):
+    return torch.onnx.export(model.eval(), (x,), dynamo=True, verbose=False)
+
+
+@pytest.mark.parametrize("with_small_constants", [False, True])
+def test_streamed_file_is_byte_identical_to_ir_save(tmp_path, with_small_constants):
+    """Weights streamed from a scratch file give exactly the bytes ir.save writes in memory,
+    tiny initializers (kept inline by the scratch save) included; no scratch file is left."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 32, 1)]
+    if with_small_constants:
+        layers += [nn.Conv2d(32, 2, 1)]  # 2 outputs: a 16-byte bias, under ir.save's threshold
+    program = exported(nn.Sequential(*layers), torch.randn(1, 3, 16, 16))
+    ir.save(program.model, tmp_path / "reference.onnx")
+    save_single_file(program.model, tmp_path / "streamed.onnx")
+    assert (tmp_path / "streamed.onnx").read_bytes() == (tmp_path / "reference.onnx").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reference.onnx", "streamed.onnx"]
