@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.errors import BnfoldError, LoadError
+from bnfold.protowire import key, varint
 from bnfold.reports import CheckItem, CheckReport, FileCheck, OutputCheck
 
 __all__ = ["CheckOptions", "check_file", "run_check"]
@@ -228,8 +229,8 @@ def _strip(buf: memoryview, spans: list[tuple[int, int, tuple[int, int] | None]]
                 else:
                     tensor += buf[t_start:t_end]
             spans.append((g_value, g_end, raw))
-            graph += _key(_GRAPH_INITIALIZER) + _varint(len(tensor)) + tensor
-        out += _key(_MODEL_GRAPH) + _varint(len(graph)) + graph
+            graph += key(_GRAPH_INITIALIZER) + varint(len(tensor)) + tensor
+        out += key(_MODEL_GRAPH) + varint(len(graph)) + graph
     return bytes(out)
 
 
@@ -262,8 +263,8 @@ def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int
     ``buf[pos:end]``."""
     while pos < end:
         start = pos
-        key, pos = _read_varint(buf, pos, end)
-        wire = key & 7
+        field_key, pos = _read_varint(buf, pos, end)
+        wire = field_key & 7
         if wire == 0:
             value = pos
             _, pos = _read_varint(buf, pos, end)
@@ -277,7 +278,7 @@ def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int
             raise _Unwalkable
         if pos > end:
             raise _Unwalkable
-        yield key >> 3, wire, start, value, pos
+        yield field_key >> 3, wire, start, value, pos
 
 
 def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -290,19 +291,6 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
             return result, pos
         shift += 7
     raise _Unwalkable
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _key(number: int) -> bytes:
-    return _varint(number << 3 | 2)
 
 
 def _batchnorm(bn_nodes: tuple[str, ...], opts: CheckOptions) -> CheckItem:

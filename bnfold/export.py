@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from bnfold.errors import ExportError, OutputError
+from bnfold.protowire import key, varint
 
 __all__ = ["EXPORTERS", "ExportResult", "atomic_output", "export_onnx", "onnx_counts"]
 
@@ -251,19 +252,19 @@ def _write_inline(model: Any, path: Path, scratch: Path) -> bool:
         inline.CopyFrom(t)
         inline.ClearField("external_data")
         inline.ClearField("data_location")
-        head = _fields(inline, lambda k: k < 9) + _tag(9) + _varint(n)  # 9: raw_data
+        head = _fields(inline, lambda k: k < 9) + key(9) + varint(n)  # 9: raw_data
         pieces.append((head, (offset, n), _fields(inline, lambda k: k > 9)))
     sizes = [len(h) + (span[1] if span else 0) + len(tail) for h, span, tail in pieces]
     graph_head = _fields(graph, lambda k: k < 5)  # 5: initializer
     graph_tail = _fields(graph, lambda k: k > 5)
     graph_size = (
-        len(graph_head) + sum(len(_tag(5)) + len(_varint(n)) + n for n in sizes) + len(graph_tail)
+        len(graph_head) + sum(len(key(5)) + len(varint(n)) + n for n in sizes) + len(graph_tail)
     )
     with path.open("wb") as out, scratch.open("rb") as src:
         out.write(_fields(model, lambda k: k < 7))  # 7: graph
-        out.write(_tag(7) + _varint(graph_size) + graph_head)
+        out.write(key(7) + varint(graph_size) + graph_head)
         for (head, span, tail), size in zip(pieces, sizes, strict=True):
-            out.write(_tag(5) + _varint(size) + head)
+            out.write(key(5) + varint(size) + head)
             if span is not None:
                 src.seek(span[0])
                 _copy(src, out, span[1])
@@ -281,22 +282,6 @@ def _fields(message: Any, keep: Any) -> bytes:
         if not keep(field.number):
             part.ClearField(field.name)
     return part.SerializeToString()
-
-
-def _tag(number: int) -> bytes:
-    return _varint(number << 3 | 2)  # wire type 2: length-delimited
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def _copy(src: Any, dst: Any, n: int, piece: int = 1 << 20) -> None:
