@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from bnfold.export import export_onnx  # noqa: E402
 from bnfold.fuse import fold_graph  # noqa: E402
-from bnfold.graph import capture, is_bn_module, propagate_shapes  # noqa: E402
+from bnfold.graph import bn_site, capture, is_bn_module, propagate_shapes  # noqa: E402
 
 WRONG = 1e-3
 TOOLS = ("bnfold", "torch.fx fuse", "dynamo export", "legacy export", "onnxsim", "ORT basic")
@@ -246,13 +246,7 @@ def nodes_in_onnx(path: Path) -> int:
 
 def bn_in_fx(gm: torch.fx.GraphModule) -> int:
     """BN modules and functional batch_norm calls left in an fx graph."""
-    left = 0
-    for node in gm.graph.nodes:
-        if (node.op == "call_module" and is_bn_module(gm.get_submodule(node.target))) or (
-            node.op == "call_function" and "batch_norm" in str(node.target)
-        ):
-            left += 1
-    return left
+    return sum(bn_site(gm, node) is not None for node in gm.graph.nodes)
 
 
 def session(path: Path, level: ort.GraphOptimizationLevel, save: Path | None = None):

@@ -181,8 +181,7 @@ def run_fuse(
                     f"folded PyTorch model saved as a torch.export archive ({opts.save_torch})"
                 )
             params_after = count_params(folded_model)
-            _release(folded_model)  # free the folded weights before onnxruntime loads
-            del folded_model, outcome, gm
+            del folded_model, outcome, gm  # free what this run holds before onnxruntime loads
             gc.collect()
             with step("Verifying in onnxruntime"):
                 verification = verify_onnx(
@@ -369,19 +368,6 @@ def _check_finite(model: Any, path: Path) -> None:
         )
 
 
-def _release(model: Any) -> None:
-    """Free the memory of the model's tensors, which this run owns (it loaded them).
-
-    ``torch.onnx.export`` (torch 2.14, dynamo) keeps references to the exported module's
-    tensors after it returns, from no Python object gc can see, so dropping the model
-    does not free its weights; emptying their storage does.
-    """
-    for t in (*model.parameters(), *model.buffers()):
-        storage = t.detach().untyped_storage()
-        if t.device.type == "cpu" and storage.resizable():
-            storage.resize_(0)  # (tensors read from the file are not resizable: left alone)
-
-
 def _batch_of_two(t: Any) -> Any:
     """Exporting a dynamic batch axis needs an example batch > 1."""
     if t.dim() > 0 and t.shape[0] == 1:
@@ -390,7 +376,10 @@ def _batch_of_two(t: Any) -> Any:
 
 
 def _check_outputs(opts: FuseOptions) -> None:
-    for out in (opts.out, opts.save_torch, opts.model if False else None):
+    out, torch_out = opts.out, opts.save_torch
+    if out is not None and torch_out is not None and out.resolve() == torch_out.resolve():
+        raise OutputError("--out and --save-torch name the same file")
+    for out in (opts.out, opts.save_torch):
         if out is None:
             continue
         if out.resolve() == opts.model.resolve():

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from bnfold.cli import app
+from tests.helpers import write_arch
 
 ARCH_SOURCE = textwrap.dedent("""
     import torch
@@ -47,10 +48,7 @@ def runner() -> CliRunner:
 @pytest.fixture
 def net_files(tmp_path):
     """A state_dict with real statistics and the file that defines its architecture."""
-    arch = tmp_path / "net.py"
-    arch.write_text(ARCH_SOURCE)
-    namespace: dict = {}
-    exec(compile(ARCH_SOURCE, str(arch), "exec"), namespace)
+    arch, namespace = write_arch(tmp_path, ARCH_SOURCE)
     torch.manual_seed(0)
     model = namespace["Net"]()
     model.train()
@@ -126,6 +124,13 @@ def test_fuse_refuses_to_overwrite_input_or_existing_output(runner, net_files, t
     assert result.exit_code == 2
     assert "--force" in result.output
     assert existing.read_bytes() == b"previous"
+    same = tmp_path / "both.onnx"
+    result = runner.invoke(
+        app, ["fuse", str(weights), "--arch", arch, "--out", str(same), "--save-torch", str(same)]
+    )
+    assert result.exit_code == 2
+    assert "name the same file" in result.output
+    assert not same.exists()
     result = runner.invoke(
         app, ["fuse", str(weights), "--arch", arch, "--out", str(existing), "--force"]
     )
@@ -284,35 +289,27 @@ TWO_INPUTS = textwrap.dedent("""
 """)
 
 
+def fuse_two_inputs(runner, weights, arch, out, *extra: str):
+    """``bnfold fuse`` on a TwoInputs state_dict, with both input shapes."""
+    return runner.invoke(
+        app,
+        [
+            "fuse", str(weights), "--arch", f"{arch}:TwoInputs", "--input-shape", "1,3,6,6",
+            "--input-shape", "1,5", "--out", str(out), *extra,
+        ],
+    )  # fmt: skip
+
+
 def test_several_inputs_and_dict_outputs(runner, tmp_path):
     """Two --input-shape options feed a two-input model; both dict outputs are verified."""
-    arch = tmp_path / "two.py"
-    arch.write_text(TWO_INPUTS)
-    namespace: dict = {}
-    exec(compile(TWO_INPUTS, str(arch), "exec"), namespace)
+    arch, namespace = write_arch(tmp_path, TWO_INPUTS, "two")
     torch.manual_seed(0)
     model = namespace["TwoInputs"]()
     with torch.no_grad():
         model(torch.randn(4, 3, 6, 6), torch.randn(4, 5))  # train mode: statistics move
     weights = tmp_path / "two.pt"
     torch.save(model.state_dict(), weights)
-    result = runner.invoke(
-        app,
-        [
-            "fuse",
-            str(weights),
-            "--arch",
-            f"{arch}:TwoInputs",
-            "--input-shape",
-            "1,3,6,6",
-            "--input-shape",
-            "1,5",
-            "--out",
-            str(tmp_path / "two.onnx"),
-            "--format",
-            "json",
-        ],
-    )
+    result = fuse_two_inputs(runner, weights, arch, tmp_path / "two.onnx", "--format", "json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {f["bn"] for f in report["folded"]} == {"bn", "bn_meta"}
@@ -325,26 +322,9 @@ def test_several_inputs_and_dict_outputs(runner, tmp_path):
 def test_submodule_named_like_a_graphmodule_attribute_is_a_clear_error(runner, tmp_path):
     """A submodule called `meta` (which torch.fx cannot hold) exits 2 with a hint, not 3."""
     source = TWO_INPUTS.replace("self.tabular", "self.meta")
-    arch = tmp_path / "clash.py"
-    arch.write_text(source)
-    namespace: dict = {}
-    exec(compile(source, str(arch), "exec"), namespace)
+    arch, namespace = write_arch(tmp_path, source, "clash")
     weights = tmp_path / "clash.pt"
     torch.save(namespace["TwoInputs"]().state_dict(), weights)
-    result = runner.invoke(
-        app,
-        [
-            "fuse",
-            str(weights),
-            "--arch",
-            f"{arch}:TwoInputs",
-            "--input-shape",
-            "1,3,6,6",
-            "--input-shape",
-            "1,5",
-            "--out",
-            str(tmp_path / "o.onnx"),
-        ],
-    )
+    result = fuse_two_inputs(runner, weights, arch, tmp_path / "o.onnx")
     assert result.exit_code == 2, result.output
     assert "renamed" in result.stderr

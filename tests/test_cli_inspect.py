@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from bnfold import __version__
 from bnfold.cli import app
 from tests import corrupt
+from tests.helpers import assert_one_error_line, write_arch
 from tests.models import ConvBN, randomize_all
 
 ARCH_SOURCE = textwrap.dedent("""
@@ -57,10 +58,7 @@ def set_bn(bn: nn.Module, mean, var, gamma, beta, nbt: int = 5) -> None:
 @pytest.fixture
 def net_files(tmp_path) -> tuple[Path, str]:
     """Weights of Net with known statistics (fold scales spread 4x), and its --arch spec."""
-    arch = tmp_path / "net.py"
-    arch.write_text(ARCH_SOURCE)
-    namespace: dict = {}
-    exec(compile(ARCH_SOURCE, str(arch), "exec"), namespace)
+    arch, namespace = write_arch(tmp_path, ARCH_SOURCE)
     torch.manual_seed(0)
     model = namespace["Net"]()
     # scales |gamma|/sqrt(var+eps): 1, 1, 2, 0.5 ... -> spread ~4x, under the default 100
@@ -80,19 +78,6 @@ def net_files(tmp_path) -> tuple[Path, str]:
 @pytest.fixture
 def sd_file(net_files) -> Path:
     return net_files[0]
-
-
-def assert_one_error_line(result, *needles: str) -> None:
-    """Exit 2, nothing on stdout, exactly one 'error:' line on stderr, no traceback."""
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert result.stderr.endswith("\n")
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # --------------------------------------------------------------------------- basics

@@ -36,6 +36,7 @@ from bnfold.reports import (
     Spread,
     Verification,
 )
+from tests.helpers import assert_one_error_line, bn_layer, write_arch
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 MODEL = SAMPLES / "convnet.state_dict.pt"
@@ -61,30 +62,18 @@ def expected_pixels(report: InspectReport) -> tuple[int, int]:
 
 
 def layer(name: str, warnings: tuple[str, ...] = (), **changes: object) -> BNLayerReport:
-    base = BNLayerReport(
-        name=name,
-        kind="BatchNorm2d",
-        channels=8,
-        eps=1e-5,
-        eps_known=True,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        num_batches_tracked=3,
-        training=False,
-        running_mean=Spread(-1, 0, 1),
-        running_var=Spread(0.01, 0.5, 2),
-        gamma=Spread(0.5, 1, 2),
-        beta=Spread(-1, 0, 1),
-        fold_scale=Spread(0.4, 1.4, 20),
-        fold_into="conv",
-        fold_direction="backward",
-        reason=None,
-        reason_detail=None,
-        warnings=warnings,
-        diagnostics=tuple(Diagnostic(w, f"{w} fired") for w in warnings),
-    )
-    return dataclasses.replace(base, **changes)
+    values: dict[str, object] = {
+        "channels": 8,
+        "num_batches_tracked": 3,
+        "running_var": Spread(0.01, 0.5, 2),
+        "gamma": Spread(0.5, 1, 2),
+        "beta": Spread(-1, 0, 1),
+        "fold_scale": Spread(0.4, 1.4, 20),
+        "fold_into": "conv",
+        "warnings": warnings,
+        "diagnostics": tuple(Diagnostic(w, f"{w} fired") for w in warnings),
+    }
+    return bn_layer(name, **{**values, **changes})
 
 
 def report(layers: list[BNLayerReport], thresholds: dict | None = None) -> InspectReport:
@@ -138,17 +127,6 @@ def varied_report(n: int, seed: int = 0) -> InspectReport:
 
 def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_one_error_line(result, *needles: str) -> None:
-    """Exit 2, nothing on stdout, one 'error:' line on stderr, no traceback."""
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 class _Checker(HTMLParser):
@@ -455,10 +433,7 @@ def test_fuse_html_through_the_cli(tmp_path):
     """fuse --html: what folded into what, what stayed and why, the verification numbers."""
     import torch
 
-    arch = tmp_path / "net.py"
-    arch.write_text(ARCH_SOURCE)
-    namespace: dict = {}
-    exec(compile(ARCH_SOURCE, str(arch), "exec"), namespace)
+    arch, namespace = write_arch(tmp_path, ARCH_SOURCE)
     torch.manual_seed(0)
     torch.save(namespace["Net"]().state_dict(), tmp_path / "net.pt")
     out, page_path = tmp_path / "net.onnx", tmp_path / "fuse.html"

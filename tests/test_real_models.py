@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bnfold.fuse import fold_graph
-from bnfold.graph import capture, is_bn_module, propagate_shapes
+from bnfold.graph import bn_site, capture, is_bn_module, propagate_shapes
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +41,7 @@ def build(name: str) -> nn.Module:
 
 
 def bn_left_in_graph(gm: torch.fx.GraphModule) -> int:
-    n = 0
-    for node in gm.graph.nodes:
-        if (node.op == "call_module" and is_bn_module(gm.get_submodule(node.target))) or (
-            node.op == "call_function" and "batch_norm" in str(node.target)
-        ):
-            n += 1
-    return n
+    return sum(bn_site(gm, node) is not None for node in gm.graph.nodes)
 
 
 def fx_fuse_left(model: nn.Module, x: torch.Tensor) -> int | None:

@@ -30,35 +30,10 @@ from bnfold.reports import (
     Spread,
     Verification,
 )
+from tests.helpers import bn_layer
 
 NAN, INF = float("nan"), float("inf")
-
-
-def layer(name: str, **changes) -> BNLayerReport:
-    base = BNLayerReport(
-        name=name,
-        kind="BatchNorm2d",
-        channels=64,
-        eps=1e-5,
-        eps_known=True,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        num_batches_tracked=100,
-        training=False,
-        running_mean=Spread(-1.0, 0.0, 1.0),
-        running_var=Spread(0.25, 1.0, 4.0),
-        gamma=Spread(0.5, 1.0, 1.5),
-        beta=Spread(-0.125, 0.0, 0.125),
-        fold_scale=Spread(0.25, 1.0, 3.0),
-        fold_into="layer1.0.conv1",
-        fold_direction="backward",
-        reason=None,
-        reason_detail=None,
-        warnings=(),
-        diagnostics=(),
-    )
-    return dataclasses.replace(base, **changes)
+layer = bn_layer
 
 
 def report(layers: tuple[BNLayerReport, ...], **changes) -> InspectReport:
