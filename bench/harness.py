@@ -12,6 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -21,22 +22,33 @@ class Run:
     wall: float
     peak_rss_mb: float
     code: int
+    stdout: str
 
 
 def run_once(cmd: list[str]) -> Run:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        sys.stderr.write(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}\n")
-    return Run(wall, usage.ru_maxrss / 1024, proc.returncode)
+    # output goes to files, not pipes: a pipe left unread while the child runs could fill
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        if proc.returncode != 0:
+            text = err.read().decode(errors="replace")
+            sys.stderr.write(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{text[-2000:]}\n")
+    return Run(wall, usage.ru_maxrss / 1024, proc.returncode, stdout)
 
 
-def compare(a: list[str], b: list[str], runs: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median wall/peak of A and B, and the median of the per-pair ratios A/B."""
+def compare(
+    a: list[str], b: list[str], runs: int = 5, warmup: int = 1, keep: list[Run] | None = None
+) -> dict[str, float]:
+    """Median wall/peak of A and B, and the median of the per-pair ratios A/B.
+
+    ``keep``, when given, receives A's timed runs (with their output).
+    """
     for _ in range(warmup):
         run_once(a)
         run_once(b)
@@ -44,6 +56,8 @@ def compare(a: list[str], b: list[str], runs: int = 5, warmup: int = 1) -> dict[
     for _ in range(runs):
         ra.append(run_once(a))
         rb.append(run_once(b))
+    if keep is not None:
+        keep.extend(ra)
     ratios = [x.wall / y.wall for x, y in zip(ra, rb, strict=True)]
     return {
         "a_wall_median": statistics.median(r.wall for r in ra),

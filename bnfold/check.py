@@ -17,7 +17,6 @@ Checks, in order (a file that cannot be read at all is reported as unreadable, e
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.errors import BnfoldError, LoadError
+from bnfold.memory import freed_memory_reused
 from bnfold.protowire import key, varint
 from bnfold.reports import CheckItem, CheckReport, FileCheck, OutputCheck
 
@@ -51,7 +51,7 @@ class CheckOptions:
 def run_check(paths: Sequence[Path], opts: CheckOptions) -> CheckReport:
     """Check every file; one report, exit code from the worst file."""
     files = []
-    with _freed_memory_reused():
+    with freed_memory_reused():
         for path in paths:
             try:
                 files.append(check_file(path, opts))
@@ -66,40 +66,6 @@ def run_check(paths: Sequence[Path], opts: CheckOptions) -> CheckReport:
         exit_code=2 if unreadable else 0 if passed else 1,
         max_bn=opts.max_bn,
     )
-
-
-@contextlib.contextmanager
-def _freed_memory_reused() -> Iterator[None]:
-    """With glibc, keep freed memory in the heap while the files are checked.
-
-    onnx's checker and onnxruntime each hold a copy of the model in turn; by default the
-    checker's is handed back to the kernel when it is freed and onnxruntime's is faulted
-    in afresh, page by page (~0.1 s per 100 MB on a VM). Heap-only allocation and no
-    trimming let onnxruntime reuse those pages; the defaults come back afterwards (glibc
-    then no longer adapts its mmap threshold, which only tunes speed).
-    """
-    mallopt = None
-    if sys.platform == "linux":
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            mallopt = ctypes.CDLL(None).mallopt
-    if mallopt is None or not mallopt(_M_MMAP_MAX, 0):
-        yield
-        return
-    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    try:
-        yield
-    finally:
-        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-
-
-# glibc's malloc.h
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_DEFAULT_MMAP_MAX = 65536
-_DEFAULT_TRIM_THRESHOLD = 128 * 1024
 
 
 def check_file(path: Path, opts: CheckOptions) -> FileCheck:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +40,7 @@ from bnfold.graph import (
 )
 from bnfold.rules import Direction, FoldRule, Reason, function_rule, rules_for
 
-__all__ = ["Decision", "FoldOutcome", "fold_graph"]
+__all__ = ["Decision", "FoldOutcome", "fold_graph", "shared_modules"]
 
 _PLAIN_LAYER_FORWARDS = {
     nn.Conv1d.forward,
@@ -92,9 +93,16 @@ class _Declined(Exception):
         self.reason, self.detail = reason, detail
 
 
-def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -> FoldOutcome:
-    """Fold every BN of ``gm`` that folds exactly; ``original``'s modules stay untouched."""
-    protected = {id(m) for m in original.modules()} - {id(gm)}
+def fold_graph(
+    gm: fx.GraphModule, original: nn.Module | AbstractSet[int], *, shapes_known: bool
+) -> FoldOutcome:
+    """Fold every BN of ``gm`` that folds exactly; ``original``'s modules stay untouched.
+
+    ``original`` is the captured model, or ``shared_modules(gm, model)``: a caller that
+    needs nothing else of the model can then let it go before folding, and each layer
+    folded away is freed as soon as its folded copy replaces it in ``gm``.
+    """
+    protected = shared_modules(gm, original) if isinstance(original, nn.Module) else original
     calls = Counter(
         id(submodule(gm, str(n.target))) for n in gm.graph.nodes if n.op == "call_module"
     )
@@ -149,6 +157,14 @@ def fold_graph(gm: fx.GraphModule, original: nn.Module, *, shapes_known: bool) -
     return FoldOutcome(gm, decisions, shapes_known)
 
 
+def shared_modules(gm: fx.GraphModule, original: nn.Module) -> frozenset[int]:
+    """The ids of ``original``'s modules that ``gm``'s hierarchy holds: folding never edits
+    them.  ``gm`` keeps them alive, so the ids stay valid when the rest of ``original`` goes.
+    """
+    ours = {id(m) for m in original.modules()}
+    return frozenset(id(m) for m in gm.modules() if id(m) in ours and m is not gm)
+
+
 def _kept(site: BNSite, back: _Declined, fwd: _Declined) -> Decision:
     """The decision for a BN neither direction can fold: the more telling reason first.
 
@@ -191,11 +207,8 @@ def _check_site(site: BNSite) -> None:
         )
         if tensor is not None
     ]
-    shapes = {tuple(tensor.shape) for _, tensor in named}
-    if len(shapes) == 1 and bool(torch.isfinite(torch.stack([t for _, t in named])).all()):
-        return  # the common case: one check for all four per-channel tensors
     for label, tensor in named:
-        if not bool(torch.isfinite(tensor).all()):
+        if not folding.all_finite(tensor):
             raise _Declined(Reason.NONFINITE_STATS, f"{label} has NaN/Inf")
 
 
@@ -345,7 +358,7 @@ def _apply(
     site: BNSite,
     plan: _Plan,
     calls: Counter[int],
-    protected: set[int],
+    protected: AbstractSet[int],
     copies: Counter[str],
 ) -> str:
     layer = plan.layer
@@ -417,7 +430,7 @@ def _remove_bn(gm: fx.GraphModule, site: BNSite) -> set[fx.Node]:
     return gone
 
 
-def _drop_unused(gm: fx.GraphModule, protected: set[int]) -> None:
+def _drop_unused(gm: fx.GraphModule, protected: AbstractSet[int]) -> None:
     """Delete modules no node uses any more, never touching the original model's modules."""
     used = {""}  # every used target and each of its parents
     for n in gm.graph.nodes:

@@ -107,7 +107,7 @@ class _Tracer(fx.Tracer):
         """Whether a custom BN's own forward traces (checked once per class)."""
         if type(m) not in self._traceable:
             try:
-                _Tracer(opaque_custom_bn=True).trace(m)
+                _trace(m, opaque_custom_bn=True)
                 self._traceable[type(m)] = True
             except Exception:  # noqa: BLE001 - e.g. a Python branch on the input's rank
                 self._traceable[type(m)] = False
@@ -133,6 +133,17 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def _trace(module: nn.Module, opaque_custom_bn: bool = False) -> fx.Graph:
+    tracer = _Tracer(opaque_custom_bn)
+    try:
+        return tracer.trace(module)
+    finally:
+        # fx's tracer ends up in a reference cycle (closures made while tracing) that only
+        # the garbage collector frees: let go of the model now, so that a caller who drops
+        # the model frees each layer as soon as the graph stops using it
+        tracer.__dict__.clear()
+
+
 def capture(module: nn.Module) -> fx.GraphModule:
     """The model's data flow as an fx graph (sharing, not copying, the model's modules)."""
     if isinstance(module, torch.jit.ScriptModule):
@@ -144,9 +155,9 @@ def capture(module: nn.Module) -> fx.GraphModule:
         return fx.GraphModule(module, copy.deepcopy(module.graph), module.__class__.__name__)
     try:
         try:
-            graph = _Tracer().trace(module)
+            graph = _trace(module)
         except Exception:  # noqa: BLE001 - retry with custom BN subclasses kept whole
-            graph = _Tracer(opaque_custom_bn=True).trace(module)
+            graph = _trace(module, opaque_custom_bn=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CaptureError(

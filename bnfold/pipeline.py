@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BnfoldError, OutputError
+from bnfold.memory import freed_memory_reused
 from bnfold.reports import FoldedSite, FuseReport, SkippedSite
 
 __all__ = ["FuseOptions", "run_fuse"]
@@ -53,8 +54,19 @@ def _no_progress(label: str) -> Iterator[None]:
 def run_fuse(
     opts: FuseOptions, step: Callable[[str], ContextManager[None]] = _no_progress
 ) -> FuseReport:
-    """Fold, export and verify; return the report (verification may have failed)."""
-    from bnfold.fuse import count_params, fold_graph
+    """Fold, export and verify; return the report (verification may have failed).
+
+    Freed memory stays in the process's heap for the run: the folded weights then take
+    the pages of the layers they replace instead of fresh ones (faulting in ~90 MB of
+    fresh pages costs this VM 30-90 ms, more than the fold's arithmetic), and onnxruntime
+    takes those the export has freed.
+    """
+    with freed_memory_reused():
+        return _run_fuse(opts, step)
+
+
+def _run_fuse(opts: FuseOptions, step: Callable[[str], ContextManager[None]]) -> FuseReport:
+    from bnfold.fuse import count_params, fold_graph, shared_modules
     from bnfold.graph import capture, propagate_shapes
     from bnfold.inputs import infer_example_inputs, random_batches, read_npz
     from bnfold.loading import load_model
@@ -136,20 +148,24 @@ def run_fuse(
             source = f"{opts.inputs_npz} + {source}"
         with step("Running the original model (float32 and float64)"):
             # before folding, on the still unfolded graph: the reference needs no copy of
-            # the weights, and the original can be freed before the export
+            # the weights, and the original can be freed before the fold
             reference = compute_reference(original, batches, graph=gm)
         lap("reference")
+    params_before = count_params(original)
+    model_format = loaded.format.value
+    protected = shared_modules(gm, original)
+    # from here the captured graph alone holds the model (the reference is computed), so
+    # each layer folded away is freed as its folded copy goes in, and that copy can reuse
+    # its memory (see run_fuse)
+    del original, loaded
     with step("Folding BatchNorm layers"):
-        params_before = count_params(original)
         ops_before = _ops(gm)
-        outcome = fold_graph(gm, original, shapes_known=True)
+        outcome = fold_graph(gm, protected, shapes_known=True)
         ops_after = _ops(outcome.module)
         folded_model = outcome.module
     lap("fold")
     folded, skipped = _sites(outcome.decisions)
-    model_format = loaded.format.value
-    del original, loaded  # the layers folded away are freed: only the folded model stays
-    gc.collect()
+    gc.collect()  # modules kept alive only by reference cycles
     report_kwargs: dict[str, Any] = {}
     torch_out: str | None = None
     if opts.out is not None:

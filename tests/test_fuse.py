@@ -4,13 +4,15 @@ must stay stays with its exact reason, and the input model is never modified."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.fuse import fold_graph
+from bnfold.fuse import fold_graph, shared_modules
 from bnfold.graph import capture, is_bn_module, propagate_shapes
 from bnfold.rules import Reason
 from tests.models import (
@@ -270,6 +272,47 @@ def test_shared_module_gets_its_own_folded_copy():
     assert_exact(model, out, x)
     after = state_fingerprint(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_original_can_be_let_go_before_folding():
+    """Given the ids of the modules the graph shares, the caller may drop the model before
+    folding; each layer folded away is then freed as soon as its folded copy is in, while
+    a layer another call still uses stays (the pipeline folds this way, so that the old
+    and the folded weights of a layer are not both held).  The garbage collector is off:
+    no reference cycle may be what keeps a layer alive."""
+    gc.disable()
+    try:
+        _let_go_before_folding()
+    finally:
+        gc.enable()
+
+
+def _let_go_before_folding():
+    model = randomize_all(SharedConv())
+    x = torch.randn(2, 4, 5, 5)
+    expected = float64_reference(model, x)
+    gm = capture(model)
+    propagate_shapes(gm, [x])
+    protected = shared_modules(gm, model)
+    assert protected == {id(model.conv), id(model.bn)}
+    conv = weakref.ref(model.conv)
+    del model
+    out = fold_graph(gm, protected, shapes_known=True)
+    assert only(out).into == "conv"
+    assert conv() is out.module.conv  # still called unfolded by the second call
+    assert out.module.conv_bnfold1 is not conv()
+    with torch.no_grad():
+        got = out.module(x).double()
+    assert float((got - expected).abs().max() / expected.abs().max()) < 2e-6
+
+    single = randomize_all(ConvBN())
+    gm = capture(single)
+    propagate_shapes(gm, [torch.randn(2, 3, 6, 6)])
+    protected = shared_modules(gm, single)
+    conv = weakref.ref(single.conv)
+    del single
+    fold_graph(gm, protected, shapes_known=True)
+    assert conv() is None  # replaced by its folded copy and freed
 
 
 class ProducerUsedTwice(nn.Module):
