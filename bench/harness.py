@@ -38,7 +38,8 @@ def run_once(cmd: list[str]) -> Run:
         stdout = out.read().decode(errors="replace")
         if proc.returncode != 0:
             text = err.read().decode(errors="replace")
-            sys.stderr.write(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{text[-2000:]}\n")
+            sys.stderr.write(f"command failed ({proc.returncode}): {' '.join(cmd)}\n")
+            sys.stderr.write(text[-2000:] + "\n")
     return Run(wall, usage.ru_maxrss / 1024, proc.returncode, stdout)
 
 
