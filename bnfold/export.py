@@ -106,9 +106,53 @@ def export_onnx(
                 f"torch.onnx.export ({exporter}) failed: {type(e).__name__}: {first}",
                 hint="try --exporter legacy" if exporter == "dynamo" else "try --exporter dynamo",
             ) from e
+        finally:
+            if exporter == "dynamo":
+                release_rewriter_state()
     # counting from the in-memory program avoids parsing the whole file (weights and all)
     nodes, bn_nodes, used_opset = counts if counts is not None else onnx_counts(path)
     return ExportResult(path, exporter, used_opset, nodes, bn_nodes, external, tuple(notes))
+
+
+def release_rewriter_state() -> None:
+    """Make onnxscript's rewrite rules let go of the last graph they matched.
+
+    ``torch.onnx.export``'s optimiser runs onnxscript's rewriter, whose rules are module
+    level objects; each keeps a pattern matcher, and the matcher keeps the last graph,
+    node and match it saw (onnxscript 0.7, ``SimplePatternMatcher.match``).  That graph
+    holds every exported weight, so after export the folded weights stay alive as long as
+    the process, beside onnxruntime's copy during verification.  A matcher resets these
+    fields itself before its next match; this resets them now.  Private onnxscript
+    state: when it is not there, nothing is done (tests/test_export.py notices a leak).
+    """
+    import sys
+
+    try:
+        from onnxscript.rewriter import _basics, _matcher, _rewrite_rule
+    except ImportError:
+        return
+    seen: set[int] = set()
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("onnxscript.rewriter"):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, _rewrite_rule.RewriteRuleSet):
+                rules: Any = value.rules
+            elif isinstance(value, (list, tuple)):
+                rules = value
+            else:
+                rules = (value,)
+            for rule in rules:
+                matcher = getattr(rule, "_matcher", None)
+                if not isinstance(matcher, _matcher.PatternMatcher) or id(matcher) in seen:
+                    continue
+                seen.add(id(matcher))
+                state = vars(matcher)
+                for field in ("_graph", "_current_node", "_tracer"):
+                    if field in state:
+                        state[field] = None
+                if "_match" in state:
+                    state["_match"] = _basics.MatchResult()
 
 
 @contextlib.contextmanager
