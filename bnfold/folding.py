@@ -22,22 +22,32 @@ element the consumer reads went through the BN, i.e. no zero padding)::
 where for grouped convolutions ``i`` runs over the input channels of the group of
 ``o``.  Every function takes and returns torch tensors; products are computed in float64 and
 rounded once, to ``dtype`` (float64 unless asked), and ``overflowed`` tells whether the
-rounding overflowed the dtype.
+rounding overflowed the dtype.  With ``in_place=True`` a fold may write ``W'`` into the
+memory of ``W`` itself (same values, bit for bit), for a caller that owns ``W`` and needs
+it no more; it does so only where no product can overflow, so a fold that is declined for
+overflow has never touched ``W``.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+import math
+import queue
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from types import TracebackType
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 __all__ = [
+    "Deferred",
     "FoldKind",
     "Folded",
+    "Magnitudes",
     "all_finite",
     "bn_affine",
     "cast",
@@ -109,10 +119,18 @@ def fold_backward(
     kind: FoldKind,
     groups: int = 1,
     dtype: torch.dtype = torch.float64,
+    *,
+    in_place: bool = False,
+    w_max: float | None = None,
+    later: Deferred | None = None,
 ) -> Folded:
     """Fold ``s * y + t`` into the layer producing ``y``; (W', b') in ``dtype``.
 
-    ``W'`` is computed in float64 and rounded once (see ``_scaled``).
+    ``W'`` is computed in float64 and rounded once (see ``_scaled``); with ``in_place``
+    it may be ``weight`` itself, rescaled (``Folded.weight`` then shares its memory).
+    ``w_max``, when known, is ``max|weight|`` (``Magnitudes``), which spares the in-place
+    fold its own pass over the weights to rule out overflow.  With ``later`` an in-place
+    rescaling is queued there instead of done now (see ``Deferred``).
     """
     extra = [1] * (weight.dim() - 2)
     if kind in (FoldKind.CONV_OUT, FoldKind.LINEAR_OUT):
@@ -128,9 +146,10 @@ def fold_backward(
         )
     else:
         raise ValueError(f"{kind} is not a backward fold")
-    w, overflow = _scaled(weight, scale, dtype)
     b = t.numpy().copy() if bias is None else _wide(bias) * s.numpy() + t.numpy()
     b_out, b_overflow = _rounded(b, dtype)
+    # a declined fold (overflow) must not have touched the weights: bias first
+    w, overflow = _scaled(weight, scale, dtype, in_place and not b_overflow, w_max, later)
     return Folded(w, b_out, overflow or b_overflow)
 
 
@@ -142,8 +161,16 @@ def fold_forward(
     kind: FoldKind,
     groups: int = 1,
     dtype: torch.dtype = torch.float64,
+    *,
+    in_place: bool = False,
+    w_max: float | None = None,
+    later: Deferred | None = None,
 ) -> Folded:
-    """Fold ``s * x + t`` into the layer consuming it; ``s``/``t`` are per input feature."""
+    """Fold ``s * x + t`` into the layer consuming it; ``s``/``t`` are per input feature.
+
+    The shift ``W @ t`` is taken from the weights before they are scaled, so ``in_place``,
+    ``w_max`` and ``later`` work as in ``fold_backward``.
+    """
     c_out = weight.shape[0]
     b = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
     w64 = weight.detach().to(torch.float64)
@@ -163,10 +190,11 @@ def fold_forward(
     else:
         raise ValueError(f"{kind} is not a forward fold")
     del w64
-    w, overflow = _scaled(weight, scale, dtype)
     b = b + shift
     b_out = b.to(dtype)
-    return Folded(w, b_out, overflow or overflowed(b_out, b))
+    b_overflow = overflowed(b_out, b)
+    w, overflow = _scaled(weight, scale, dtype, in_place and not b_overflow, w_max, later)
+    return Folded(w, b_out, overflow or b_overflow)
 
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -176,7 +204,12 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def _scaled(
-    weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    in_place: bool = False,
+    w_max: float | None = None,
+    later: Deferred | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """``weight * scale`` computed in float64 and rounded once to ``dtype``.
 
@@ -185,9 +218,12 @@ def _scaled(
 
     One pass over the weights: numpy's multiply widens each small block of the float32
     (or float16) weights to float64 in a buffer, multiplies there and rounds into the
-    new tensor, so no weight-sized float64 temporary is made; overflow comes from the
+    result, so no weight-sized float64 temporary is made; overflow comes from the
     floating-point status of that rounding (values that were already Inf do not count).
-    Big layers are split by rows over a few threads (numpy releases the GIL).  bfloat16,
+    The result is a new tensor, or with ``in_place`` the weight's own memory when the
+    dtype stays and ``_cannot_overflow`` proves that no value can leave the dtype's range
+    (a new tensor costs fresh pages, which on a VM cost more than the arithmetic).  Big
+    layers are split by rows over a few threads (numpy releases the GIL).  bfloat16,
     which numpy lacks, takes the plain torch route, whose float64 -> bfloat16 conversion
     goes through float32 (a second rounding that can move a value by one unit in the last
     place when the first lands on a tie).
@@ -197,22 +233,178 @@ def _scaled(
         wide = w.to(torch.float64).mul_(scale)
         out = wide.to(dtype)
         return out, overflowed(out, wide)
-    out = torch.empty(w.shape, dtype=dtype)
-    src, dst, factor = w.numpy(), out.numpy(), scale.numpy()
+    src, factor = w.numpy(), scale.numpy()
+    reuse = (
+        in_place
+        and dtype == w.dtype
+        and w.is_contiguous()
+        and src.flags.writeable
+        and _cannot_overflow(w, factor, dtype, w_max)
+    )
+    if reuse and later is not None:
+        later.submit(src, factor)
+        torch.autograd.graph.increment_version(weight)  # see below
+        return w, False
+    out = w if reuse else torch.empty(w.shape, dtype=dtype)
+    dst = out.numpy()
     rows = w.shape[0] if w.dim() else 1
     parts = min(torch.get_num_threads(), rows, max(1, w.numel() // _SPLIT))
     if parts <= 1:
-        return out, _multiply(src, factor, dst)
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    pieces = [
-        (src[a:b], factor if factor.shape[0] == 1 else factor[a:b], dst[a:b])
-        for a, b in itertools.pairwise(bounds)
-    ]
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="bnfold")
-    flags = list(_pool.map(lambda piece: _multiply(*piece), pieces))
-    return out, any(flags)
+        overflow = _multiply(src, factor, dst)
+    else:
+        bounds = [rows * i // parts for i in range(parts + 1)]
+        pieces = [
+            (src[a:b], factor if factor.shape[0] == 1 else factor[a:b], dst[a:b])
+            for a, b in itertools.pairwise(bounds)
+        ]
+        global _pool
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=torch.get_num_threads(), thread_name_prefix="bnfold"
+            )
+        overflow = any(list(_pool.map(lambda piece: _multiply(*piece), pieces)))
+    if reuse:
+        if overflow:  # _cannot_overflow is a proof; never hand out a half-scaled layer
+            raise ArithmeticError("a fold in place overflowed although its bound said it cannot")
+        # numpy wrote behind autograd's back: mark the tensor changed (``Magnitudes``)
+        torch.autograd.graph.increment_version(weight)
+    return out, overflow
+
+
+def _cannot_overflow(
+    w: torch.Tensor, factor: np.ndarray, dtype: torch.dtype, w_max: float | None = None
+) -> bool:
+    """Whether every ``w * factor``, rounded to ``dtype``, surely stays finite.
+
+    ``|w * s| <= max|w| * max|s|``, and rounding (to float64, then to ``dtype``) is
+    monotonic, so a float64 bound below the dtype's largest value rules overflow out.
+    With ``max|s| <= 1`` no product grows, and the weights need not be read at all.
+    """
+    s_max = float(np.abs(factor).max(initial=0.0))
+    if s_max <= 1.0:
+        return True
+    if w_max is None:
+        w_max = max_abs(w)
+    return math.isfinite(w_max) and w_max * s_max < float(torch.finfo(dtype).max)
+
+
+def max_abs(tensor: torch.Tensor) -> float:
+    """``max|tensor|`` in one pass (no temporary); NaN when it holds NaN, 0 when empty."""
+    if tensor.numel() == 0:
+        return 0.0
+    low, high = (float(v) for v in torch.aminmax(tensor.detach()))
+    if math.isnan(low) or math.isnan(high):
+        return math.nan
+    return max(-low, high)
+
+
+class Magnitudes:
+    """``max|t|`` of tensors, measured once and trusted while they stay unchanged.
+
+    ``bnfold fuse`` measures every weight when it checks that they are finite, and the
+    in-place fold then needs no second pass to rule out overflow.  A tensor is known by
+    identity (a weak reference: nothing is kept alive) and by its version counter, which
+    every in-place torch operation bumps, and ``_scaled`` too when it writes through numpy.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[weakref.ref[torch.Tensor], int, float]] = {}
+
+    def measure(self, tensor: torch.Tensor) -> float:
+        value = max_abs(tensor)
+        self._known[id(tensor)] = (weakref.ref(tensor), tensor._version, value)
+        return value
+
+    def get(self, tensor: torch.Tensor) -> float | None:
+        entry = self._known.get(id(tensor))
+        if entry is None or entry[0]() is not tensor or entry[1] != tensor._version:
+            return None
+        return entry[2]
+
+
+class Deferred:
+    """In-place rescalings of weights, done on a second thread while the fold pass goes on.
+
+    The fold pass spends about as long on its graph as on its arithmetic.  The in-place
+    folds cannot fail (``_cannot_overflow`` proved it before they were queued), so nothing
+    the pass decides waits for their numbers: queued here in blocks, a worker thread works
+    through them meanwhile, and ``finish`` (also on leaving the ``with`` block) takes the
+    rest on the calling thread too and waits for the worker.  ``settle(t)`` before
+    reading a weight that may still be queued (a BN chain folding twice into one layer).
+    """
+
+    _BLOCK = 1 << 18  # elements per queued block (1 MB of float32)
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[np.ndarray, np.ndarray] | None] = queue.Queue()
+        self._pending: set[int] = set()
+        self._overflow = False
+        self._error: BaseException | None = None
+        self._worker: threading.Thread | None = None
+
+    def __enter__(self) -> Deferred:
+        self._worker = threading.Thread(target=self._work, name="bnfold-fold", daemon=True)
+        self._worker.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.finish()
+        finally:
+            self._queue.put(None)
+            if self._worker is not None:
+                self._worker.join()
+
+    def submit(self, array: np.ndarray, factor: np.ndarray) -> None:
+        """Queue ``array *= factor`` (in float64, rounded once), by blocks of rows."""
+        self._pending.add(array.__array_interface__["data"][0])
+        rows = array.shape[0] if array.ndim else 1
+        if array.ndim == 0 or rows == 1:
+            self._queue.put((array, factor))
+            return
+        step = max(1, self._BLOCK // max(1, array.size // rows))
+        for a in range(0, rows, step):
+            self._queue.put((array[a : a + step], factor if factor.shape[0] == 1 else factor[a : a + step]))
+
+    def settle(self, tensor: torch.Tensor) -> None:
+        """Finish the queue first if ``tensor``'s memory may still have work queued."""
+        if self._pending and tensor.data_ptr() in self._pending:
+            self.finish()
+
+    def finish(self) -> None:
+        """Work through the queue on this thread too; return when every block is done."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:  # not queued before finish; keep it for the worker
+                self._queue.put(None)
+                break
+            self._run(item)
+            self._queue.task_done()
+        self._queue.join()
+        self._pending.clear()
+        if self._error is not None:
+            raise self._error
+        if self._overflow:  # _cannot_overflow is a proof; never hand out a half-scaled layer
+            raise ArithmeticError("a fold in place overflowed although its bound said it cannot")
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._run(item)
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def _run(self, item: tuple[np.ndarray, np.ndarray]) -> None:
+        array, factor = item
+        try:
+            if _multiply(array, factor, array):
+                self._overflow = True
+        except BaseException as e:  # noqa: BLE001 - raised again by finish, on the caller's thread
+            self._error = e
 
 
 def _multiply(src: np.ndarray, factor: np.ndarray, dst: np.ndarray) -> bool:

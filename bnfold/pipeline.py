@@ -96,7 +96,7 @@ def _run_fuse(opts: FuseOptions, step: Callable[[str], ContextManager[None]]) ->
         )
     original = loaded.module
     notes = list(loaded.notes)
-    _check_finite(original, opts.model)
+    magnitudes = _check_finite(original, opts.model)
     lap("load")
     with step("Capturing the data flow"):
         gm = capture(original)
@@ -160,7 +160,9 @@ def _run_fuse(opts: FuseOptions, step: Callable[[str], ContextManager[None]]) ->
     del original, loaded
     with step("Folding BatchNorm layers"):
         ops_before = _ops(gm)
-        outcome = fold_graph(gm, protected, shapes_known=True)
+        outcome = fold_graph(
+            gm, protected, shapes_known=True, consume=True, magnitudes=magnitudes
+        )
         ops_after = _ops(outcome.module)
         folded_model = outcome.module
     lap("fold")
@@ -366,14 +368,21 @@ def _numel(tensor: Any) -> int:
     return n
 
 
-def _check_finite(model: Any, path: Path) -> None:
-    """Refuse weights with NaN/Inf: no output of such a model can be verified."""
-    import torch
+def _check_finite(model: Any, path: Path) -> Any:
+    """Refuse weights with NaN/Inf: no output of such a model can be verified.
 
+    One pass per tensor (its minimum and maximum, which NaN and Inf reach), whose
+    ``max|t|`` the fold reuses to rule out overflow (``folding.Magnitudes``).
+    """
+    import math
+
+    from bnfold.folding import Magnitudes
+
+    magnitudes = Magnitudes()
     bad = [
         name
         for name, t in (*model.named_parameters(), *model.named_buffers())
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        if t.is_floating_point() and not math.isfinite(magnitudes.measure(t))
     ]
     if bad:
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
@@ -382,6 +391,7 @@ def _check_finite(model: Any, path: Path) -> None:
             hint="bnfold inspect shows which layers; fix the weights first",
             path=path,
         )
+    return magnitudes
 
 
 def _batch_of_two(t: Any) -> Any:
