@@ -38,7 +38,7 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -72,8 +72,13 @@ def bn_affine(
     bias: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, t) of the eval-mode BatchNorm ``s * x + t``, in float64."""
-    s = 1.0 / np.sqrt(_wide(running_var) + eps)  # what torch.rsqrt computes, bit for bit
+    """(s, t) of the eval-mode BatchNorm ``s * x + t``, in float64.
+
+    NaN or Inf in any input makes ``s`` or ``t`` non-finite, but for ``running_var=+Inf``
+    (which gives ``s=0``): ``all_finite(s, t, running_var)`` checks all four inputs.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):  # var + eps <= 0: NaN/Inf in s
+        s = 1.0 / np.sqrt(_wide(running_var) + eps)  # what torch.rsqrt computes, bit for bit
     if weight is not None:
         s = s * _wide(weight)
     t = -_wide(running_mean) * s
@@ -98,8 +103,11 @@ def _rounded(b: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     """A float64 per-channel vector rounded once to ``dtype``, and whether that overflowed."""
     if dtype not in _NUMPY_DTYPES:
         return cast(torch.from_numpy(b), dtype)
+    np_dtype = _NUMPY_OF[dtype]
+    if np.abs(b).max(initial=0.0) <= _LARGEST[dtype]:  # the common case: nothing can overflow
+        return torch.from_numpy(b.astype(np_dtype)), False
     with np.errstate(over="ignore"):
-        out = b.astype(_NUMPY_OF[dtype])
+        out = b.astype(np_dtype)
     return torch.from_numpy(out), bool((np.isfinite(b) & ~np.isfinite(out)).any())
 
 
@@ -199,6 +207,7 @@ def fold_forward(
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 _NUMPY_DTYPES = set(_NUMPY_OF)
+_LARGEST = {dtype: float(torch.finfo(dtype).max) for dtype in _NUMPY_OF}
 _SPLIT = 1 << 18  # elements: a layer at least this big is shared out among the threads
 _pool: ThreadPoolExecutor | None = None
 
@@ -242,7 +251,7 @@ def _scaled(
         and _cannot_overflow(w, factor, dtype, w_max)
     )
     if reuse and later is not None:
-        later.submit(src, factor)
+        later.submit(w.data_ptr(), src, factor)
         torch.autograd.graph.increment_version(weight)  # see below
         return w, False
     out = w if reuse else torch.empty(w.shape, dtype=dtype)
@@ -357,16 +366,18 @@ class Deferred:
             if self._worker is not None:
                 self._worker.join()
 
-    def submit(self, array: np.ndarray, factor: np.ndarray) -> None:
-        """Queue ``array *= factor`` (in float64, rounded once), by blocks of rows."""
-        self._pending.add(array.__array_interface__["data"][0])
+    def submit(self, address: int, array: np.ndarray, factor: np.ndarray) -> None:
+        """Queue ``array *= factor`` (in float64, rounded once), by blocks of rows;
+        ``address`` is the array's (its tensor's ``data_ptr``), for ``settle``."""
+        self._pending.add(address)
         rows = array.shape[0] if array.ndim else 1
         if array.ndim == 0 or rows == 1:
             self._queue.put((array, factor))
             return
         step = max(1, self._BLOCK // max(1, array.size // rows))
         for a in range(0, rows, step):
-            self._queue.put((array[a : a + step], factor if factor.shape[0] == 1 else factor[a : a + step]))
+            rows_factor = factor if factor.shape[0] == 1 else factor[a : a + step]
+            self._queue.put((array[a : a + step], rows_factor))
 
     def settle(self, tensor: torch.Tensor) -> None:
         """Finish the queue first if ``tensor``'s memory may still have work queued."""
@@ -375,16 +386,17 @@ class Deferred:
 
     def finish(self) -> None:
         """Work through the queue on this thread too; return when every block is done."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:  # not queued before finish; keep it for the worker
-                self._queue.put(None)
-                break
-            self._run(item)
-            self._queue.task_done()
+        with np.errstate(over="raise"):
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:  # not queued before finish; keep it for the worker
+                    self._queue.put(None)
+                    break
+                self._run(item)
+                self._queue.task_done()
         self._queue.join()
         self._pending.clear()
         if self._error is not None:
@@ -393,16 +405,19 @@ class Deferred:
             raise ArithmeticError("a fold in place overflowed although its bound said it cannot")
 
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            self._run(item)
-            self._queue.task_done()
+        with np.errstate(over="raise"):
+            while (item := self._queue.get()) is not None:
+                self._run(item)
+                self._queue.task_done()
         self._queue.task_done()
 
     def _run(self, item: tuple[np.ndarray, np.ndarray]) -> None:
+        """One block, under ``np.errstate(over="raise")`` (set once per thread)."""
         array, factor = item
         try:
-            if _multiply(array, factor, array):
-                self._overflow = True
+            np.multiply(array, factor, out=array, casting="same_kind")
+        except FloatingPointError:
+            self._overflow = True
         except BaseException as e:  # noqa: BLE001 - raised again by finish, on the caller's thread
             self._error = e
 
@@ -417,12 +432,19 @@ def _multiply(src: np.ndarray, factor: np.ndarray, dst: np.ndarray) -> bool:
     return False
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` holds no NaN/Inf (numpy's check where it can: see ``_wide``)."""
-    t = tensor.detach()
-    if t.dtype in _NUMPY_DTYPES and t.device.type == "cpu":
-        return bool(np.isfinite(t.numpy()).all())
-    return bool(torch.isfinite(t).all())
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors hold no NaN/Inf (numpy's check where it can: see ``_wide``)."""
+    arrays = []
+    for tensor in tensors:
+        t = tensor.detach()
+        if t.dtype not in _NUMPY_DTYPES or t.device.type != "cpu":
+            if not bool(torch.isfinite(t).all()):
+                return False
+            continue
+        arrays.append(t.numpy().reshape(-1))
+    if not arrays:
+        return True
+    return bool(np.isfinite(np.concatenate(arrays) if len(arrays) > 1 else arrays[0]).all())
 
 
 def cast(value: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:

@@ -159,6 +159,9 @@ def _fold_sites(
         s, t = folding.bn_affine(
             site.running_mean, site.running_var, site.weight, site.bias, site.eps
         )
+        if not folding.all_finite(s, t, site.running_var):  # type: ignore[arg-type]
+            decisions.append(_nonfinite(site))
+            continue
         try:
             plan = _try_backward(gm, site, s, t, shapes_known)
         except _Declined as back:
@@ -259,19 +262,21 @@ def _check_site(site: BNSite) -> None:
         raise _Declined(Reason.TRAIN_MODE, "module.training is True; call model.eval()")
     if m is not None and not has_plain_forward(m):
         raise _Declined(Reason.CUSTOM_FORWARD, f"{type(m).__name__}.forward is overridden")
-    named = [
-        (label, tensor)
-        for label, tensor in (
-            ("running_mean", site.running_mean),
-            ("running_var", site.running_var),
-            ("weight", site.weight),
-            ("bias", site.bias),
-        )
-        if tensor is not None
-    ]
-    for label, tensor in named:
-        if not folding.all_finite(tensor):
-            raise _Declined(Reason.NONFINITE_STATS, f"{label} has NaN/Inf")
+
+
+def _nonfinite(site: BNSite) -> Decision:
+    """The decision for a BN whose scale or shift is not finite, naming the culprit."""
+    detail = "running_var + eps <= 0 makes the scale infinite or NaN"
+    for label, tensor in (
+        ("running_mean", site.running_mean),
+        ("running_var", site.running_var),
+        ("weight", site.weight),
+        ("bias", site.bias),
+    ):
+        if tensor is not None and not folding.all_finite(tensor):
+            detail = f"{label} has NaN/Inf"
+            break
+    return Decision(site.name, site.kind, reason=Reason.NONFINITE_STATS, detail=detail, site=site)
 
 
 def _describe(gm: fx.GraphModule, node: object) -> str:

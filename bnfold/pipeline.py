@@ -160,9 +160,7 @@ def _run_fuse(opts: FuseOptions, step: Callable[[str], ContextManager[None]]) ->
     del original, loaded
     with step("Folding BatchNorm layers"):
         ops_before = _ops(gm)
-        outcome = fold_graph(
-            gm, protected, shapes_known=True, consume=True, magnitudes=magnitudes
-        )
+        outcome = fold_graph(gm, protected, shapes_known=True, consume=True, magnitudes=magnitudes)
         ops_after = _ops(outcome.module)
         folded_model = outcome.module
     lap("fold")

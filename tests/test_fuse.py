@@ -315,6 +315,102 @@ def _let_go_before_folding():
     assert conv() is None  # replaced by its folded copy and freed
 
 
+def consume_fold(model: nn.Module, *inputs: torch.Tensor, magnitudes=None):
+    """Fold as ``bnfold fuse`` does: the model handed over, folded in its own memory."""
+    gm = capture(model)
+    propagate_shapes(gm, inputs)
+    return fold_graph(
+        gm, shared_modules(gm, model), shapes_known=True, consume=True, magnitudes=magnitudes
+    )
+
+
+class TiedConvs(nn.Module):
+    """Two conv modules holding one weight tensor, each followed by its own BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.b.weight = self.a.weight
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn_a(self.a(x)) + self.bn_b(self.b(x))
+
+
+@pytest.mark.parametrize("known", [False, True])
+def test_consumed_model_is_folded_in_its_own_memory(known):
+    """consume=True (bnfold fuse): a layer called once folds into its own weight tensor,
+    no second copy, with the same numbers; with or without magnitudes measured first."""
+    from bnfold.folding import Magnitudes
+
+    model = randomize_all(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.BatchNorm2d(8), nn.ReLU())
+    )
+    x = torch.randn(2, 3, 6, 6)
+    expected = float64_reference(model, x)
+    address = model[0].weight.data_ptr()
+    magnitudes = Magnitudes() if known else None
+    if magnitudes is not None:
+        magnitudes.measure(model[0].weight)
+    out = consume_fold(model, x, magnitudes=magnitudes)
+    assert [d.into for d in out.decisions] == ["0", "0"]  # a chain: twice into one weight
+    assert bn_calls_left(out.module) == 0
+    assert out.module.get_submodule("0").weight.data_ptr() == address
+    with torch.no_grad():
+        got = out.module(x).double()
+    assert float((got - expected).abs().max() / expected.abs().max()) < 2e-6
+
+
+def test_consumed_model_keeps_shared_layers_and_tied_weights_intact():
+    """Even when the model is handed over, a layer called twice and a weight two layers
+    share are folded into new tensors: the other call and the other layer still compute
+    what they computed."""
+    for model, x in (
+        (randomize_all(SharedConv()), torch.randn(2, 4, 5, 5)),
+        (randomize_all(TiedConvs()), torch.randn(2, 4, 5, 5)),
+    ):
+        expected = float64_reference(model, x)
+        before = state_fingerprint(model)
+        out = consume_fold(model, x)
+        assert all(d.folded for d in out.decisions)
+        with torch.no_grad():
+            got = out.module(x).double()
+        assert float((got - expected).abs().max() / expected.abs().max()) < 2e-6
+        after = state_fingerprint(model)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_consumed_model_that_would_overflow_stays_untouched():
+    """A fold declined for overflow (float16) has never written the consumed weights: the
+    BN stays and the model computes what it did."""
+    model = randomize_all(ConvBN())
+    with torch.no_grad():
+        model.bn.running_var.fill_(0.0)
+        model.bn.eps = 1e-12
+        model.bn.weight.fill_(1e3)
+    model = model.half()
+    x = torch.randn(2, 3, 6, 6).half()
+    with torch.no_grad():
+        expected = model(x)
+    before = state_fingerprint(model)
+    out = consume_fold(model, x)
+    assert only(out).reason is Reason.OVERFLOW
+    after = state_fingerprint(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(out.module(x), expected)
+
+
+def test_negative_variance_stays_with_its_reason():
+    """running_var + eps <= 0 would fold NaN into the weights: the BN stays
+    (nonfinite_stats) and the detail says why, though every value is finite."""
+    model = randomize_all(ConvBN())
+    with torch.no_grad():
+        model.bn.running_var[1] = -1.0
+    d = only(fold(model, torch.randn(2, 3, 6, 6)))
+    assert d.reason is Reason.NONFINITE_STATS and "running_var + eps" in d.detail
+
+
 class ProducerUsedTwice(nn.Module):
     def __init__(self):
         super().__init__()
