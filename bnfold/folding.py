@@ -50,6 +50,7 @@ __all__ = [
     "Magnitudes",
     "all_finite",
     "bn_affine",
+    "bn_affines",
     "cast",
     "fold_backward",
     "fold_forward",
@@ -85,6 +86,61 @@ def bn_affine(
     if bias is not None:
         t = t + _wide(bias)
     return torch.from_numpy(s), torch.from_numpy(t)
+
+
+BNParams = tuple[
+    torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", float
+]  # running_mean, running_var, weight, bias, eps
+
+
+def bn_affines(bns: list[BNParams]) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """``bn_affine`` of many BNs at once, and whether each one's inputs are all finite.
+
+    The same float64 operations as ``bn_affine``, element by element, so the same bits;
+    done over the BNs' concatenated vectors, a model's BNs cost a few numpy calls instead
+    of a dozen each.  A BN whose tensors numpy cannot take (bfloat16, not on the CPU) is
+    computed on its own.
+    """
+    batch = [i for i, bn in enumerate(bns) if all(map(_numpy_ready, bn[:4]))]
+    out: list[tuple[torch.Tensor, torch.Tensor, bool] | None] = [None] * len(bns)
+    if batch:
+        chosen = [bns[i] for i in batch]
+        sizes = [int(bn[1].shape[0]) for bn in chosen]
+        offsets = np.cumsum([0, *sizes])
+        if min(sizes) > 0:
+            var = _joined([bn[1] for bn in chosen])
+            with np.errstate(invalid="ignore", divide="ignore"):  # var + eps <= 0: non-finite
+                s_all = 1.0 / np.sqrt(var + np.repeat([bn[4] for bn in chosen], sizes))
+            scaled = [bn[2] is not None for bn in chosen]
+            if any(scaled):
+                gamma = _joined([bn[2] if bn[2] is not None else bn[1] for bn in chosen])
+                np.multiply(s_all, gamma, out=s_all, where=np.repeat(scaled, sizes))
+            t_all = -_joined([bn[0] for bn in chosen]) * s_all
+            shifted = [bn[3] is not None for bn in chosen]
+            if any(shifted):
+                beta = _joined([bn[3] if bn[3] is not None else bn[0] for bn in chosen])
+                np.add(t_all, beta, out=t_all, where=np.repeat(shifted, sizes))
+            with np.errstate(invalid="ignore"):
+                ok = np.isfinite(s_all) & np.isfinite(t_all) & np.isfinite(var)
+            finite = np.logical_and.reduceat(ok, offsets[:-1])
+            for k, i in enumerate(batch):
+                a, b = offsets[k], offsets[k + 1]
+                out[i] = (torch.from_numpy(s_all[a:b]), torch.from_numpy(t_all[a:b]),
+                          bool(finite[k]))  # fmt: skip
+    for i, bn in enumerate(bns):
+        if out[i] is None:
+            s, t = bn_affine(*bn)
+            out[i] = (s, t, all_finite(s, t, bn[1]))
+    return out  # type: ignore[return-value]
+
+
+def _numpy_ready(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype in _NUMPY_DTYPES and t.device.type == "cpu" and t.dim() == 1)
+
+
+def _joined(tensors: list[torch.Tensor]) -> np.ndarray:
+    """1-D tensors as one new float64 array."""
+    return np.concatenate([t.detach().numpy() for t in tensors]).astype(np.float64, copy=False)
 
 
 def _wide(t: torch.Tensor) -> np.ndarray:
@@ -294,7 +350,7 @@ def _cannot_overflow(
         return True
     if w_max is None:
         w_max = max_abs(w)
-    return math.isfinite(w_max) and w_max * s_max < float(torch.finfo(dtype).max)
+    return math.isfinite(w_max) and w_max * s_max < _LARGEST.get(dtype, 0.0)
 
 
 def max_abs(tensor: torch.Tensor) -> float:
@@ -332,39 +388,36 @@ class Magnitudes:
 
 
 class Deferred:
-    """In-place rescalings of weights, done on a second thread while the fold pass goes on.
+    """In-place rescalings of weights, queued while the fold pass rewrites the graph and
+    done at its end on every core.
 
-    The fold pass spends about as long on its graph as on its arithmetic.  The in-place
-    folds cannot fail (``_cannot_overflow`` proved it before they were queued), so nothing
-    the pass decides waits for their numbers: queued here in blocks, a worker thread works
-    through them meanwhile, and ``finish`` (also on leaving the ``with`` block) takes the
-    rest on the calling thread too and waits for the worker.  ``settle(t)`` before
-    reading a weight that may still be queued (a BN chain folding twice into one layer).
+    The in-place folds cannot fail (``_cannot_overflow`` proved it before they were
+    queued), so nothing the pass decides waits for their numbers.  Doing them together at
+    the end, rather than beside the pass on a second thread, keeps the threads out of each
+    other's way: a thread that finishes a block of numpy arithmetic needs the GIL back, and
+    while the other thread runs Python it waits for the interpreter's switch interval (5 ms)
+    for every block.  ``start`` sets the workers going (the caller may go on with other
+    Python work meanwhile), ``finish`` (also on leaving the ``with`` block) joins them on
+    the calling thread and waits; ``settle(t)`` before reading a weight that may still be
+    queued (a BN chain folding twice into one layer).
     """
 
-    _BLOCK = 1 << 18  # elements per queued block (1 MB of float32)
+    _BLOCK = 1 << 20  # elements per queued block (4 MB of float32)
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[np.ndarray, np.ndarray] | None] = queue.Queue()
+        self._queue: queue.SimpleQueue[tuple[np.ndarray, np.ndarray]] = queue.SimpleQueue()
         self._pending: set[int] = set()
         self._overflow = False
         self._error: BaseException | None = None
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
 
     def __enter__(self) -> Deferred:
-        self._worker = threading.Thread(target=self._work, name="bnfold-fold", daemon=True)
-        self._worker.start()
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:
-            self.finish()
-        finally:
-            self._queue.put(None)
-            if self._worker is not None:
-                self._worker.join()
+        self.finish()
 
     def submit(self, address: int, array: np.ndarray, factor: np.ndarray) -> None:
         """Queue ``array *= factor`` (in float64, rounded once), by blocks of rows;
@@ -384,42 +437,40 @@ class Deferred:
         if self._pending and tensor.data_ptr() in self._pending:
             self.finish()
 
+    def start(self, threads: int = 1) -> None:
+        """Start ``threads`` workers on the queue (none when it is empty)."""
+        for _ in range(threads if not self._queue.empty() else 0):
+            worker = threading.Thread(target=self._drain, name="bnfold-fold", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+
     def finish(self) -> None:
-        """Work through the queue on this thread too; return when every block is done."""
-        with np.errstate(over="raise"):
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:  # not queued before finish; keep it for the worker
-                    self._queue.put(None)
-                    break
-                self._run(item)
-                self._queue.task_done()
-        self._queue.join()
+        """Work through the queue, on this thread and one worker; return when it is done."""
+        if not self._workers:
+            self.start(max(1, torch.get_num_threads() - 1))
+        self._drain()
+        for worker in self._workers:
+            worker.join()
+        self._workers.clear()
         self._pending.clear()
         if self._error is not None:
             raise self._error
         if self._overflow:  # _cannot_overflow is a proof; never hand out a half-scaled layer
             raise ArithmeticError("a fold in place overflowed although its bound said it cannot")
 
-    def _work(self) -> None:
+    def _drain(self) -> None:
         with np.errstate(over="raise"):
-            while (item := self._queue.get()) is not None:
-                self._run(item)
-                self._queue.task_done()
-        self._queue.task_done()
-
-    def _run(self, item: tuple[np.ndarray, np.ndarray]) -> None:
-        """One block, under ``np.errstate(over="raise")`` (set once per thread)."""
-        array, factor = item
-        try:
-            np.multiply(array, factor, out=array, casting="same_kind")
-        except FloatingPointError:
-            self._overflow = True
-        except BaseException as e:  # noqa: BLE001 - raised again by finish, on the caller's thread
-            self._error = e
+            while True:
+                try:
+                    array, factor = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    np.multiply(array, factor, out=array, casting="same_kind")
+                except FloatingPointError:
+                    self._overflow = True
+                except BaseException as e:  # noqa: BLE001 - raised by finish, on the caller's thread
+                    self._error = e
 
 
 def _multiply(src: np.ndarray, factor: np.ndarray, dst: np.ndarray) -> bool:

@@ -33,6 +33,7 @@ from bnfold.graph import (
     carry_law,
     functional_layer,
     has_plain_forward,
+    is_bn_module,
     is_layout_node,
     shape_of,
     submodule,
@@ -125,6 +126,8 @@ def fold_graph(
     magnitudes = magnitudes or folding.Magnitudes()
     with folding.Deferred() if consume else contextlib.nullcontext() as later:
         decisions = _fold_sites(gm, protected, calls, owners, magnitudes, later, shapes_known)
+        if later is not None:
+            later.start()  # the arithmetic goes on beside the clean-up and code generation
         _drop_unused(gm, protected)
         gm.recompile()
     return FoldOutcome(gm, decisions, shapes_known)
@@ -143,7 +146,9 @@ def _fold_sites(
     decisions: list[Decision] = []
     erased: set[fx.Node] = set()
     copies = Counter[str]()
-    for node in list(gm.graph.nodes):
+    nodes = list(gm.graph.nodes)
+    affines = _module_affines(gm, nodes)
+    for node in nodes:
         if node in erased:
             continue
         site = bn_site(gm, node)
@@ -156,10 +161,19 @@ def _fold_sites(
                 Decision(site.name, site.kind, reason=e.reason, detail=e.detail, site=site)
             )
             continue
-        s, t = folding.bn_affine(
-            site.running_mean, site.running_var, site.weight, site.bias, site.eps
-        )
-        if not folding.all_finite(s, t, site.running_var):  # type: ignore[arg-type]
+        known = affines.get(id(site.module)) if site.module is not None else None
+        if known is None:
+            s, t = folding.bn_affine(
+                site.running_mean,  # type: ignore[arg-type]
+                site.running_var,  # type: ignore[arg-type]
+                site.weight,
+                site.bias,
+                site.eps,
+            )
+            finite = folding.all_finite(s, t, site.running_var)  # type: ignore[arg-type]
+        else:
+            s, t, finite = known
+        if not finite:
             decisions.append(_nonfinite(site))
             continue
         try:
@@ -189,6 +203,26 @@ def _fold_sites(
             )
         )
     return decisions
+
+
+def _module_affines(
+    gm: fx.GraphModule, nodes: list[fx.Node]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """(s, t, inputs finite) of every BN module the graph calls, computed together
+    (``folding.bn_affines``), by module id; a BN's tensors do not change during the pass."""
+    modules: dict[int, nn.Module] = {}
+    for node in nodes:
+        if node.op == "call_module":
+            module = submodule(gm, str(node.target))
+            if is_bn_module(module) and getattr(module, "running_var", None) is not None:
+                modules[id(module)] = module
+    if not modules:
+        return {}
+    params = [
+        (m.running_mean, m.running_var, m.weight, m.bias, float(m.eps))  # type: ignore[union-attr]
+        for m in modules.values()
+    ]
+    return dict(zip(modules, folding.bn_affines(params), strict=True))  # type: ignore[arg-type]
 
 
 def shared_modules(gm: fx.GraphModule, original: nn.Module) -> frozenset[int]:

@@ -16,6 +16,7 @@ from bnfold.folding import (
     FoldKind,
     Magnitudes,
     bn_affine,
+    bn_affines,
     cast,
     fold_backward,
     fold_forward,
@@ -143,6 +144,52 @@ def test_affine_parts_are_the_eval_batchnorm():
     assert t.item() == pytest.approx(-0.5)
     s, t = bn_affine(torch.tensor([2.0]), torch.tensor([0.0]), None, None, eps=0.25)
     assert (s.item(), t.item()) == (2.0, -4.0)
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@given(
+    layers=st.lists(
+        st.tuples(
+            st.integers(1, 9),  # channels
+            st.sampled_from(_DTYPES),
+            st.booleans(),  # affine
+            st.floats(1e-8, 0.1),  # eps
+            st.sampled_from([None, "nan_mean", "inf_var", "negative_var", "inf_gamma"]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_batched_affines_are_bit_for_bit_the_single_ones(layers, seed):
+    """bn_affines over a model's BNs gives each BN exactly bn_affine's bits (sign of zero
+    included), and flags exactly the BNs with NaN/Inf inputs or running_var + eps <= 0."""
+    gen = torch.Generator().manual_seed(seed)
+    bns, bad = [], []
+    for c, dtype, affine, eps, flaw in layers:
+        mean, var = torch.randn(c, generator=gen), torch.rand(c, generator=gen) * 3
+        gamma, beta = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+        beta[0] = 0.0  # a zero shift: t must keep the sign bit the single route gives it
+        if flaw == "nan_mean":
+            mean[c - 1] = float("nan")
+        elif flaw == "inf_var":
+            var[0] = float("inf")
+        elif flaw == "negative_var":
+            var[0] = -1.0
+        elif flaw == "inf_gamma" and affine:
+            gamma[0] = float("inf")
+        bad.append(flaw is not None and (flaw != "inf_gamma" or affine))
+        cast = [v.to(dtype) for v in (mean, var, gamma, beta)]
+        bns.append(
+            (cast[0], cast[1], cast[2] if affine else None, cast[3] if affine else None, eps)
+        )
+    for (s, t, finite), bn, flawed in zip(bn_affines(bns), bns, bad, strict=True):
+        s1, t1 = bn_affine(*bn)
+        assert np.array_equal(s.numpy().view(np.int64), s1.numpy().view(np.int64))
+        assert np.array_equal(t.numpy().view(np.int64), t1.numpy().view(np.int64))
+        assert finite is not flawed
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
