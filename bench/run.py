@@ -56,7 +56,6 @@ def fold_step_ms(weights: Path, repeats: int = 9) -> dict[str, float]:
     from bnfold.fuse import fold_graph, shared_modules
     from bnfold.graph import capture, propagate_shapes
     from bnfold.loading import load_model
-    from bnfold.memory import freed_memory_reused
     from bnfold.pipeline import _check_finite
 
     torch.set_num_threads(2)
@@ -76,24 +75,23 @@ def fold_step_ms(weights: Path, repeats: int = 9) -> dict[str, float]:
     scales = [torch.rand(t.shape[0], *[1] * (t.dim() - 1)) + 0.5 for t in tensors]
     del gm, outcome
     times: dict[str, list[float]] = {"consumed": [], "library": [], "bare": []}
-    with freed_memory_reused():  # as fuse runs
-        for _ in range(repeats):
-            victim, magnitudes, gm = fresh()
-            protected = shared_modules(gm, victim)
-            del victim
-            start = time.perf_counter()
-            fold_graph(gm, protected, shapes_known=True, consume=True, magnitudes=magnitudes)
-            times["consumed"].append((time.perf_counter() - start) * 1000)
-            del gm
-            _, _, gm = fresh()
-            start = time.perf_counter()
-            fold_graph(gm, model, shapes_known=True)
-            times["library"].append((time.perf_counter() - start) * 1000)
-            del gm
-            start = time.perf_counter()
-            for t, scale in zip(tensors, scales, strict=True):
-                t.mul_(scale)
-            times["bare"].append((time.perf_counter() - start) * 1000)
+    for _ in range(repeats):
+        victim, magnitudes, gm = fresh()
+        protected = shared_modules(gm, victim)
+        del victim
+        start = time.perf_counter()
+        fold_graph(gm, protected, shapes_known=True, consume=True, magnitudes=magnitudes)
+        times["consumed"].append((time.perf_counter() - start) * 1000)
+        del gm
+        _, _, gm = fresh()
+        start = time.perf_counter()
+        fold_graph(gm, model, shapes_known=True)
+        times["library"].append((time.perf_counter() - start) * 1000)
+        del gm
+        start = time.perf_counter()
+        for t, scale in zip(tensors, scales, strict=True):
+            t.mul_(scale)
+        times["bare"].append((time.perf_counter() - start) * 1000)
     result = {
         f"{k}_{stat}_ms": f(v)
         for k, v in times.items()
