@@ -388,28 +388,25 @@ class Magnitudes:
 
 
 class Deferred:
-    """In-place rescalings of weights, queued while the fold pass rewrites the graph and
-    done at its end on every core.
+    """In-place rescalings of weights, done by a worker thread while the fold pass goes on.
 
     The in-place folds cannot fail (``_cannot_overflow`` proved it before they were
-    queued), so nothing the pass decides waits for their numbers.  Doing them together at
-    the end, rather than beside the pass on a second thread, keeps the threads out of each
-    other's way: a thread that finishes a block of numpy arithmetic needs the GIL back, and
-    while the other thread runs Python it waits for the interpreter's switch interval (5 ms)
-    for every block.  ``start`` sets the workers going (the caller may go on with other
-    Python work meanwhile), ``finish`` (also on leaving the ``with`` block) joins them on
-    the calling thread and waits; ``settle(t)`` before reading a weight that may still be
-    queued (a BN chain folding twice into one layer).
+    queued), so nothing the pass decides waits for their numbers: the first ``submit``
+    starts a worker on the queue, and ``finish`` (also on leaving the ``with`` block)
+    works through what is left on the calling thread too and waits for the worker.
+    ``settle(t)`` before reading a weight that may still be queued (a BN chain folding
+    twice into one layer).  Blocks are large: a worker that finishes a block needs the
+    GIL back, which the busy pass hands over only every switch interval (5 ms).
     """
 
     _BLOCK = 1 << 20  # elements per queued block (4 MB of float32)
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[np.ndarray, np.ndarray]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[np.ndarray, np.ndarray] | None] = queue.SimpleQueue()
         self._pending: set[int] = set()
         self._overflow = False
         self._error: BaseException | None = None
-        self._workers: list[threading.Thread] = []
+        self._worker: threading.Thread | None = None
 
     def __enter__(self) -> Deferred:
         return self
@@ -426,51 +423,54 @@ class Deferred:
         rows = array.shape[0] if array.ndim else 1
         if array.ndim == 0 or rows == 1:
             self._queue.put((array, factor))
-            return
-        step = max(1, self._BLOCK // max(1, array.size // rows))
-        for a in range(0, rows, step):
-            rows_factor = factor if factor.shape[0] == 1 else factor[a : a + step]
-            self._queue.put((array[a : a + step], rows_factor))
+        else:
+            step = max(1, self._BLOCK // max(1, array.size // rows))
+            for a in range(0, rows, step):
+                rows_factor = factor if factor.shape[0] == 1 else factor[a : a + step]
+                self._queue.put((array[a : a + step], rows_factor))
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="bnfold-fold", daemon=True)
+            self._worker.start()
 
     def settle(self, tensor: torch.Tensor) -> None:
         """Finish the queue first if ``tensor``'s memory may still have work queued."""
         if self._pending and tensor.data_ptr() in self._pending:
             self.finish()
 
-    def start(self, threads: int = 1) -> None:
-        """Start ``threads`` workers on the queue (none when it is empty)."""
-        for _ in range(threads if not self._queue.empty() else 0):
-            worker = threading.Thread(target=self._drain, name="bnfold-fold", daemon=True)
-            worker.start()
-            self._workers.append(worker)
-
     def finish(self) -> None:
-        """Work through the queue, on this thread and one worker; return when it is done."""
-        if not self._workers:
-            self.start(max(1, torch.get_num_threads() - 1))
-        self._drain()
-        for worker in self._workers:
-            worker.join()
-        self._workers.clear()
+        """Work through the queue on this thread too; return when every block is done."""
+        with np.errstate(over="raise"):
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    self._run(item)
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
         self._pending.clear()
         if self._error is not None:
             raise self._error
         if self._overflow:  # _cannot_overflow is a proof; never hand out a half-scaled layer
             raise ArithmeticError("a fold in place overflowed although its bound said it cannot")
 
-    def _drain(self) -> None:
+    def _work(self) -> None:
         with np.errstate(over="raise"):
-            while True:
-                try:
-                    array, factor = self._queue.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    np.multiply(array, factor, out=array, casting="same_kind")
-                except FloatingPointError:
-                    self._overflow = True
-                except BaseException as e:  # noqa: BLE001 - raised by finish, on the caller's thread
-                    self._error = e
+            while (item := self._queue.get()) is not None:
+                self._run(item)
+
+    def _run(self, item: tuple[np.ndarray, np.ndarray]) -> None:
+        """One block, under ``np.errstate(over="raise")``."""
+        array, factor = item
+        try:
+            np.multiply(array, factor, out=array, casting="same_kind")
+        except FloatingPointError:
+            self._overflow = True
+        except BaseException as e:  # noqa: BLE001 - raised by finish, on the caller's thread
+            self._error = e
 
 
 def _multiply(src: np.ndarray, factor: np.ndarray, dst: np.ndarray) -> bool:

@@ -126,8 +126,6 @@ def fold_graph(
     magnitudes = magnitudes or folding.Magnitudes()
     with folding.Deferred() if consume else contextlib.nullcontext() as later:
         decisions = _fold_sites(gm, protected, calls, owners, magnitudes, later, shapes_known)
-        if later is not None:
-            later.start()  # the arithmetic goes on beside the clean-up and code generation
         _drop_unused(gm, protected)
         gm.recompile()
     return FoldOutcome(gm, decisions, shapes_known)
