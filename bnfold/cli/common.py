@@ -6,7 +6,9 @@ import contextlib
 import enum
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from functools import wraps
@@ -59,7 +61,8 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug")) or os.environ.get("BNFOLD_DEBUG") == "1"
         try:
-            return fn(*args, **kwargs)
+            with _interrupts_remembered():
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except BnfoldError as e:
@@ -81,6 +84,42 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_interrupted = False
+
+
+@contextlib.contextmanager
+def _interrupts_remembered() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered, so that a step
+    whose library code swallowed the exception (C++ code that clears Python errors) still
+    stops at its end (``Progress.step``)."""
+    global _interrupted
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:  # SIG_IGN, or someone else's handler
+        yield
+        return
+
+    def remember(signum: int, frame: Any) -> None:
+        global _interrupted
+        _interrupted = True
+        raise KeyboardInterrupt
+
+    _interrupted = False
+    signal.signal(signal.SIGINT, remember)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt if Ctrl-C came and was swallowed on its way (see above)."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 class Progress:
     """Named steps on stderr while they run; silent unless stderr is a terminal."""
 
@@ -90,11 +129,13 @@ class Progress:
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[None]:
+        raise_if_interrupted()
         if not self.enabled or self.console is None:
             yield
-            return
-        with self.console.status(label + " …"):
-            yield
+        else:
+            with self.console.status(label + " …"):
+                yield
+        raise_if_interrupted()
 
 
 def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
