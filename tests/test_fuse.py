@@ -380,15 +380,20 @@ def test_consumed_model_keeps_shared_layers_and_tied_weights_intact():
         assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_consumed_model_that_would_overflow_stays_untouched():
-    """A fold declined for overflow (float16) has never written the consumed weights: the
-    BN stays and the model computes what it did."""
+def overflowing_half_model() -> nn.Module:
+    """A float16 Conv+BN whose fold scale (1e3 / sqrt(1e-12)) overflows float16."""
     model = randomize_all(ConvBN())
     with torch.no_grad():
         model.bn.running_var.fill_(0.0)
         model.bn.eps = 1e-12
         model.bn.weight.fill_(1e3)
-    model = model.half()
+    return model.half()
+
+
+def test_consumed_model_that_would_overflow_stays_untouched():
+    """A fold declined for overflow (float16) has never written the consumed weights: the
+    BN stays and the model computes what it did."""
+    model = overflowing_half_model()
     x = torch.randn(2, 3, 6, 6).half()
     with torch.no_grad():
         expected = model(x)
@@ -603,13 +608,7 @@ def test_half_precision_models_fold_in_float64_then_cast(dtype):
 
 def test_overflowing_fold_stays():
     """A fold whose weights overflow float16 stays, with reason overflow."""
-    model = randomize_all(ConvBN())
-    with torch.no_grad():
-        model.bn.running_var.fill_(0.0)
-        model.bn.eps = 1e-12
-        model.bn.weight.fill_(1e3)
-    model = model.half()
-    out = fold(model, torch.randn(2, 3, 6, 6).half())
+    out = fold(overflowing_half_model(), torch.randn(2, 3, 6, 6).half())
     assert only(out).reason is Reason.OVERFLOW
 
 
