@@ -12,13 +12,15 @@
    each run of 2 (its report's ``timings.fold``), and in isolation (``fold_step_ms``) beside
    one bare in-place pass over the same weights.
 5. peak memory of fuse against the model's size (target: at most 3x).
-6. onnxruntime latency of bnfold's ONNX vs the peers' exports, optimisations on and off.
+6. onnxruntime latency of bnfold's ONNX vs the peers' exports, optimisations on and off,
+   with a byte copy of bnfold's file as a control for the run's noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,10 +107,15 @@ def fold_step_ms(weights: Path, repeats: int = 9) -> dict[str, float]:
 
 
 def ort_latencies(
-    paths: dict[str, Path], optimized: bool, rounds: int = 15, per_round: int = 10
+    paths: dict[str, Path], optimized: bool, session_sets: int = 3, rounds: int = 5
 ) -> dict[str, float]:
-    """Median latency (ms) of each model, batch 1, sessions run in turn round by round so
-    that drift in the machine's speed hits every model alike."""
+    """Median latency (ms) of each model, batch 1.
+
+    Sessions run in turn, round by round, so that drift in the machine's speed hits every
+    model alike; and each model gets ``session_sets`` fresh sessions, created in a
+    rotating order, so that where one session's buffers happen to land in memory (worth a
+    few percent between two sessions of the very same file) does not decide the result.
+    """
     import numpy as np
     import onnxruntime as ort
 
@@ -120,20 +127,26 @@ def ort_latencies(
     )
     opts.intra_op_num_threads = 2
     x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
-    sessions = {}
-    for name, path in paths.items():
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x}
-        for _ in range(3):
-            session.run(None, feed)
-        sessions[name] = (session, feed)
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, (session, feed) in sessions.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
+    names = list(paths)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(session_sets):
+        order = names[k % len(names) :] + names[: k % len(names)]
+        sessions = {}
+        for name in order:
+            session = ort.InferenceSession(
+                str(paths[name]), opts, providers=["CPUExecutionProvider"]
+            )
+            feed = {session.get_inputs()[0].name: x}
+            for _ in range(3):
                 session.run(None, feed)
-                times[name].append((time.perf_counter() - start) * 1000)
+            sessions[name] = (session, feed)
+        for _ in range(rounds):
+            for name, (session, feed) in sessions.items():
+                for _ in range(10):
+                    start = time.perf_counter()
+                    session.run(None, feed)
+                    times[name].append((time.perf_counter() - start) * 1000)
+        del sessions
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -219,10 +232,14 @@ def main() -> None:
         check=True,
         capture_output=True,
     )
+    # a byte copy of bnfold's file, timed like the others: how far two sessions of the
+    # very same model drift apart in this run, the noise floor for the comparison
+    shutil.copyfile(out / "bnfold.onnx", out / "bnfold-copy.onnx")
     paths = {
         "bnfold": out / "bnfold.onnx",
         "dynamo export": out / "peer.onnx",
         "legacy export": out / "legacy.onnx",
+        "bnfold, byte copy (noise control)": out / "bnfold-copy.onnx",
     }
     results["ort_latency_ms"] = {
         "optimized": ort_latencies(paths, True),
