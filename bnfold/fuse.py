@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from bnfold import folding
 from bnfold.graph import (
@@ -124,8 +125,9 @@ def fold_graph(
     )
     owners = _storage_owners(gm) if consume else None
     magnitudes = magnitudes or folding.Magnitudes()
+    seen = _read_elsewhere(gm)
     with folding.Deferred() if consume else contextlib.nullcontext() as later:
-        decisions = _fold_sites(gm, protected, calls, owners, magnitudes, later, shapes_known)
+        decisions = _fold_sites(gm, protected, calls, seen, owners, magnitudes, later, shapes_known)
         _drop_unused(gm, protected)
         gm.recompile()
     return FoldOutcome(gm, decisions, shapes_known)
@@ -135,6 +137,7 @@ def _fold_sites(
     gm: fx.GraphModule,
     protected: AbstractSet[int],
     calls: Counter[int],
+    seen: AbstractSet[int],
     owners: Counter[int] | None,
     magnitudes: folding.Magnitudes,
     later: folding.Deferred | None,
@@ -183,7 +186,7 @@ def _fold_sites(
                 decisions.append(_kept(site, back, fwd))
                 continue
         try:
-            into = _apply(gm, site, plan, calls, protected, copies, owners, magnitudes, later)
+            into = _apply(gm, site, plan, calls, protected, seen, copies, owners, magnitudes, later)
         except _Declined as e:
             decisions.append(
                 Decision(site.name, site.kind, reason=e.reason, detail=e.detail, site=site)
@@ -251,6 +254,28 @@ def _storage_owners(gm: fx.GraphModule) -> Counter[int]:
     return owners
 
 
+def _read_elsewhere(gm: fx.GraphModule) -> frozenset[int]:
+    """The ids of the modules whose weights the graph reads other than by calling them:
+    the submodules of a module it calls (MultiheadAttention's ``out_proj``: the call reads
+    them inside), and the modules whose parameters or buffers it reads with ``get_attr``
+    (``F.linear(x, self.fc.weight)``, resolved by path at run time).  A fold into one of
+    them gets a copy under a new name and leaves the module as it was."""
+    seen: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            called = submodule(gm, str(node.target))
+            seen.update(id(m) for m in called.modules() if m is not called)
+        elif node.op == "get_attr":
+            owner, _, name = str(node.target).rpartition(".")
+            try:
+                module = submodule(gm, owner) if owner else gm
+            except AttributeError:
+                continue
+            if name in module._parameters or name in module._buffers:
+                seen.add(id(module))
+    return frozenset(seen)
+
+
 def _attribute(gm: fx.GraphModule, target: str) -> object:
     owner, _, name = target.rpartition(".")
     try:
@@ -294,6 +319,8 @@ def _check_site(site: BNSite) -> None:
         raise _Declined(Reason.TRAIN_MODE, "module.training is True; call model.eval()")
     if m is not None and not has_plain_forward(m):
         raise _Declined(Reason.CUSTOM_FORWARD, f"{type(m).__name__}.forward is overridden")
+    if m is not None:
+        _no_hooks(m)
 
 
 def _nonfinite(site: BNSite) -> Decision:
@@ -326,6 +353,26 @@ def _describe(gm: fx.GraphModule, node: object) -> str:
 def _plain_layer(layer: nn.Module) -> None:
     if type(layer).forward not in _PLAIN_LAYER_FORWARDS:
         raise _Declined(Reason.CUSTOM_LAYER, f"{type(layer).__name__}.forward is overridden")
+    _no_hooks(layer)
+    if parametrize.is_parametrized(layer):
+        others = sorted(set(layer.parametrizations) - {"weight", "bias"})
+        if others:
+            raise _Declined(Reason.CUSTOM_LAYER, f"parametrized {', '.join(others)}")
+
+
+def _no_hooks(module: nn.Module) -> None:
+    """Forward hooks run at the module's call (fx calls the module itself): an output hook
+    would see folded numbers, a removed BN's hooks would be lost, and a pre-hook may
+    compute the weight (the old ``weight_norm``)."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        kinds = [
+            k
+            for k, hooks in (("forward", module._forward_hooks), ("pre", module._forward_pre_hooks))
+            if hooks
+        ]
+        raise _Declined(
+            Reason.HOOKS, f"{type(module).__name__} has {' and '.join(kinds)}-forward hooks"
+        )
 
 
 def _try_backward(
@@ -458,6 +505,7 @@ def _apply(
     plan: _Plan,
     calls: Counter[int],
     protected: AbstractSet[int],
+    seen: AbstractSet[int],
     copies: Counter[str],
     owners: Counter[int] | None,
     magnitudes: folding.Magnitudes,
@@ -469,10 +517,12 @@ def _apply(
         folding.fold_backward if plan.rule.direction is Direction.BACKWARD else folding.fold_forward
     )
     weight: torch.Tensor = layer.weight  # type: ignore[assignment]
+    # a layer the graph reaches only through its one call: the fold may replace it at its
+    # path, and (consume) rescale its weight in place
+    alone = isinstance(layer, nn.Module) and calls[id(layer)] <= 1 and id(layer) not in seen
     in_place = (
         owners is not None
-        and isinstance(layer, nn.Module)
-        and calls[id(layer)] <= 1
+        and alone
         and owners[weight.untyped_storage().data_ptr()] <= 1
         # a bias of another dtype is rounded again below, where it could still overflow
         and (layer.bias is None or layer.bias.dtype == weight.dtype)
@@ -503,7 +553,7 @@ def _apply(
     target = str(plan.layer_node.target)
     parent_name, _, leaf = target.rpartition(".")
     parent = submodule(gm, parent_name) if parent_name else gm
-    if calls[id(layer)] <= 1 and id(parent) not in protected:
+    if alone and id(parent) not in protected:
         parent._modules[leaf] = new
     else:
         copies[target] += 1
@@ -519,7 +569,14 @@ def _with_weights(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> nn.Modu
     ``weight=w``, ``bias=b``; ``layer`` itself is left as it was.  (What ``copy.copy`` and
     two ``setattr`` calls do, in a quarter of the time: the pass makes one per fold.)"""
     requires_grad = bool(layer.weight.requires_grad)  # type: ignore[union-attr]
-    new = object.__new__(type(layer))
+    cls: type[nn.Module] = type(layer)
+    modules = dict(layer._modules)
+    if parametrize.is_parametrized(layer):
+        # weight/bias computed by parametrizations (the new weight_norm): the fold used
+        # their values, so the copy is the plain layer class holding the folded ones
+        cls = cls.__bases__[0]
+        del modules["parametrizations"]
+    new = object.__new__(cls)
     state = new.__dict__
     state.update(layer.__dict__)
     state["_parameters"] = {
@@ -528,7 +585,7 @@ def _with_weights(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> nn.Modu
         "bias": nn.Parameter(b, requires_grad=requires_grad),
     }
     state["_buffers"] = dict(layer._buffers)
-    state["_modules"] = dict(layer._modules)
+    state["_modules"] = modules
     return new
 
 

@@ -161,6 +161,11 @@ class Reason(str, enum.Enum):
         "custom_layer_forward",
         "the neighbouring layer subclasses Conv/Linear but overrides forward()",
     )
+    HOOKS = (
+        "module_hooks",
+        "the BN or the layer has forward hooks (weight_norm, an output hook, ...), which "
+        "run at its call: folding would drop them or apply them to other numbers",
+    )
     OVERFLOW = ("overflow", "the folded weights overflow the parameter dtype")
     SHARED_WEIGHTS = (
         "shared_weights",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -378,6 +379,116 @@ def test_consumed_model_keeps_shared_layers_and_tied_weights_intact():
         assert float((got - expected).abs().max() / expected.abs().max()) < 2e-6
         after = state_fingerprint(model)
         assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class LayerInsideAttention(nn.Module):
+    """A Linear+BN where the Linear is also read inside another module's call: the
+    attention's own ``out_proj``."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        a, _ = self.attn(x, x, x)
+        return a.sum(1) + self.bn(self.attn.out_proj(x[:, 0]))
+
+
+class WeightReadDirectly(nn.Module):
+    """A Linear+BN whose weight the forward also reads by name (``get_attr``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) + F.linear(2 * x, self.fc.weight)
+
+
+@pytest.mark.parametrize("consume", [False, True])
+@pytest.mark.parametrize(
+    "make, shape", [(LayerInsideAttention, (3, 5, 8)), (WeightReadDirectly, (3, 8))]
+)
+def test_layer_read_elsewhere_folds_into_a_copy(make, shape, consume):
+    """A layer the graph also reads other than by its call (inside another module's call,
+    or its weight by name) is folded into a copy: what reads the old weights still gets
+    them, in both routes (the second one was folded wrong before)."""
+    model = randomize_all(make())
+    x = torch.randn(*shape)
+    expected = float64_reference(model, x)
+    before = state_fingerprint(model)
+    out = consume_fold(model, x) if consume else fold(model, x)
+    assert only(out).folded
+    with torch.no_grad():
+        got = out.module(x).double()
+    assert float((got - expected).abs().max() / expected.abs().max()) < 2e-6
+    if not consume:
+        after = state_fingerprint(model)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _output_hook(model):
+    model[0].register_forward_hook(lambda module, args, out: 3 * out)
+
+
+def _bn_hook(model):
+    model[1].register_forward_hook(lambda module, args, out: out.clamp(min=0))
+
+
+def _old_weight_norm(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.nn.utils.weight_norm(model[0])  # a pre-hook computes conv.weight
+
+
+@pytest.mark.parametrize("hook", [_output_hook, _bn_hook, _old_weight_norm])
+def test_hooked_layer_or_bn_stays(hook):
+    """Forward hooks on the layer or the BN run at its call: the BN stays (module_hooks)
+    and the model computes what it did (an output hook was folded wrong before, the old
+    weight_norm crashed)."""
+    model = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    hook(model)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    out = fold(model, x)
+    assert only(out).reason is Reason.HOOKS
+    with torch.no_grad():
+        assert torch.equal(out.module(x), expected)
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("consume", [False, True])
+@pytest.mark.parametrize("how", ["weight_norm", "custom"])
+def test_parametrized_layer_folds_into_a_plain_copy(how, consume):
+    """A weight computed by parametrizations (the new weight_norm) folds with its value:
+    the folded layer is the plain class holding the folded weight; the model's own layer
+    keeps its parametrization (library route)."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    if how == "weight_norm":
+        parametrizations.weight_norm(model[0])
+    else:
+        parametrize.register_parametrization(model[0], "weight", _Doubled())
+    model = randomize_all(model)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x).double()
+    out = consume_fold(model, x) if consume else fold(model, x)
+    assert only(out).folded
+    layer = out.module.get_submodule("0")
+    assert type(layer) is nn.Conv2d and not parametrize.is_parametrized(layer)
+    with torch.no_grad():
+        got = out.module(x).double()
+    assert float((got - expected).abs().max() / expected.abs().max()) < 2e-6
+    if not consume:
+        assert parametrize.is_parametrized(model[0], "weight")
 
 
 def overflowing_half_model() -> nn.Module:

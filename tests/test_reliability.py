@@ -253,6 +253,15 @@ def test_ctrl_c_swallowed_inside_a_step_still_stops(ctrl_c_armed):
     assert e.value.exit_code == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
+    # a later command in this process, with SIGINT ignored, does not inherit that Ctrl-C
+    @handle_errors
+    def later() -> str:
+        with Progress(enabled=False).step("Loading"):
+            return "finished"
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    assert later() == "finished"
+
 
 def test_existing_output_needs_force_and_survives_failure(tmp_path):
     """An existing output is kept unless --force; a failing run never replaces it."""

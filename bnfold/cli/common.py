@@ -112,6 +112,7 @@ def _interrupts_remembered() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        _interrupted = False  # a later command in this process starts afresh
 
 
 def raise_if_interrupted() -> None:
