@@ -257,22 +257,26 @@ def _storage_owners(gm: fx.GraphModule) -> Counter[int]:
 def _read_elsewhere(gm: fx.GraphModule) -> frozenset[int]:
     """The ids of the modules whose weights the graph reads other than by calling them:
     the submodules of a module it calls (MultiheadAttention's ``out_proj``: the call reads
-    them inside), and the modules whose parameters or buffers it reads with ``get_attr``
-    (``F.linear(x, self.fc.weight)``, resolved by path at run time).  A fold into one of
-    them gets a copy under a new name and leaves the module as it was."""
+    them inside), and every module on the path of what it reads with ``get_attr``
+    (``F.linear(x, self.fc.weight)``, resolved by path at run time) or calls below another
+    module (``fc.parametrizations.weight``).  A fold into one of them gets a copy under a
+    new name and leaves the module, and the paths through it, as they were."""
     seen: set[int] = set()
     for node in gm.graph.nodes:
-        if node.op == "call_module":
-            called = submodule(gm, str(node.target))
-            seen.update(id(m) for m in called.modules() if m is not called)
-        elif node.op == "get_attr":
-            owner, _, name = str(node.target).rpartition(".")
-            try:
-                module = submodule(gm, owner) if owner else gm
-            except AttributeError:
-                continue
-            if name in module._parameters or name in module._buffers:
-                seen.add(id(module))
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        *path, last = str(node.target).split(".")
+        module: nn.Module = gm
+        for name in path:  # the modules above the target
+            child = module._modules.get(name)
+            if child is None:
+                break
+            seen.add(id(child))
+            module = child
+        else:
+            called = module._modules.get(last) if node.op == "call_module" else None
+            if called is not None:
+                seen.update(id(m) for m in called.modules() if m is not called)
     return frozenset(seen)
 
 

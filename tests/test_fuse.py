@@ -406,9 +406,23 @@ class WeightReadDirectly(nn.Module):
         return self.bn(self.fc(x)) + F.linear(2 * x, self.fc.weight)
 
 
+class NormedWeightReadDirectly(WeightReadDirectly):
+    """The same with a weight computed by parametrizations (the new weight_norm): the
+    graph calls ``fc.parametrizations.weight``, a path through the layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.nn.utils.parametrizations.weight_norm(self.fc)
+
+
 @pytest.mark.parametrize("consume", [False, True])
 @pytest.mark.parametrize(
-    "make, shape", [(LayerInsideAttention, (3, 5, 8)), (WeightReadDirectly, (3, 8))]
+    "make, shape",
+    [
+        (LayerInsideAttention, (3, 5, 8)),
+        (WeightReadDirectly, (3, 8)),
+        (NormedWeightReadDirectly, (3, 8)),
+    ],
 )
 def test_layer_read_elsewhere_folds_into_a_copy(make, shape, consume):
     """A layer the graph also reads other than by its call (inside another module's call,
