@@ -120,33 +120,43 @@ def fold_graph(
     rules out overflow.
     """
     protected = shared_modules(gm, original) if isinstance(original, nn.Module) else original
-    calls = Counter(
-        id(submodule(gm, str(n.target))) for n in gm.graph.nodes if n.op == "call_module"
-    )
-    owners = _storage_owners(gm) if consume else None
-    magnitudes = magnitudes or folding.Magnitudes()
-    seen = _read_elsewhere(gm)
     with folding.Deferred() if consume else contextlib.nullcontext() as later:
-        decisions = _fold_sites(gm, protected, calls, seen, owners, magnitudes, later, shapes_known)
+        state = _Pass(
+            gm,
+            protected,
+            calls=Counter(
+                id(submodule(gm, str(n.target))) for n in gm.graph.nodes if n.op == "call_module"
+            ),
+            seen=_read_elsewhere(gm),
+            owners=_storage_owners(gm) if consume else None,
+            magnitudes=magnitudes or folding.Magnitudes(),
+            later=later,
+        )
+        decisions = _fold_sites(state, shapes_known)
         _drop_unused(gm, protected)
         gm.recompile()
     return FoldOutcome(gm, decisions, shapes_known)
 
 
-def _fold_sites(
-    gm: fx.GraphModule,
-    protected: AbstractSet[int],
-    calls: Counter[int],
-    seen: AbstractSet[int],
-    owners: Counter[int] | None,
-    magnitudes: folding.Magnitudes,
-    later: folding.Deferred | None,
-    shapes_known: bool,
-) -> list[Decision]:
+@dataclass
+class _Pass:
+    """What the fold pass knows of the graph's modules and tensors while it rewrites."""
+
+    gm: fx.GraphModule
+    protected: AbstractSet[int]  # the model's own modules: never edited (shared_modules)
+    calls: Counter[int]  # how often the graph calls each module
+    seen: AbstractSet[int]  # modules the graph also reads other than by a call
+    owners: Counter[int] | None  # consume: tensors per storage (in place only when alone)
+    magnitudes: folding.Magnitudes
+    later: folding.Deferred | None  # consume: the in-place arithmetic, in the background
+    copies: Counter[str] = field(default_factory=Counter)  # folded copies per layer path
+
+
+def _fold_sites(state: _Pass, shapes_known: bool) -> list[Decision]:
     """Try every BN site in data-flow order; the decision for each."""
+    gm = state.gm
     decisions: list[Decision] = []
     erased: set[fx.Node] = set()
-    copies = Counter[str]()
     nodes = list(gm.graph.nodes)
     affines = _module_affines(gm, nodes)
     for node in nodes:
@@ -186,7 +196,7 @@ def _fold_sites(
                 decisions.append(_kept(site, back, fwd))
                 continue
         try:
-            into = _apply(gm, site, plan, calls, protected, seen, copies, owners, magnitudes, later)
+            into = _apply(state, plan)
         except _Declined as e:
             decisions.append(
                 Decision(site.name, site.kind, reason=e.reason, detail=e.detail, site=site)
@@ -503,18 +513,8 @@ def _pads_with_zeros(layer: nn.Module) -> bool:
 # --------------------------------------------------------------------------- rewriting
 
 
-def _apply(
-    gm: fx.GraphModule,
-    site: BNSite,
-    plan: _Plan,
-    calls: Counter[int],
-    protected: AbstractSet[int],
-    seen: AbstractSet[int],
-    copies: Counter[str],
-    owners: Counter[int] | None,
-    magnitudes: folding.Magnitudes,
-    later: folding.Deferred | None,
-) -> str:
+def _apply(state: _Pass, plan: _Plan) -> str:
+    gm, calls, owners, later = state.gm, state.calls, state.owners, state.later
     layer = plan.layer
     groups = int(getattr(layer, "groups", 1))
     fold = (
@@ -523,7 +523,7 @@ def _apply(
     weight: torch.Tensor = layer.weight  # type: ignore[assignment]
     # a layer the graph reaches only through its one call: the fold may replace it at its
     # path, and (consume) rescale its weight in place
-    alone = isinstance(layer, nn.Module) and calls[id(layer)] <= 1 and id(layer) not in seen
+    alone = isinstance(layer, nn.Module) and calls[id(layer)] <= 1 and id(layer) not in state.seen
     in_place = (
         owners is not None
         and alone
@@ -542,7 +542,7 @@ def _apply(
         groups,
         weight.dtype,
         in_place=in_place,
-        w_max=magnitudes.get(weight) if in_place else None,
+        w_max=state.magnitudes.get(weight) if in_place else None,
         later=later,
     )
     dtype = weight.dtype
@@ -557,11 +557,11 @@ def _apply(
     target = str(plan.layer_node.target)
     parent_name, _, leaf = target.rpartition(".")
     parent = submodule(gm, parent_name) if parent_name else gm
-    if alone and id(parent) not in protected:
+    if alone and id(parent) not in state.protected:
         parent._modules[leaf] = new
     else:
-        copies[target] += 1
-        new_target = f"{target.replace('.', '_')}_bnfold{copies[target]}"
+        state.copies[target] += 1
+        new_target = f"{target.replace('.', '_')}_bnfold{state.copies[target]}"
         gm.add_submodule(new_target, new)
         plan.layer_node.target = new_target
     calls[id(new)] = 1
