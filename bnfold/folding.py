@@ -439,14 +439,13 @@ class Deferred:
 
     def finish(self) -> None:
         """Work through the queue on this thread too; return when every block is done."""
-        with np.errstate(over="raise"):
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    self._run(item)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._run(item)
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join()
@@ -458,17 +457,14 @@ class Deferred:
             raise ArithmeticError("a fold in place overflowed although its bound said it cannot")
 
     def _work(self) -> None:
-        with np.errstate(over="raise"):
-            while (item := self._queue.get()) is not None:
-                self._run(item)
+        while (item := self._queue.get()) is not None:
+            self._run(item)
 
     def _run(self, item: tuple[np.ndarray, np.ndarray]) -> None:
-        """One block, under ``np.errstate(over="raise")``."""
         array, factor = item
         try:
-            np.multiply(array, factor, out=array, casting="same_kind")
-        except FloatingPointError:
-            self._overflow = True
+            if _multiply(array, factor, array):
+                self._overflow = True
         except BaseException as e:  # noqa: BLE001 - raised by finish, on the caller's thread
             self._error = e
 

@@ -378,15 +378,10 @@ def _no_hooks(module: nn.Module) -> None:
     """Forward hooks run at the module's call (fx calls the module itself): an output hook
     would see folded numbers, a removed BN's hooks would be lost, and a pre-hook may
     compute the weight (the old ``weight_norm``)."""
-    if module._forward_hooks or module._forward_pre_hooks:
-        kinds = [
-            k
-            for k, hooks in (("forward", module._forward_hooks), ("pre", module._forward_pre_hooks))
-            if hooks
-        ]
-        raise _Declined(
-            Reason.HOOKS, f"{type(module).__name__} has {' and '.join(kinds)}-forward hooks"
-        )
+    hooks = {"forward": module._forward_hooks, "pre-forward": module._forward_pre_hooks}
+    kinds = [kind for kind, registered in hooks.items() if registered]
+    if kinds:
+        raise _Declined(Reason.HOOKS, f"{type(module).__name__} has {' and '.join(kinds)} hooks")
 
 
 def _try_backward(

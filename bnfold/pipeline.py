@@ -60,10 +60,6 @@ def run_fuse(
     memory in the heap for later steps (``memory.freed_memory_reused``, which ``check``
     uses) raised the peak here by ~30 MB on ResNet-50, onnxruntime's load being the peak.
     """
-    return _run_fuse(opts, step)
-
-
-def _run_fuse(opts: FuseOptions, step: Callable[[str], ContextManager[None]]) -> FuseReport:
     from bnfold.fuse import count_params, fold_graph, shared_modules
     from bnfold.graph import capture, propagate_shapes
     from bnfold.inputs import infer_example_inputs, random_batches, read_npz
