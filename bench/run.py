@@ -8,9 +8,7 @@
    bare ``torch.onnx.export(dynamo=True)`` of the same weights (target: at most 1.2x).
 3. check: ``bnfold check`` on the folded ResNet-50 ONNX vs loading it in onnxruntime and
    running one inference (target: at most 1.3x).
-4. the fold step alone on ResNet-50 (target: at most 50 ms): as ``bnfold fuse`` times it in
-   each run of 2 (its report's ``timings.fold``), and in isolation (``fold_step_ms``) beside
-   one bare in-place pass over the same weights.
+4. the fold step as ``bnfold fuse`` times it (its report's ``timings.fold``; no target).
 5. peak memory of fuse against the model's size (target: at most 3x).
 6. onnxruntime latency of bnfold's ONNX vs the peers' exports, optimisations on and off,
    with a byte copy of bnfold's file as a control for the run's noise.
@@ -26,7 +24,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -39,71 +36,6 @@ PY = sys.executable
 
 def bnfold(*args: str) -> list[str]:
     return [PY, "-m", "bnfold", *args]
-
-
-def fold_step_ms(weights: Path, repeats: int = 9) -> dict[str, float]:
-    """The fold pass alone, as ``bnfold fuse`` runs it and as the library default, beside
-    one bare pass over the same weights; in turn, in one process.
-
-    - ``consumed``: what ``fuse`` does (``fold_graph(consume=True)`` on a freshly loaded
-      model whose weights were measured by the finite check): in the weights' own memory.
-    - ``library``: ``fold_graph(gm, model)``, which never touches the model: new tensors
-      (fresh pages) for every folded layer.
-    - ``bare pass``: every folded layer's weight multiplied in place by a float32
-      per-channel scale (``mul_``): one read and one write of the weights, on both cores,
-      the least any fold can do (bnfold computes in float64, which costs more).
-    """
-    import torch
-
-    from bnfold.fuse import fold_graph, shared_modules
-    from bnfold.graph import capture, propagate_shapes
-    from bnfold.loading import load_model
-    from bnfold.pipeline import _check_finite
-
-    torch.set_num_threads(2)
-    x = [torch.randn(1, 3, 224, 224)]
-
-    def fresh() -> tuple[torch.nn.Module, object, Any]:
-        model = load_model(weights, arch="torchvision:resnet50").module
-        magnitudes = _check_finite(model, weights)
-        gm = capture(model)
-        propagate_shapes(gm, x)
-        return model, magnitudes, gm
-
-    model, _, gm = fresh()
-    outcome = fold_graph(gm, model, shapes_known=True)
-    layers = [model.get_submodule(d.into) for d in outcome.decisions if d.into]
-    tensors = [m.weight.detach() for m in layers]
-    scales = [torch.rand(t.shape[0], *[1] * (t.dim() - 1)) + 0.5 for t in tensors]
-    del gm, outcome
-    times: dict[str, list[float]] = {"consumed": [], "library": [], "bare": []}
-    for _ in range(repeats):
-        victim, magnitudes, gm = fresh()
-        protected = shared_modules(gm, victim)
-        del victim
-        start = time.perf_counter()
-        fold_graph(gm, protected, shapes_known=True, consume=True, magnitudes=magnitudes)
-        times["consumed"].append((time.perf_counter() - start) * 1000)
-        del gm
-        _, _, gm = fresh()
-        start = time.perf_counter()
-        fold_graph(gm, model, shapes_known=True)
-        times["library"].append((time.perf_counter() - start) * 1000)
-        del gm
-        start = time.perf_counter()
-        for t, scale in zip(tensors, scales, strict=True):
-            t.mul_(scale)
-        times["bare"].append((time.perf_counter() - start) * 1000)
-    result = {
-        f"{k}_{stat}_ms": f(v)
-        for k, v in times.items()
-        for stat, f in (("median", statistics.median), ("min", min), ("max", max))
-    }
-    result["consumed_over_bare"] = statistics.median(
-        a / b for a, b in zip(times["consumed"], times["bare"], strict=True)
-    )
-    result["folded_mb"] = sum(t.numel() * t.element_size() for t in tensors) / 2**20
-    return result
 
 
 def ort_latencies(
@@ -225,7 +157,6 @@ def main() -> None:
         "in_command_median_ms": statistics.median(in_command),
         "in_command_min_ms": min(in_command),
         "in_command_max_ms": max(in_command),
-        "isolated": fold_step_ms(weights),
     }
     subprocess.run(
         [PY, str(HERE / "peer_export.py"), str(weights), str(out / "legacy.onnx"), "legacy"],

@@ -15,7 +15,6 @@ called from several places gets its own folded copy at the folded call site.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import Counter
 from collections.abc import Set as AbstractSet
@@ -32,15 +31,16 @@ from bnfold.graph import (
     FunctionalLayer,
     bn_site,
     carry_law,
+    function_rule,
     functional_layer,
     has_plain_forward,
-    is_bn_module,
     is_layout_node,
+    module_rule,
     shape_of,
     submodule,
     value_users,
 )
-from bnfold.rules import Direction, FoldRule, Reason, function_rule, rules_for
+from bnfold.rules import ChannelAxis, Direction, FoldRule, Reason
 
 __all__ = ["Decision", "FoldOutcome", "fold_graph", "shared_modules"]
 
@@ -100,41 +100,26 @@ def fold_graph(
     original: nn.Module | AbstractSet[int],
     *,
     shapes_known: bool,
-    consume: bool = False,
-    magnitudes: folding.Magnitudes | None = None,
 ) -> FoldOutcome:
     """Fold every BN of ``gm`` that folds exactly; ``original``'s modules stay untouched.
 
     ``original`` is the captured model, or ``shared_modules(gm, model)``: a caller that
     needs nothing else of the model can then let it go before folding, and each layer
-    folded away is freed as soon as its folded copy replaces it in ``gm``.
-
-    ``consume=True`` goes one step further, for a caller that hands the model's tensors
-    over (it holds no other reference to them and will not read the original again, as
-    ``bnfold fuse`` once its reference outputs are computed): a layer that is called once
-    and whose weight shares its memory with no other tensor of ``gm`` is then folded in
-    that memory, where no product can overflow (``folding._scaled``), so the folded model
-    costs no second copy of the weights.  Layers called twice, tied weights and functional
-    layers are still folded into new tensors.  ``magnitudes`` (the weights' largest
-    values, measured earlier) spares the in-place fold its pass over the weights that
-    rules out overflow.
+    folded away is freed as soon as its folded copy replaces it in ``gm``.  Folded layers
+    are always new modules holding new tensors.
     """
     protected = shared_modules(gm, original) if isinstance(original, nn.Module) else original
-    with folding.Deferred() if consume else contextlib.nullcontext() as later:
-        state = _Pass(
-            gm,
-            protected,
-            calls=Counter(
-                id(submodule(gm, str(n.target))) for n in gm.graph.nodes if n.op == "call_module"
-            ),
-            seen=_read_elsewhere(gm),
-            owners=_storage_owners(gm) if consume else None,
-            magnitudes=magnitudes or folding.Magnitudes(),
-            later=later,
-        )
-        decisions = _fold_sites(state, shapes_known)
-        _drop_unused(gm, protected)
-        gm.recompile()
+    state = _Pass(
+        gm,
+        protected,
+        calls=Counter(
+            id(submodule(gm, str(n.target))) for n in gm.graph.nodes if n.op == "call_module"
+        ),
+        seen=_read_elsewhere(gm),
+    )
+    decisions = _fold_sites(state, shapes_known)
+    _drop_unused(gm, protected)
+    gm.recompile()
     return FoldOutcome(gm, decisions, shapes_known)
 
 
@@ -146,9 +131,6 @@ class _Pass:
     protected: AbstractSet[int]  # the model's own modules: never edited (shared_modules)
     calls: Counter[int]  # how often the graph calls each module
     seen: AbstractSet[int]  # modules the graph also reads other than by a call
-    owners: Counter[int] | None  # consume: tensors per storage (in place only when alone)
-    magnitudes: folding.Magnitudes
-    later: folding.Deferred | None  # consume: the in-place arithmetic, in the background
     copies: Counter[str] = field(default_factory=Counter)  # folded copies per layer path
 
 
@@ -157,9 +139,7 @@ def _fold_sites(state: _Pass, shapes_known: bool) -> list[Decision]:
     gm = state.gm
     decisions: list[Decision] = []
     erased: set[fx.Node] = set()
-    nodes = list(gm.graph.nodes)
-    affines = _module_affines(gm, nodes)
-    for node in nodes:
+    for node in list(gm.graph.nodes):
         if node in erased:
             continue
         site = bn_site(gm, node)
@@ -172,19 +152,14 @@ def _fold_sites(state: _Pass, shapes_known: bool) -> list[Decision]:
                 Decision(site.name, site.kind, reason=e.reason, detail=e.detail, site=site)
             )
             continue
-        known = affines.get(id(site.module)) if site.module is not None else None
-        if known is None:
-            s, t = folding.bn_affine(
-                site.running_mean,  # type: ignore[arg-type]
-                site.running_var,  # type: ignore[arg-type]
-                site.weight,
-                site.bias,
-                site.eps,
-            )
-            finite = folding.all_finite(s, t, site.running_var)  # type: ignore[arg-type]
-        else:
-            s, t, finite = known
-        if not finite:
+        s, t = folding.bn_affine(
+            site.running_mean,  # type: ignore[arg-type]
+            site.running_var,  # type: ignore[arg-type]
+            site.weight,
+            site.bias,
+            site.eps,
+        )
+        if not folding.all_finite(s, t, site.running_var):  # type: ignore[arg-type]
             decisions.append(_nonfinite(site))
             continue
         try:
@@ -216,52 +191,12 @@ def _fold_sites(state: _Pass, shapes_known: bool) -> list[Decision]:
     return decisions
 
 
-def _module_affines(
-    gm: fx.GraphModule, nodes: list[fx.Node]
-) -> dict[int, tuple[torch.Tensor, torch.Tensor, bool]]:
-    """(s, t, inputs finite) of every BN module the graph calls, computed together
-    (``folding.bn_affines``), by module id; a BN's tensors do not change during the pass."""
-    modules: dict[int, nn.Module] = {}
-    for node in nodes:
-        if node.op == "call_module":
-            module = submodule(gm, str(node.target))
-            if is_bn_module(module) and getattr(module, "running_var", None) is not None:
-                modules[id(module)] = module
-    if not modules:
-        return {}
-    params = [
-        (m.running_mean, m.running_var, m.weight, m.bias, float(m.eps))  # type: ignore[union-attr]
-        for m in modules.values()
-    ]
-    return dict(zip(modules, folding.bn_affines(params), strict=True))  # type: ignore[arg-type]
-
-
 def shared_modules(gm: fx.GraphModule, original: nn.Module) -> frozenset[int]:
     """The ids of ``original``'s modules that ``gm``'s hierarchy holds: folding never edits
     them.  ``gm`` keeps them alive, so the ids stay valid when the rest of ``original`` goes.
     """
     ours = {id(m) for m in original.modules()}
     return frozenset(id(m) for m in gm.modules() if id(m) in ours and m is not gm)
-
-
-def _storage_owners(gm: fx.GraphModule) -> Counter[int]:
-    """How many of the tensors ``gm`` reads use each storage (by its address): parameters
-    and buffers as often as they are registered, and the tensors of ``get_attr`` nodes.
-
-    Leaf modules (BN, conv, linear) read only their parameters and buffers; everything
-    else the graph reads goes through ``get_attr``.
-    """
-    owners = Counter[int]()
-    for module in gm.modules():
-        for value in (*module._parameters.values(), *module._buffers.values()):
-            if value is not None:
-                owners[value.untyped_storage().data_ptr()] += 1
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            value = _attribute(gm, str(node.target))
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                owners[value.untyped_storage().data_ptr()] += 1
-    return owners
 
 
 def _read_elsewhere(gm: fx.GraphModule) -> frozenset[int]:
@@ -288,17 +223,6 @@ def _read_elsewhere(gm: fx.GraphModule) -> frozenset[int]:
             if called is not None:
                 seen.update(id(m) for m in called.modules() if m is not called)
     return frozenset(seen)
-
-
-def _attribute(gm: fx.GraphModule, target: str) -> object:
-    owner, _, name = target.rpartition(".")
-    try:
-        module = submodule(gm, owner) if owner else gm
-    except AttributeError:
-        return None
-    if name in module._parameters or name in module._buffers:
-        return None  # counted with the module's parameters and buffers
-    return getattr(module, name, None)
 
 
 def _kept(site: BNSite, back: _Declined, fwd: _Declined) -> Decision:
@@ -402,7 +326,7 @@ def _try_backward(
         rule = function_rule(n.target) if layer is not None else None
     else:
         layer = submodule(gm, str(n.target))
-        rule = rules_for(layer, Direction.BACKWARD)
+        rule = module_rule(layer, Direction.BACKWARD)
     if rule is None or layer is None:
         raise _Declined(Reason.NO_NEIGHBOUR, f"input comes from {_describe(gm, n)}")
     users = value_users(n)
@@ -420,7 +344,7 @@ def _try_backward(
             Reason.CHANNEL_MISMATCH, f"{n.target} has {out_features} outputs, BN {site.channels}"
         )
     if shapes_known and shape_of(n) is not None:
-        law = ChannelLaw.at_axis(shape_of(n), rule.channel_axis)  # type: ignore[arg-type]
+        law = ChannelLaw.at_axis(shape_of(n), _layer_axis(rule, layer))  # type: ignore[arg-type]
         for step in reversed(path):
             carried = carry_law(gm, step, law)
             if carried is None:
@@ -432,9 +356,32 @@ def _try_backward(
                 Reason.CHANNEL_MISMATCH,
                 f"{n.target}'s features are not the BN's channel axis at {bn_in}",
             )
-    elif path or rule.channel_axis != 1:
+    elif path or not _batched_by_kind(site, layer):
         raise _Declined(Reason.NEEDS_SHAPES, f"{n.target} -> {site.name}")
     return _Plan(rule, n, layer, s, t)
+
+
+def _layer_axis(rule: FoldRule, layer: nn.Module | FunctionalLayer) -> int:
+    """The axis of the layer's output (backward) or input (forward) holding its channels:
+    the one before the spatial axes of a conv (1 batched, 0 unbatched), the last of a
+    Linear."""
+    if rule.channel_axis is ChannelAxis.LAST:
+        return -1
+    return -(layer.weight.dim() - 1)  # type: ignore[union-attr,operator]
+
+
+def _batched_by_kind(site: BNSite, layer: nn.Module | FunctionalLayer) -> bool:
+    """Without shapes: whether the BN's class alone proves that its channel axis is the
+    conv's.  BatchNorm2d/3d accept only 4-D/5-D input, which for a Conv2d/3d is batched,
+    so their axis 1 is the conv's channels; BatchNorm1d takes (N, C) as well as (N, C, L),
+    and a Conv1d on unbatched (C, L) input gives a 2-D tensor whose axis 1 is L."""
+    ranks = {"BatchNorm2d": 4, "BatchNorm3d": 5}
+    return (
+        site.module is not None
+        and type(site.module).__name__ in ranks
+        and isinstance(layer, nn.modules.conv._ConvNd)
+        and layer.weight.dim() == ranks[type(site.module).__name__]
+    )
 
 
 def _try_forward(
@@ -458,7 +405,7 @@ def _try_forward(
     if u.op != "call_module" or u.args[0] is not n:
         raise _Declined(Reason.NO_NEIGHBOUR, f"output goes to {_describe(gm, u)}")
     layer = submodule(gm, str(u.target))
-    rule = rules_for(layer, Direction.FORWARD)
+    rule = module_rule(layer, Direction.FORWARD)
     if rule is None:
         raise _Declined(Reason.NO_NEIGHBOUR, f"output goes to {_describe(gm, u)}")
     _plain_layer(layer)
@@ -475,8 +422,8 @@ def _try_forward(
         x = shape_of(n)
         if x is None:
             raise _Declined(Reason.NEEDS_SHAPES, f"{site.name} -> {u.target}")
-        if rule.channel_axis == 1:
-            if law.axis_in(x) != 1:
+        if rule.channel_axis is ChannelAxis.BEFORE_SPATIAL:
+            if law.axis_in(x) != len(x) + _layer_axis(rule, layer):
                 raise _Declined(Reason.CHANNEL_MISMATCH, f"BN channels are not {u.target}'s input")
         else:
             features = x[-1]
@@ -486,10 +433,10 @@ def _try_forward(
                 )
             index = (torch.arange(features) // law.inner) % law.channels
             s, t = s[index], t[index]
-    elif path or rule.channel_axis != 1:
+    elif path or not _batched_by_kind(site, layer):
         raise _Declined(Reason.NEEDS_SHAPES, f"{site.name} -> {u.target}")
     in_features = getattr(layer, "in_channels", getattr(layer, "in_features", -1))
-    if rule.channel_axis == 1 and in_features != channels:
+    if rule.channel_axis is ChannelAxis.BEFORE_SPATIAL and in_features != channels:
         raise _Declined(Reason.CHANNEL_MISMATCH, f"{u.target} takes {in_features} channels")
     return _Plan(rule, u, layer, s, t)
 
@@ -509,37 +456,16 @@ def _pads_with_zeros(layer: nn.Module) -> bool:
 
 
 def _apply(state: _Pass, plan: _Plan) -> str:
-    gm, calls, owners, later = state.gm, state.calls, state.owners, state.later
+    gm, calls = state.gm, state.calls
     layer = plan.layer
     groups = int(getattr(layer, "groups", 1))
     fold = (
         folding.fold_backward if plan.rule.direction is Direction.BACKWARD else folding.fold_forward
     )
     weight: torch.Tensor = layer.weight  # type: ignore[assignment]
-    # a layer the graph reaches only through its one call: the fold may replace it at its
-    # path, and (consume) rescale its weight in place
+    # a layer the graph reaches only through its one call: its folded copy may replace it
     alone = isinstance(layer, nn.Module) and calls[id(layer)] <= 1 and id(layer) not in state.seen
-    in_place = (
-        owners is not None
-        and alone
-        and owners[weight.untyped_storage().data_ptr()] <= 1
-        # a bias of another dtype is rounded again below, where it could still overflow
-        and (layer.bias is None or layer.bias.dtype == weight.dtype)
-    )
-    if later is not None:
-        later.settle(weight)  # a chain: an earlier fold into this layer may still be queued
-    w, b, overflow = fold(
-        weight,
-        layer.bias,
-        plan.s,
-        plan.t,
-        plan.rule.kind,
-        groups,
-        weight.dtype,
-        in_place=in_place,
-        w_max=state.magnitudes.get(weight) if in_place else None,
-        later=later,
-    )
+    w, b, overflow = fold(weight, layer.bias, plan.s, plan.t, plan.rule.kind, groups, weight.dtype)
     dtype = weight.dtype
     if layer.bias is not None and layer.bias.dtype != dtype:  # type: ignore[union-attr]
         b = b.to(layer.bias.dtype)  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import io
 import math
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnfold.errors import CaptureError
+from bnfold.rules import RULES, Direction, FoldKind, FoldRule
 
 __all__ = [
     "BNSite",
@@ -366,13 +368,43 @@ def _bind_aten_order(node: fx.Node) -> dict[str, Any]:
 # --------------------------------------------------------------------------- functional layers
 
 
-def _functional_targets() -> tuple[frozenset[object], frozenset[object]]:
-    from bnfold.folding import FoldKind
-    from bnfold.rules import RULES
+def _resolve(name: str) -> object:
+    """A rule's torch function name ("F.conv2d", "aten.conv2d.default") as the object."""
+    if name.startswith("F."):
+        return getattr(F, name[2:])
+    _, op, overload = name.split(".")
+    return getattr(getattr(torch.ops.aten, op), overload)
 
-    every = frozenset().union(*(r.functions for r in RULES))
-    transposes = frozenset().union(*(r.functions for r in RULES if r.kind is FoldKind.CONVT_OUT))
-    return every, transposes
+
+@functools.cache
+def _rule_tables() -> tuple[
+    tuple[tuple[FoldRule, tuple[type[nn.Module], ...]], ...], dict[object, FoldRule]
+]:
+    """The rules as torch classes (per rule) and functions (backward rules, by target)."""
+    modules = tuple((r, tuple(getattr(nn, n) for n in r.layer.torch_modules)) for r in RULES)
+    functions = {
+        _resolve(name): r
+        for r in RULES
+        if r.direction is Direction.BACKWARD
+        for name in r.layer.torch_functions
+    }
+    return modules, functions
+
+
+def module_rule(module: nn.Module, direction: Direction) -> FoldRule | None:
+    """The rule matching ``module`` in ``direction``; subclasses of the layer types match."""
+    for rule, classes in _rule_tables()[0]:
+        if rule.direction is direction and isinstance(module, classes):
+            return rule
+    return None
+
+
+def function_rule(target: object) -> FoldRule | None:
+    """The backward rule for a functional conv/linear call (torch.export graphs)."""
+    try:
+        return _rule_tables()[1].get(target)
+    except TypeError:  # an unhashable target
+        return None
 
 
 @dataclass
@@ -388,8 +420,8 @@ class FunctionalLayer:
 
 def functional_layer(gm: fx.GraphModule, node: fx.Node) -> FunctionalLayer | None:
     """The functional conv/linear at ``node`` when its weight and bias are constants."""
-    every, transposes = _functional_targets()
-    if node.op != "call_function" or node.target not in every:
+    rule = function_rule(node.target) if node.op == "call_function" else None
+    if rule is None:
         return None
     args = list(node.args)
     weight_node = args[1] if len(args) > 1 else node.kwargs.get("weight")
@@ -401,7 +433,7 @@ def functional_layer(gm: fx.GraphModule, node: fx.Node) -> FunctionalLayer | Non
     groups = args[groups_index] if len(args) > groups_index else node.kwargs.get("groups", 1)
     if not isinstance(groups, int):
         return None
-    out = weight.shape[1] * groups if node.target in transposes else weight.shape[0]
+    out = weight.shape[1] * groups if rule.kind is FoldKind.CONVT_OUT else weight.shape[0]
     return FunctionalLayer(
         str(weight_node.target),
         weight,  # type: ignore[union-attr]

@@ -55,10 +55,6 @@ def run_fuse(
 ) -> FuseReport:
     """Fold, export and verify; return the report (verification may have failed).
 
-    The fold writes into the weights' own memory (``fold_graph(consume=True)``), so it
-    needs no fresh pages, and glibc's default allocation policy is kept: keeping freed
-    memory in the heap for later steps (``memory.freed_memory_reused``, which ``check``
-    uses) raised the peak here by ~30 MB on ResNet-50, onnxruntime's load being the peak.
     """
     from bnfold.fuse import count_params, fold_graph, shared_modules
     from bnfold.graph import capture, propagate_shapes
@@ -90,7 +86,7 @@ def run_fuse(
         )
     original = loaded.module
     notes = list(loaded.notes)
-    magnitudes = _check_finite(original, opts.model)
+    _check_finite(original, opts.model)
     lap("load")
     with step("Capturing the data flow"):
         gm = capture(original)
@@ -148,13 +144,12 @@ def run_fuse(
     params_before = count_params(original)
     model_format = loaded.format.value
     protected = shared_modules(gm, original)
-    # from here the captured graph alone holds the model (the reference is computed): the
-    # fold may rescale the weights in their own memory (consume=True), and a layer that
-    # gets a new copy instead is freed as soon as the copy goes in
+    # from here the captured graph alone holds the model (the reference is computed): a
+    # layer folded away is freed as soon as its folded copy goes in
     del original, loaded
     with step("Folding BatchNorm layers"):
         ops_before = _ops(gm)
-        outcome = fold_graph(gm, protected, shapes_known=True, consume=True, magnitudes=magnitudes)
+        outcome = fold_graph(gm, protected, shapes_known=True)
         ops_after = _ops(outcome.module)
         folded_model = outcome.module
     lap("fold")
@@ -360,21 +355,14 @@ def _numel(tensor: Any) -> int:
     return n
 
 
-def _check_finite(model: Any, path: Path) -> Any:
-    """Refuse weights with NaN/Inf: no output of such a model can be verified.
+def _check_finite(model: Any, path: Path) -> None:
+    """Refuse weights with NaN/Inf: no output of such a model can be verified."""
+    from bnfold.folding import all_finite
 
-    One pass per tensor (its minimum and maximum, which NaN and Inf reach), whose
-    ``max|t|`` the fold reuses to rule out overflow (``folding.Magnitudes``).
-    """
-    import math
-
-    from bnfold.folding import Magnitudes
-
-    magnitudes = Magnitudes()
     bad = [
         name
         for name, t in (*model.named_parameters(), *model.named_buffers())
-        if t.is_floating_point() and not math.isfinite(magnitudes.measure(t))
+        if t.is_floating_point() and not all_finite(t)
     ]
     if bad:
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
@@ -383,7 +371,6 @@ def _check_finite(model: Any, path: Path) -> Any:
             hint="bnfold inspect shows which layers; fix the weights first",
             path=path,
         )
-    return magnitudes
 
 
 def _batch_of_two(t: Any) -> Any:

@@ -1,10 +1,15 @@
 """The fold rules, as data, and the reason codes for every BatchNorm that stays.
 
-A rule says which layer kinds it matches, in which direction the BN folds, which
-axis of the layer's tensor carries the BN's channels and how the weights are
-scaled (a ``folding.FoldKind``).  The checks every fold needs (eval mode, running
-statistics, one consumer, channel alignment, shared modules) are not here: they
-live once, in ``fuse.py``.  Adding a layer pair is one entry in ``RULES``.
+One table serves both routes.  A rule is a fact about layer kinds, not about a graph
+library: which layers it matches (as PyTorch modules, as functional/aten calls in a
+captured graph, as ONNX operators), in which direction the BN folds, which axis of the
+layer's tensor carries the BN's channels, how the weight is scaled (``FoldKind``) and
+whether zero padding breaks it.  The checks every fold needs (eval mode, running
+statistics, one consumer, channel alignment, shared weights, hooks) are not here: they
+live once per route, in ``fuse.py`` (PyTorch graphs) and ``onnx_fold.py`` (ONNX).
+
+Adding a layer pair is one entry in ``RULES`` (and a test row).  This module imports
+neither torch nor onnx: each route resolves the names below itself.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from bnfold.folding import FoldKind
-
-__all__ = ["RULES", "Direction", "FoldRule", "Reason", "function_rule", "rules_for"]
+__all__ = [
+    "RULES",
+    "ChannelAxis",
+    "Direction",
+    "FoldKind",
+    "FoldRule",
+    "Layer",
+    "Reason",
+    "rule_named",
+]
 
 
 class Direction(str, enum.Enum):
@@ -26,77 +34,108 @@ class Direction(str, enum.Enum):
     FORWARD = "forward"  # into the layer that consumes the BN's output
 
 
+class FoldKind(str, enum.Enum):
+    """How a fold scales the layer's weight (PyTorch's weight layouts; ONNX's are the same
+    for Conv/ConvTranspose, and Gemm/MatMul weights are transposed to (out, in) first)."""
+
+    CONV_OUT = "conv_out"  # weight (C_out, C_in/g, k...), scale axis 0
+    CONVT_OUT = "convt_out"  # weight (C_in, C_out/g, k...), grouped output channels on axis 1
+    LINEAR_OUT = "linear_out"  # weight (out, in), scale axis 0
+    CONV_IN = "conv_in"  # weight (C_out, C_in/g, k...), grouped input channels on axis 1
+    LINEAR_IN = "linear_in"  # weight (out, in), scale axis 1
+
+
+class ChannelAxis(str, enum.Enum):
+    """Where the layer's channels are in the tensor it produces (backward) or reads (forward).
+
+    ``BEFORE_SPATIAL``: the axis just before the spatial axes, which is axis 1 of a batched
+    convolution and axis 0 of an unbatched one (a Conv1d on ``(C, L)``); ``LAST``: the last
+    axis (Linear's features, on 2-D input and on token tensors alike).
+    """
+
+    BEFORE_SPATIAL = "before_spatial"
+    LAST = "last"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A kind of layer, as each route names it."""
+
+    name: str
+    torch_modules: tuple[str, ...]  # classes in torch.nn (subclasses match only when plain)
+    torch_functions: tuple[str, ...]  # "F.name" (torch.nn.functional) or "aten.op.overload"
+    onnx_ops: tuple[str, ...]
+
+
+CONV = Layer(
+    "conv",
+    ("Conv1d", "Conv2d", "Conv3d"),
+    (
+        "F.conv1d",
+        "F.conv2d",
+        "F.conv3d",
+        "aten.conv1d.default",
+        "aten.conv2d.default",
+        "aten.conv3d.default",
+    ),
+    ("Conv",),
+)
+CONV_TRANSPOSE = Layer(
+    "conv_transpose",
+    ("ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"),
+    (
+        "F.conv_transpose1d",
+        "F.conv_transpose2d",
+        "F.conv_transpose3d",
+        "aten.conv_transpose1d.default",
+        "aten.conv_transpose2d.input",
+        "aten.conv_transpose3d.input",
+    ),
+    ("ConvTranspose",),
+)
+LINEAR = Layer("linear", ("Linear",), ("F.linear", "aten.linear.default"), ("Gemm", "MatMul"))
+
+
 @dataclass(frozen=True)
 class FoldRule:
     name: str
     direction: Direction
-    layer_types: tuple[type[nn.Module], ...]
+    layer: Layer
     kind: FoldKind
-    channel_axis: int  # axis of the layer's output (backward) / input (forward) with the channels
+    channel_axis: ChannelAxis
     zero_padding_breaks: bool = False  # forward folds: padded zeros would skip the BN's shift
-    functions: frozenset[object] = frozenset()  # functional forms (torch.export graphs)
 
-
-_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSES: tuple[type[nn.Module], ...] = (
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-
-_aten = torch.ops.aten
-_CONV_FUNCTIONS = frozenset(
-    {F.conv1d, F.conv2d, F.conv3d, _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default}
-)
-_CONV_TRANSPOSE_FUNCTIONS = frozenset(
-    {
-        F.conv_transpose1d,
-        F.conv_transpose2d,
-        F.conv_transpose3d,
-        _aten.conv_transpose1d.default,
-        _aten.conv_transpose2d.input,
-        _aten.conv_transpose3d.input,
-    }
-)
-_LINEAR_FUNCTIONS = frozenset({F.linear, _aten.linear.default})
 
 RULES: tuple[FoldRule, ...] = (
-    FoldRule(
-        "conv_bn", Direction.BACKWARD, _CONVS, FoldKind.CONV_OUT, 1, functions=_CONV_FUNCTIONS
-    ),
+    FoldRule("conv_bn", Direction.BACKWARD, CONV, FoldKind.CONV_OUT, ChannelAxis.BEFORE_SPATIAL),
     FoldRule(
         "convtranspose_bn",
         Direction.BACKWARD,
-        _CONV_TRANSPOSES,
+        CONV_TRANSPOSE,
         FoldKind.CONVT_OUT,
-        1,
-        functions=_CONV_TRANSPOSE_FUNCTIONS,
+        ChannelAxis.BEFORE_SPATIAL,
     ),
+    FoldRule("linear_bn", Direction.BACKWARD, LINEAR, FoldKind.LINEAR_OUT, ChannelAxis.LAST),
     FoldRule(
-        "linear_bn",
-        Direction.BACKWARD,
-        (nn.Linear,),
-        FoldKind.LINEAR_OUT,
-        -1,
-        functions=_LINEAR_FUNCTIONS,
+        "bn_conv",
+        Direction.FORWARD,
+        CONV,
+        FoldKind.CONV_IN,
+        ChannelAxis.BEFORE_SPATIAL,
+        zero_padding_breaks=True,
     ),
-    FoldRule("bn_conv", Direction.FORWARD, _CONVS, FoldKind.CONV_IN, 1, zero_padding_breaks=True),
-    FoldRule("bn_linear", Direction.FORWARD, (nn.Linear,), FoldKind.LINEAR_IN, -1),
+    FoldRule("bn_linear", Direction.FORWARD, LINEAR, FoldKind.LINEAR_IN, ChannelAxis.LAST),
 )
 
 
-def function_rule(target: object) -> FoldRule | None:
-    """The backward rule for a functional conv/linear call (torch.export graphs)."""
-    for rule in RULES:
-        if rule.direction is Direction.BACKWARD and target in rule.functions:
-            return rule
-    return None
+def rule_named(name: str) -> FoldRule:
+    return next(rule for rule in RULES if rule.name == name)
 
 
-def rules_for(module: nn.Module, direction: Direction) -> FoldRule | None:
-    """The rule matching ``module`` in ``direction``; subclasses of the layer types match."""
+def onnx_rule(op_type: str, direction: Direction) -> FoldRule | None:
+    """The rule for an ONNX operator in ``direction``, or None."""
     for rule in RULES:
-        if rule.direction is direction and isinstance(module, rule.layer_types):
+        if rule.direction is direction and op_type in rule.layer.onnx_ops:
             return rule
     return None
 
@@ -124,12 +163,13 @@ class Reason(str, enum.Enum):
     )
     CUSTOM_FORWARD = (
         "custom_forward",
-        "a subclass that overrides forward(): it may not compute a plain BatchNorm",
+        "a subclass that overrides forward() (or a BN-like class bnfold does not know): it "
+        "may not compute a plain BatchNorm",
     )
     NONFINITE_STATS = ("nonfinite_stats", "NaN or Inf in the BN's parameters or statistics")
     NOT_CONSTANT = (
         "not_constant",
-        "a functional batch_norm whose statistics are computed, not constant buffers",
+        "a batch_norm whose parameters or statistics are computed, not constants",
     )
     NO_NEIGHBOUR = (
         "no_foldable_neighbour",
@@ -159,15 +199,31 @@ class Reason(str, enum.Enum):
     )
     CUSTOM_LAYER = (
         "custom_layer_forward",
-        "the neighbouring layer subclasses Conv/Linear but overrides forward()",
+        "the neighbouring layer subclasses Conv/Linear but overrides forward() or a method "
+        "it calls (_conv_forward, ...)",
+    )
+    OPAQUE_MODULE = (
+        "opaque_module",
+        "a module between the BN and its layer has its own forward or hooks that bnfold "
+        "cannot see through",
     )
     HOOKS = (
         "module_hooks",
         "the BN or the layer has forward hooks (weight_norm, an output hook, ...), which "
         "run at its call: folding would drop them or apply them to other numbers",
     )
+    GLOBAL_HOOKS = (
+        "global_hooks",
+        "global module hooks are registered (torch.nn.modules.module."
+        "register_module_forward_hook): they run at every module call, folding would "
+        "change what they see",
+    )
     OVERFLOW = ("overflow", "the folded weights overflow the parameter dtype")
     SHARED_WEIGHTS = (
         "shared_weights",
         "the layer's weights are used by other nodes too; folding would change them",
+    )
+    SUBGRAPH = (
+        "subgraph",
+        "the BN sits inside an If/Loop/Scan subgraph; bnfold folds only the main graph",
     )

@@ -316,13 +316,12 @@ def _let_go_before_folding():
     assert conv() is None  # replaced by its folded copy and freed
 
 
-def consume_fold(model: nn.Module, *inputs: torch.Tensor, magnitudes=None):
-    """Fold as ``bnfold fuse`` does: the model handed over, folded in its own memory."""
+def consume_fold(model: nn.Module, *inputs: torch.Tensor):
+    """Fold as ``bnfold fuse`` does: the model handed over (only the ids of its modules
+    protect them), each layer folded away freed as its folded copy goes in."""
     gm = capture(model)
     propagate_shapes(gm, inputs)
-    return fold_graph(
-        gm, shared_modules(gm, model), shapes_known=True, consume=True, magnitudes=magnitudes
-    )
+    return fold_graph(gm, shared_modules(gm, model), shapes_known=True)
 
 
 class TiedConvs(nn.Module):
@@ -336,30 +335,6 @@ class TiedConvs(nn.Module):
 
     def forward(self, x):
         return self.bn_a(self.a(x)) + self.bn_b(self.b(x))
-
-
-@pytest.mark.parametrize("known", [False, True])
-def test_consumed_model_is_folded_in_its_own_memory(known):
-    """consume=True (bnfold fuse): a layer called once folds into its own weight tensor,
-    no second copy, with the same numbers; with or without magnitudes measured first."""
-    from bnfold.folding import Magnitudes
-
-    model = randomize_all(
-        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.BatchNorm2d(8), nn.ReLU())
-    )
-    x = torch.randn(2, 3, 6, 6)
-    expected = float64_reference(model, x)
-    address = model[0].weight.data_ptr()
-    magnitudes = Magnitudes() if known else None
-    if magnitudes is not None:
-        magnitudes.measure(model[0].weight)
-    out = consume_fold(model, x, magnitudes=magnitudes)
-    assert [d.into for d in out.decisions] == ["0", "0"]  # a chain: twice into one weight
-    assert bn_calls_left(out.module) == 0
-    assert out.module.get_submodule("0").weight.data_ptr() == address
-    with torch.no_grad():
-        got = out.module(x).double()
-    assert float((got - expected).abs().max() / expected.abs().max()) < 2e-6
 
 
 def test_consumed_model_keeps_shared_layers_and_tied_weights_intact():
