@@ -15,6 +15,7 @@ written with external data in ``<out>.data`` beside the ``.onnx`` file.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 import warnings
@@ -43,6 +44,7 @@ class ExportResult:
     bn_nodes: int
     external_data: bool
     notes: tuple[str, ...] = ()
+    dynamic_batch: bool = False  # whether the file's batch axis is dynamic
 
 
 @contextlib.contextmanager
@@ -79,8 +81,14 @@ def export_onnx(
     opset: int | None = None,
     dynamic_batch: bool = True,
 ) -> ExportResult:
-    """Write ``folder/name`` (plus ``name.data`` for big models); return what was written."""
+    """Write ``folder/name`` (plus ``name.data`` for big models); return what was written.
+
+    With ``dynamic_batch`` the batch axis is dynamic where the exporter manages it; when
+    it does not, the file gets a static batch and the result says so (a note, and
+    ``dynamic_batch=False``).
+    """
     path = Path(folder) / name
+    check_opset(opset, exporter)
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
         b.numel() * b.element_size() for b in module.buffers()
     )
@@ -89,29 +97,69 @@ def export_onnx(
     inputs = tuple(example_inputs)
     names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     counts: tuple[int, int, int] | None = None
+    dynamic = dynamic_batch
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         try:
             if exporter == "dynamo":
-                counts = _export_dynamo(module, inputs, path, opset, dynamic_batch, external, notes)
+                counts, dynamic = _export_dynamo(
+                    module, inputs, path, opset, dynamic_batch, external, notes
+                )
             elif exporter == "legacy":
-                _export_legacy(module, inputs, path, opset, dynamic_batch, names, external)
+                dynamic = _export_legacy(
+                    module, inputs, path, opset, dynamic_batch, names, external, notes
+                )
             else:
                 raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
         except ExportError:
             raise
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise ExportError(
-                f"torch.onnx.export ({exporter}) failed: {type(e).__name__}: {first}",
-                hint="try --exporter legacy" if exporter == "dynamo" else "try --exporter dynamo",
+                f"torch.onnx.export ({exporter}) failed: {_first(e)}",
+                hint=_hint(exporter, dynamic_batch),
             ) from e
         finally:
             if exporter == "dynamo":
                 release_rewriter_state()
     # counting from the in-memory program avoids parsing the whole file (weights and all)
     nodes, bn_nodes, used_opset = counts if counts is not None else onnx_counts(path)
-    return ExportResult(path, exporter, used_opset, nodes, bn_nodes, external, tuple(notes))
+    return ExportResult(
+        path, exporter, used_opset, nodes, bn_nodes, external, tuple(notes), dynamic
+    )
+
+
+def check_opset(opset: int | None, exporter: str) -> None:
+    """ExportError for an opset the exporter cannot write (before any work is done)."""
+    if opset is None:
+        return
+    import onnx
+
+    low = 18 if exporter == "dynamo" else 7
+    high = onnx.defs.onnx_opset_version()
+    if not low <= opset <= high:
+        raise ExportError(
+            f"--opset {opset} is not supported: the {exporter} exporter writes opsets "
+            f"{low} to {high}",
+            hint="leave --opset out for the exporter's default"
+            + ("; --exporter legacy writes older opsets" if exporter == "dynamo" else ""),
+        )
+
+
+def _hint(exporter: str, dynamic_batch: bool) -> str:
+    """The next step that may work after a failed export."""
+    if dynamic_batch:
+        return "try --static-batch"
+    other = "legacy" if exporter == "dynamo" else "dynamo"
+    return f"torch cannot export this model as it is; --exporter {other} may"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _first(e: BaseException) -> str:
+    """An exception in a few words: its first line, without colour codes."""
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {(lines[0] if lines else '')[:300]}"
 
 
 def release_rewriter_state() -> None:
@@ -157,16 +205,22 @@ def release_rewriter_state() -> None:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The exporters print progress to stdout; machine output must stay clean."""
+    """The exporters print progress to stdout and log tracebacks (with colour codes) to
+    stderr; machine output must stay clean and an error is one line, so both go."""
     import io
-    import sys
+    import logging
 
-    saved = sys.stdout
-    sys.stdout = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export",
+                                              "torch._export", "onnxscript")]  # fmt: skip
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
-        sys.stdout = saved
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _export_dynamo(
@@ -177,21 +231,24 @@ def _export_dynamo(
     dynamic_batch: bool,
     external: bool,
     notes: list[str],
-) -> tuple[int, int, int]:
+) -> tuple[tuple[int, int, int], bool]:
+    from bnfold.graph import dynamic_shapes
+
     kwargs: dict[str, Any] = {"dynamo": True, "external_data": external}
     if opset is not None:
         kwargs["opset_version"] = opset
+    dynamic = dynamic_batch
     if dynamic_batch:
-        batch = torch.export.Dim("batch")
         try:
             program = torch.onnx.export(
-                module, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), **kwargs
+                module, inputs, dynamic_shapes=dynamic_shapes(inputs), **kwargs
             )
         except Exception as e:  # noqa: BLE001 - fall back to a static batch, and say so
             notes.append(
-                f"dynamic batch axis not exportable ({type(e).__name__}); "
-                "exported with a static batch"
+                f"the batch axis could not be exported dynamic ({_first(e)}); the ONNX file "
+                "has a static batch"
             )
+            dynamic = False
             program = torch.onnx.export(module, inputs, **kwargs)
     else:
         program = torch.onnx.export(module, inputs, **kwargs)
@@ -204,7 +261,7 @@ def _export_dynamo(
     graph = program.model.graph
     ops = [node.op_type for node in graph.all_nodes()]
     opset = program.model.opset_imports.get("", 0)
-    return len(list(graph)), sum(op == "BatchNormalization" for op in ops), opset
+    return (len(list(graph)), sum(op == "BatchNormalization" for op in ops), opset), dynamic
 
 
 def _export_legacy(
@@ -215,12 +272,14 @@ def _export_legacy(
     dynamic_batch: bool,
     names: list[str],
     external: bool,
-) -> None:
+    notes: list[str],
+) -> bool:
     if isinstance(module, torch.fx.GraphModule):
         # the legacy exporter reads a ``.graph`` attribute as a TorchScript graph (and fails
         # with dynamic axes); a plain wrapper hides the fx graph from it
         module = _Plain(module)
-    dynamic_axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    batched = [n for n, t in zip(names, inputs, strict=True) if t.dim() > 0]
+    dynamic_axes = {n: {0: "batch"} for n in batched} if dynamic_batch else None
     torch.onnx.export(
         module,
         inputs,
@@ -241,6 +300,7 @@ def _export_legacy(
             location=path.name + ".data",
             all_tensors_to_one_file=True,
         )
+    return dynamic_batch
 
 
 def save_single_file(model: Any, path: Path) -> None:

@@ -29,31 +29,25 @@ from bnfold.graph import (
     BNSite,
     ChannelLaw,
     FunctionalLayer,
+    bn_kind,
     bn_site,
     carry_law,
     function_rule,
     functional_layer,
-    has_plain_forward,
+    has_hooks,
+    is_bn_module,
     is_layout_node,
+    is_trusted_bn,
     module_rule,
+    not_plain_because,
     shape_of,
+    shape_sets,
     submodule,
     value_users,
 )
 from bnfold.rules import ChannelAxis, Direction, FoldRule, Reason
 
 __all__ = ["Decision", "FoldOutcome", "fold_graph", "shared_modules"]
-
-_PLAIN_LAYER_FORWARDS = {
-    nn.Conv1d.forward,
-    nn.Conv2d.forward,
-    nn.Conv3d.forward,
-    nn.ConvTranspose1d.forward,
-    nn.ConvTranspose2d.forward,
-    nn.ConvTranspose3d.forward,
-    nn.Linear.forward,
-}
-
 
 @dataclass(frozen=True)
 class Decision:
@@ -118,6 +112,7 @@ def fold_graph(
         seen=_read_elsewhere(gm),
     )
     decisions = _fold_sites(state, shapes_known)
+    decisions += _unseen(gm, decisions)
     _drop_unused(gm, protected)
     gm.recompile()
     return FoldOutcome(gm, decisions, shapes_known)
@@ -191,6 +186,51 @@ def _fold_sites(state: _Pass, shapes_known: bool) -> list[Decision]:
     return decisions
 
 
+def _unseen(gm: fx.GraphModule, decisions: list[Decision]) -> list[Decision]:
+    """BatchNorm modules that are no site of the graph, yet run: inside a module the graph
+    calls as a whole (one with forward hooks: opaque), or traced through without a plain
+    batch_norm inside (a BN-like class with its own arithmetic).  Each stays, with its
+    reason; a BN the graph never runs gets no decision."""
+    decided = {d.bn for d in decisions}
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    out: list[Decision] = []
+    for name, m in gm.named_modules():
+        if not name or name in decided or not is_bn_module(m):
+            continue
+        holder = next((t for t in called if name.startswith(t + ".")), None)
+        if holder is not None:
+            outer = submodule(gm, holder)
+            why = "has forward hooks" if has_hooks(outer) else "bnfold calls as a whole"
+            out.append(
+                Decision(
+                    name,
+                    bn_kind(m),
+                    reason=Reason.OPAQUE_MODULE,
+                    detail=f"inside {holder} ({type(outer).__name__}), which {why}",
+                )
+            )
+            decided.add(name)
+    for node in gm.graph.nodes:
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            if path in decided or not isinstance(cls, type) or not _bn_like_class(cls):
+                continue
+            decided.add(path)
+            out.append(
+                Decision(
+                    path,
+                    cls.__name__,
+                    reason=Reason.CUSTOM_FORWARD,
+                    detail=f"{cls.__name__}.forward, traced through, computes no plain "
+                    "batch_norm bnfold can fold",
+                )
+            )
+    return out
+
+
+def _bn_like_class(cls: type) -> bool:
+    return issubclass(cls, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in cls.__name__
+
+
 def shared_modules(gm: fx.GraphModule, original: nn.Module) -> frozenset[int]:
     """The ids of ``original``'s modules that ``gm``'s hierarchy holds: folding never edits
     them.  ``gm`` keeps them alive, so the ids stay valid when the rest of ``original`` goes.
@@ -255,8 +295,9 @@ def _check_site(site: BNSite) -> None:
         raise _Declined(Reason.NOT_CONSTANT, "parameters are not constant buffers")
     if (m is not None and m.training) or site.training:
         raise _Declined(Reason.TRAIN_MODE, "module.training is True; call model.eval()")
-    if m is not None and not has_plain_forward(m):
-        raise _Declined(Reason.CUSTOM_FORWARD, f"{type(m).__name__}.forward is overridden")
+    if m is not None and not is_trusted_bn(m):
+        why = not_plain_because(m) or f"{type(m).__name__} is not a BatchNorm class bnfold knows"
+        raise _Declined(Reason.CUSTOM_FORWARD, why)
     if m is not None:
         _no_hooks(m)
 
@@ -289,13 +330,19 @@ def _describe(gm: fx.GraphModule, node: object) -> str:
 
 
 def _plain_layer(layer: nn.Module) -> None:
-    if type(layer).forward not in _PLAIN_LAYER_FORWARDS:
-        raise _Declined(Reason.CUSTOM_LAYER, f"{type(layer).__name__}.forward is overridden")
-    _no_hooks(layer)
+    """Decline a layer whose call may compute something else than its torch class: a
+    subclass overriding ``forward``, ``_conv_forward`` or any other method or property,
+    hooks, parametrizations of anything but the weight and bias."""
+    cls = type(layer)
     if parametrize.is_parametrized(layer):
         others = sorted(set(layer.parametrizations) - {"weight", "bias"})
         if others:
             raise _Declined(Reason.CUSTOM_LAYER, f"parametrized {', '.join(others)}")
+        cls = cls.__bases__[0]  # torch's generated Parametrized<Class>: judge the class under it
+    why = not_plain_because(layer, cls)
+    if why is not None:
+        raise _Declined(Reason.CUSTOM_LAYER, f"{why} is overridden")
+    _no_hooks(layer)
 
 
 def _no_hooks(module: nn.Module) -> None:
@@ -344,21 +391,30 @@ def _try_backward(
             Reason.CHANNEL_MISMATCH, f"{n.target} has {out_features} outputs, BN {site.channels}"
         )
     if shapes_known and shape_of(n) is not None:
-        law = ChannelLaw.at_axis(shape_of(n), _layer_axis(rule, layer))  # type: ignore[arg-type]
-        for step in reversed(path):
-            carried = carry_law(gm, step, law)
-            if carried is None:
-                raise _Declined(Reason.CHANNEL_MISMATCH, f"channels do not survive {step.name}")
-            law = carried
-        bn_in = shape_of(site.input)
-        if bn_in is None or law.axis_in(bn_in) != 1:
-            raise _Declined(
-                Reason.CHANNEL_MISMATCH,
-                f"{n.target}'s features are not the BN's channel axis at {bn_in}",
-            )
+        for k in range(max(1, shape_sets(gm))):
+            _prove_backward(gm, n, path, site, _layer_axis(rule, layer), k)
     elif path or not _batched_by_kind(site, layer):
         raise _Declined(Reason.NEEDS_SHAPES, f"{n.target} -> {site.name}")
     return _Plan(rule, n, layer, s, t)
+
+
+def _prove_backward(
+    gm: fx.GraphModule, n: fx.Node, path: list[fx.Node], site: BNSite, axis: int, k: int
+) -> None:
+    """Decline unless the layer's channels (``axis`` of its output) reach the BN's channel
+    axis through ``path``, with the shapes of input set ``k``."""
+    law = ChannelLaw.at_axis(shape_of(n, k), axis)  # type: ignore[arg-type]
+    for step in reversed(path):
+        carried = carry_law(gm, step, law, k)
+        if carried is None:
+            raise _Declined(Reason.CHANNEL_MISMATCH, f"channels do not survive {step.name}")
+        law = carried
+    bn_in = shape_of(site.input, k)
+    if bn_in is None or law.axis_in(bn_in) != 1:
+        raise _Declined(
+            Reason.CHANNEL_MISMATCH,
+            f"{n.target}'s features are not the BN's channel axis at {bn_in}",
+        )
 
 
 def _layer_axis(rule: FoldRule, layer: nn.Module | FunctionalLayer) -> int:
@@ -413,25 +469,15 @@ def _try_forward(
         raise _Declined(Reason.ZERO_PADDING, f"{u.target} has padding={layer.padding}")
     channels = site.channels
     if shapes_known and shape_of(site.node) is not None:
-        law = ChannelLaw.at_axis(shape_of(site.node), 1)  # type: ignore[arg-type]
-        for step in path:
-            carried = carry_law(gm, step, law)
-            if carried is None:
-                raise _Declined(Reason.CHANNEL_MISMATCH, f"channels do not survive {step.name}")
-            law = carried
-        x = shape_of(n)
-        if x is None:
-            raise _Declined(Reason.NEEDS_SHAPES, f"{site.name} -> {u.target}")
-        if rule.channel_axis is ChannelAxis.BEFORE_SPATIAL:
-            if law.axis_in(x) != len(x) + _layer_axis(rule, layer):
-                raise _Declined(Reason.CHANNEL_MISMATCH, f"BN channels are not {u.target}'s input")
-        else:
-            features = x[-1]
-            if features % (law.inner * law.channels):
+        index = None
+        for k in range(max(1, shape_sets(gm))):
+            found = _prove_forward(gm, site, path, n, u, rule, layer, k)
+            if index is not None and (found is None or not torch.equal(found, index)):
                 raise _Declined(
-                    Reason.CHANNEL_MISMATCH, f"BN channels do not map onto {u.target}'s features"
+                    Reason.CHANNEL_MISMATCH, f"BN channels map differently onto {u.target}"
                 )
-            index = (torch.arange(features) // law.inner) % law.channels
+            index = found
+        if index is not None:
             s, t = s[index], t[index]
     elif path or not _batched_by_kind(site, layer):
         raise _Declined(Reason.NEEDS_SHAPES, f"{site.name} -> {u.target}")
@@ -439,6 +485,40 @@ def _try_forward(
     if rule.channel_axis is ChannelAxis.BEFORE_SPATIAL and in_features != channels:
         raise _Declined(Reason.CHANNEL_MISMATCH, f"{u.target} takes {in_features} channels")
     return _Plan(rule, u, layer, s, t)
+
+
+def _prove_forward(
+    gm: fx.GraphModule,
+    site: BNSite,
+    path: list[fx.Node],
+    n: fx.Node,
+    u: fx.Node,
+    rule: FoldRule,
+    layer: nn.Module,
+    k: int,
+) -> torch.Tensor | None:
+    """Decline unless the BN's channels reach the layer's input channels (conv) or map onto
+    its features (Linear) through ``path`` with the shapes of input set ``k``; for a Linear,
+    the BN channel of each input feature."""
+    law = ChannelLaw.at_axis(shape_of(site.node, k), 1)  # type: ignore[arg-type]
+    for step in path:
+        carried = carry_law(gm, step, law, k)
+        if carried is None:
+            raise _Declined(Reason.CHANNEL_MISMATCH, f"channels do not survive {step.name}")
+        law = carried
+    x = shape_of(n, k)
+    if x is None:
+        raise _Declined(Reason.NEEDS_SHAPES, f"{site.name} -> {u.target}")
+    if rule.channel_axis is ChannelAxis.BEFORE_SPATIAL:
+        if law.axis_in(x) != len(x) + _layer_axis(rule, layer):
+            raise _Declined(Reason.CHANNEL_MISMATCH, f"BN channels are not {u.target}'s input")
+        return None
+    features = x[-1]
+    if features % (law.inner * law.channels):
+        raise _Declined(
+            Reason.CHANNEL_MISMATCH, f"BN channels do not map onto {u.target}'s features"
+        )
+    return (torch.arange(features) // law.inner) % law.channels
 
 
 def _pads_with_zeros(layer: nn.Module) -> bool:

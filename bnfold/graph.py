@@ -21,6 +21,7 @@ import inspect
 import io
 import math
 import operator
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +35,13 @@ from bnfold.rules import RULES, Direction, FoldKind, FoldRule
 
 __all__ = [
     "BNSite",
+    "Captured",
     "ChannelLaw",
     "bn_site",
     "capture",
+    "capture_model",
+    "dynamic_shapes",
+    "export_program",
     "is_bn_module",
     "propagate_shapes",
     "submodule",
@@ -68,36 +73,140 @@ _PERMUTE_METHODS = {"transpose", "permute"}
 _PERMUTE_FUNCTIONS = {torch.transpose, torch.permute, _aten.transpose.int, _aten.permute.default}
 _SHAPE_ONLY_FUNCTIONS = {_aten.reshape_as.default, _aten.view_as.default, _aten.expand_as.default}
 _IDENTITY_METHODS = {"contiguous", "clone"}
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_IDENTITY_MODULES = (nn.Identity, *_DROPOUTS)
+_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+# --------------------------------------------------------------------------- module kinds
+
+
+def _trusted_class(klass: type) -> bool:
+    """torch.nn's own classes, and torchvision's FrozenBatchNorm2d."""
+    module = klass.__module__
+    return module.startswith("torch.nn.modules.") or (
+        module == "torchvision.ops.misc" and klass.__qualname__ == "FrozenBatchNorm2d"
+    )
+
+
+# what a class may define and still compute what its torch base computes
+_HARMLESS = frozenset(
+    {
+        "__init__",
+        "__repr__",
+        "extra_repr",
+        "reset_parameters",
+        "_load_from_state_dict",
+        "__setstate__",
+        "__getstate__",
+        "__init_subclass__",
+        "__class_getitem__",
+    }
+)
+_CLASS_DATA = frozenset(
+    {
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__dict__",
+        "__weakref__",
+        "__annotations__",
+        "__annotate__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__orig_bases__",
+        "__parameters__",
+        "__slots__",
+        "__abstractmethods__",
+        "_abc_impl",
+    }
+)
+
+
+def is_plain(module: nn.Module) -> bool:
+    """Whether ``module`` computes exactly what its torch class computes.
+
+    True for torch.nn's classes (and torchvision's FrozenBatchNorm2d), and for subclasses
+    that add data but no behaviour: every class between the module's own and the torch
+    class defines no method, property or other descriptor beyond ``__init__`` and the
+    like (``_HARMLESS``), and the instance overrides no method.  A subclass that overrides
+    ``forward``, ``_conv_forward``, ``weight`` as a property, ... is not plain, whatever it
+    computes: bnfold cannot see through it.
+    """
+    return not_plain_because(module) is None
+
+
+def not_plain_because(module: nn.Module, cls: type | None = None) -> str | None:
+    """Why ``module`` (seen as an instance of ``cls``, its class by default) is not plain:
+    the name of the first member that adds behaviour, or None when it is plain."""
+    for name, value in vars(module).items():
+        if callable(value):
+            return f"the instance's own {name}"
+    for klass in (cls or type(module)).__mro__:
+        if _trusted_class(klass):
+            return None
+        for name, value in vars(klass).items():
+            if name in _HARMLESS or name in _CLASS_DATA:
+                continue
+            if callable(value) or hasattr(type(value), "__get__"):
+                return f"{klass.__name__}.{name}"
+    return f"{type(module).__name__} is not a torch.nn class"
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Forward hooks or pre-hooks on ``module`` (they run at its call)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def global_hooks() -> bool:
+    """Forward hooks registered for every module (``register_module_forward_hook``)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def is_bn_module(module: nn.Module) -> bool:
-    """BatchNorm1d/2d/3d, their subclasses, SyncBatchNorm, torchvision's FrozenBatchNorm2d."""
+    """BatchNorm-like: torch's BatchNorm classes and their subclasses, SyncBatchNorm, and any
+    class named like a BatchNorm that holds running statistics (FrozenBatchNorm2d of
+    torchvision, detectron2, maskrcnn-benchmark, ...).  Only ``is_trusted_bn`` ones fold
+    as modules."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
-    return type(module).__name__ == "FrozenBatchNorm2d" and hasattr(module, "running_var")
+    return "BatchNorm" in type(module).__name__ and hasattr(module, "running_var")
+
+
+def is_trusted_bn(module: nn.Module) -> bool:
+    """A BN module bnfold knows computes ``(x - running_mean) / sqrt(running_var + eps) *
+    weight + bias`` in eval mode: a plain torch BatchNorm class, or torchvision's own
+    FrozenBatchNorm2d.  Another library's FrozenBatchNorm2d (its own forward, maybe no eps)
+    is not."""
+    if not is_plain(module):
+        return False
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return any(
+        k.__module__ == "torchvision.ops.misc" and k.__qualname__ == "FrozenBatchNorm2d"
+        for k in type(module).__mro__
+    )
 
 
 def bn_kind(module: nn.Module) -> str:
     return type(module).__name__
 
 
-_PLAIN_BN_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
-
-
 def has_plain_forward(module: nn.Module) -> bool:
-    """True for BN modules whose forward is torch's own (or FrozenBatchNorm2d's)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return type(module).forward in _PLAIN_BN_FORWARDS
-    return True
+    """True for BN modules bnfold trusts (``is_trusted_bn``)."""
+    return is_trusted_bn(module)
 
 
 class _Tracer(fx.Tracer):
     """Keep BN, conv and linear modules (subclasses included) as single call sites.
 
-    BN subclasses that override forward (timm's BatchNormAct2d: BN, then dropout and
-    an activation) are traced through, so their inner functional batch_norm becomes a
-    site of its own; ``opaque_custom_bn`` keeps them whole when they cannot be traced.
+    Modules with forward hooks stay whole (opaque): the graph calls them, so their hooks
+    run, and nothing folds through them.  BN classes bnfold does not trust (a subclass
+    that overrides forward, like timm's BatchNormAct2d: BN, then dropout and an
+    activation) are traced through, so their inner functional batch_norm becomes a site
+    of its own; ``opaque_custom_bn`` keeps them whole when they cannot be traced.
     """
 
     def __init__(self, opaque_custom_bn: bool = False):
@@ -116,21 +225,13 @@ class _Tracer(fx.Tracer):
         return self._traceable[type(m)]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if has_hooks(m):
+            return True
         if is_bn_module(m):
-            if has_plain_forward(m) or self.opaque_custom_bn:
+            if is_trusted_bn(m) or self.opaque_custom_bn:
                 return True
             return not self._can_trace(m)
-        if isinstance(
-            m,
-            (
-                nn.modules.conv._ConvNd,
-                nn.Linear,
-                nn.AdaptiveAvgPool1d,
-                nn.AdaptiveAvgPool2d,
-                nn.AdaptiveAvgPool3d,
-                nn.Flatten,
-            ),
-        ):
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, *_POOLS, nn.Flatten)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -147,14 +248,27 @@ def _trace(module: nn.Module, opaque_custom_bn: bool = False) -> fx.Graph:
 
 
 def capture(module: nn.Module) -> fx.GraphModule:
-    """The model's data flow as an fx graph (sharing, not copying, the model's modules)."""
+    """The model's data flow as an fx graph (sharing, not copying, the model's modules).
+
+    CaptureError when torch.fx cannot trace it, or could not trace it faithfully: forward
+    hooks on the model itself, or hooks registered for every module, would not run in the
+    traced graph (torch.export sees through them: ``capture_model`` falls back to it).
+    """
     if isinstance(module, torch.jit.ScriptModule):
         raise CaptureError(
             "a TorchScript model's data flow cannot be captured for folding",
             hint="save model.state_dict() and pass --arch, or save a torch.export archive",
         )
     if isinstance(module, fx.GraphModule):  # a torch.export program: copy, never edit, its graph
-        return fx.GraphModule(module, copy.deepcopy(module.graph), module.__class__.__name__)
+        gm = _graph_module(module, copy.deepcopy(module.graph), module.__class__.__name__)
+        normalize_calls(gm)
+        return gm
+    if has_hooks(module):
+        raise CaptureError("torch.fx would drop the forward hooks on the model itself")
+    if global_hooks():
+        raise CaptureError(
+            "global module forward hooks are registered, which torch.fx cannot place"
+        )
     try:
         try:
             graph = _trace(module)
@@ -167,9 +281,14 @@ def capture(module: nn.Module) -> fx.GraphModule:
             hint="data-dependent control flow cannot be traced; export it with torch.export "
             "and pass the .pt2 file",
         ) from e
-    name = module.__class__.__name__
+    gm = _graph_module(module, graph, module.__class__.__name__)
+    normalize_calls(gm)
+    return gm
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
     try:
-        return fx.GraphModule(module, graph, name)
+        return fx.GraphModule(root, graph, name)
     except (TypeError, AttributeError, RuntimeError) as e:
         # e.g. a submodule called `meta` or `graph` clashes with GraphModule's own attributes
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -180,31 +299,281 @@ def capture(module: nn.Module) -> fx.GraphModule:
         ) from e
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
-    """Record every node's output shape in ``node.meta['shape']``.
+@dataclass
+class Captured:
+    """A captured graph, how it was captured, and for which batch sizes its shapes hold."""
 
-    Runs the graph on fake tensors (shapes only, no arithmetic, no memory for weights);
-    models whose code fake tensors cannot run are run for real.
+    module: fx.GraphModule
+    how: str  # "fx" or "export" (torch.export, strict=False or True)
+    why: str | None  # why torch.fx was not used (None when it was)
+    dynamic_batch: bool  # shapes were proven at a second batch size as well
+    note: str | None = None  # why a dynamic batch was given up, when it was
+
+
+def capture_model(
+    model: nn.Module,
+    example: Sequence[torch.Tensor],
+    other: Sequence[torch.Tensor] | None = None,
+) -> Captured:
+    """Capture ``model``'s data flow and record its shapes on ``example`` (and ``other``,
+    the same inputs at another batch size, when the batch axis is to be dynamic).
+
+    torch.fx first, which keeps modules whole; when it cannot trace the model, or could
+    not faithfully (hooks on the model itself), or its graph does not run on the inputs,
+    torch.export, non-strict then strict, as ``torch.onnx.export`` itself tries them.
+    Each capture is tried with the batch axis dynamic, then static; a model that only
+    runs at its example's batch size is captured static and says why.  CaptureError when
+    nothing works, quoting each failure.
+    """
+    failures: list[str] = []
+    hints: list[str] = []
+    wanted = [list(example), list(other)] if other is not None else [list(example)]
+    try:
+        gm = capture(model)
+    except CaptureError as e:
+        failures.append(f"torch.fx: {e.message}")
+        hints += [e.hint] if e.hint else []
+    else:
+        found = _with_shapes(gm, wanted, failures, "torch.fx")
+        if found is not None:
+            return Captured(gm, "fx", None, *found)
+    for strict in (False, True):
+        label = f"torch.export(strict={strict})"
+        for dynamic in [True, False] if other is not None else [False]:
+            try:
+                program = export_program(model, example, dynamic, strict)
+            except Exception as e:  # noqa: BLE001 - every capture failure is quoted below
+                failures.append(f"{label}{' with a dynamic batch' if dynamic else ''}: {_first(e)}")
+                continue
+            try:
+                gm = capture(_unlifted(program))
+            except CaptureError as e:
+                failures.append(f"{label}: {e.message}")
+                hints += [e.hint] if e.hint and e.hint not in hints else []
+                continue
+            found = _with_shapes(gm, wanted if dynamic else wanted[:1], failures, label)
+            if found is not None:
+                note = None
+                if other is not None and not dynamic:
+                    note = failures[-1] if failures else "the batch axis could not be dynamic"
+                return Captured(gm, "export", failures[0], found[0], note or found[1])
+    raise CaptureError(
+        "the model's data flow could not be captured: " + "; ".join(failures),
+        hint="; ".join(hints)
+        or "check --input-shape: torch.onnx.export cannot export the model on these inputs either",
+    )
+
+
+def _unlifted(program: torch.export.ExportedProgram) -> nn.Module:
+    """The program as a module whose graph reads its weights by name (``get_attr``)."""
+    try:
+        return program.module()
+    except (TypeError, AttributeError, RuntimeError) as e:
+        raise CaptureError(
+            f"torch.export's program cannot be held as a module: {_first(e)}",
+            hint="a submodule named like a GraphModule attribute (meta, graph, code) must be "
+            "renamed",
+        ) from e
+
+
+def _with_shapes(
+    gm: fx.GraphModule, wanted: list[list[torch.Tensor]], failures: list[str], label: str
+) -> tuple[bool, str | None] | None:
+    """Record shapes for every input set in ``wanted``, else for the first alone; (dynamic,
+    why not dynamic), or None (with the failure noted) when the graph does not run."""
+    try:
+        propagate_shapes(gm, *wanted)
+        return len(wanted) > 1, None
+    except Exception as e:  # noqa: BLE001 - data-dependent shapes, a guard on the batch, ...
+        why = f"{label}: the graph does not run at batch size {_batch_of(wanted[-1])}: {_first(e)}"
+        if len(wanted) == 1:
+            failures.append(why)
+            return None
+    try:
+        propagate_shapes(gm, wanted[0])
+    except Exception as e:  # noqa: BLE001
+        failures.append(f"{label}: the graph does not run on the inputs: {_first(e)}")
+        return None
+    return False, why
+
+
+def dynamic_shapes(example: Sequence[torch.Tensor]) -> tuple[dict[int, Any] | None, ...]:
+    """torch.export's ``dynamic_shapes`` for a dynamic batch axis: axis 0 of every input
+    whose first axis is the batch, one shared ``Dim``; inputs without one stay static."""
+    batch = torch.export.Dim("batch")
+    size = _batch_of(example)
+    return tuple({0: batch} if t.dim() > 0 and t.shape[0] == size else None for t in example)
+
+
+def export_program(
+    model: nn.Module, example: Sequence[torch.Tensor], dynamic: bool, strict: bool = False
+) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` on ``example``, the batch axis dynamic or not,
+    with torch's own logging silenced (its tracebacks are quoted in one line instead)."""
+    import logging
+    import warnings
+
+    shapes = dynamic_shapes(example) if dynamic else None
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, tuple(example), dynamic_shapes=shapes, strict=strict)
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _batch_of(inputs: Sequence[torch.Tensor]) -> int | None:
+    sizes = {int(t.shape[0]) for t in inputs if t.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _first(e: BaseException, limit: int = 160) -> str:
+    """An exception in a few words: its first non-empty line, without colour codes."""
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {(lines[0] if lines else '')[:limit]}"
+
+
+# parameter names, in order, of the calls whose arguments the fold pass reads
+_PARAMETERS: dict[object, tuple[str, ...]] = {
+    **dict.fromkeys(
+        (F.conv1d, F.conv2d, F.conv3d),
+        ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    ),
+    **dict.fromkeys(
+        (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d),
+        ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+    ),
+    F.linear: ("input", "weight", "bias"),
+    F.batch_norm: (
+        "input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps",
+    ),
+    torch.batch_norm: (
+        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+        "cudnn_enabled",
+    ),
+    torch.flatten: ("input", "start_dim", "end_dim"),
+    torch.reshape: ("input", "shape"),
+    torch.transpose: ("input", "dim0", "dim1"),
+    torch.permute: ("input", "dims"),
+    torch.squeeze: ("input", "dim"),
+    torch.unsqueeze: ("input", "dim"),
+}  # fmt: skip
+_METHOD_PARAMETERS = {
+    "transpose": ("dim0", "dim1"),
+    "flatten": ("start_dim", "end_dim"),
+    "squeeze": ("dim",),
+    "unsqueeze": ("dim",),
+}
+
+
+def _positional_names(forward: Any) -> tuple[str, ...]:
+    """The parameters of a module's ``forward`` that can be given by position, after self."""
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for p in parameters:
+        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            break
+        names.append(p.name)
+    return tuple(names)
+
+
+def normalize_calls(gm: fx.GraphModule) -> None:
+    """Move keyword arguments of the calls the fold pass reads into positional ones
+    (``bn(input=x)``, ``F.conv2d(x, weight=w)``, ``torch.flatten(x, start_dim=1)``), as
+    far as every earlier parameter is given, so that ``node.args[0]`` is the input."""
+    for node in gm.graph.nodes:
+        if not node.kwargs:
+            continue
+        if node.op == "call_module":
+            names: tuple[str, ...] = _positional_names(
+                type(submodule(gm, str(node.target))).forward
+            )
+        elif node.op == "call_function":
+            try:
+                names = _PARAMETERS.get(node.target, ())
+            except TypeError:  # an unhashable target
+                continue
+        elif node.op == "call_method" and node.target in _METHOD_PARAMETERS:
+            names = ("self", *_METHOD_PARAMETERS[node.target])
+        else:
+            continue
+        args, kwargs = list(node.args), dict(node.kwargs)
+        for name in names[len(args) :]:
+            if name not in kwargs:
+                break
+            args.append(kwargs.pop(name))
+        node.args, node.kwargs = tuple(args), kwargs
+
+
+def propagate_shapes(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    *others: Sequence[torch.Tensor],
+) -> None:
+    """Record every node's output shape in ``node.meta['shape']``, and in
+    ``node.meta['shapes']`` one shape per input set: ``example_inputs``, then ``others``.
+
+    A fold's channel alignment must hold for every set (``shape_of(node, k)``): an export
+    with a dynamic batch axis passes a second batch size, so that a reshape that lines the
+    channels up only at the example's batch size (``conv(x).transpose(0, 1).reshape(...)``
+    is the identity at batch 1) is not taken for a proof.  Runs the graph on fake tensors
+    (shapes only, no arithmetic, no memory for weights); models whose code fake tensors
+    cannot run are run for real.
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
-    # ShapeProp prints a traceback of its own before raising; the caller reports the error
-    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            from torch._subclasses.fake_tensor import FakeTensorMode
+    found: dict[fx.Node, list[tuple[int, ...] | None]] = {n: [] for n in gm.graph.nodes}
+    for inputs in (example_inputs, *others):
+        for node in gm.graph.nodes:
+            node.meta.pop("tensor_meta", None)
+        # ShapeProp prints a traceback of its own before raising; the caller reports it
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                from torch._subclasses.fake_tensor import FakeTensorMode
 
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            ShapeProp(gm, fake_mode=mode).propagate(*example_inputs)
-        except Exception:  # noqa: BLE001 - data-dependent code: fall back to real tensors
-            ShapeProp(gm).propagate(*example_inputs)
+                mode = FakeTensorMode(allow_non_fake_inputs=True)
+                ShapeProp(gm, fake_mode=mode).propagate(*inputs)
+            except Exception:  # noqa: BLE001 - data-dependent code: fall back to real tensors
+                ShapeProp(gm).propagate(*inputs)
+        for node in gm.graph.nodes:
+            meta = node.meta.get("tensor_meta")
+            shape = None
+            if meta is not None and hasattr(meta, "shape"):
+                shape = tuple(int(d) for d in meta.shape)
+            found[node].append(shape)
+    for node, shapes in found.items():
+        node.meta["shapes"] = tuple(shapes)
+        if shapes[0] is not None:
+            node.meta["shape"] = shapes[0]
+
+
+def shape_of(node: fx.Node, k: int = 0) -> tuple[int, ...] | None:
+    """``node``'s output shape for the ``k``-th input set given to ``propagate_shapes``."""
+    if not isinstance(node, fx.Node):
+        return None
+    shapes = node.meta.get("shapes")
+    if shapes is None:
+        return node.meta.get("shape") if k == 0 else None
+    return shapes[k] if k < len(shapes) else None
+
+
+def shape_sets(gm: fx.GraphModule) -> int:
+    """How many input sets ``propagate_shapes`` ran (0 when it did not run)."""
     for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "shape"):
-            node.meta["shape"] = tuple(int(d) for d in meta.shape)
-
-
-def shape_of(node: fx.Node) -> tuple[int, ...] | None:
-    return node.meta.get("shape") if isinstance(node, fx.Node) else None
+        if "shapes" in node.meta:
+            return len(node.meta["shapes"])
+    return 0
 
 
 @dataclass
@@ -496,6 +865,10 @@ def is_layout_node(gm: fx.GraphModule, node: fx.Node) -> bool:
         return node.target in _RESHAPE_FUNCTIONS | _PERMUTE_FUNCTIONS
     if node.op == "call_module":
         m = submodule(gm, str(node.target))
+        if has_hooks(m) or not is_plain(m):
+            return False  # a subclass with its own forward (GeM pooling, ...) or hooks
+        if isinstance(m, _DROPOUTS) and m.training and m.p > 0:
+            return False  # dropout kept active at inference (MC dropout)
         return isinstance(m, (*_IDENTITY_MODULES, nn.Flatten)) or _is_global_pool(m)
     return False
 
@@ -508,9 +881,10 @@ def _is_global_pool(m: nn.Module) -> bool:
     return False
 
 
-def carry_law(gm: fx.GraphModule, node: fx.Node, law: ChannelLaw) -> ChannelLaw | None:
-    """The channel law after ``node`` given the law of its input, or None if it breaks."""
-    src, dst = shape_of(node.args[0]), shape_of(node)  # type: ignore[arg-type]
+def carry_law(gm: fx.GraphModule, node: fx.Node, law: ChannelLaw, k: int = 0) -> ChannelLaw | None:
+    """The channel law after ``node`` given the law of its input (shapes of input set
+    ``k``), or None if it breaks."""
+    src, dst = shape_of(node.args[0], k), shape_of(node, k)  # type: ignore[arg-type]
     if src is None or dst is None:
         return None
     is_module = node.op == "call_module"

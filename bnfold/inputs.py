@@ -15,14 +15,36 @@ if TYPE_CHECKING:
     import torch
     from torch import fx
 
-__all__ = ["infer_example_inputs", "parse_shape", "random_batches", "read_npz"]
+__all__ = [
+    "batch_size",
+    "infer_example_inputs",
+    "parse_shape",
+    "random_batches",
+    "read_npz",
+    "verification_batches",
+    "with_batch",
+]
 
-_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
+_DTYPES = (
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+)
 _SPATIAL = {1: 256, 2: 64, 3: 16}  # a size any conv stack with global pooling accepts
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` (or ``1x3x224x224``) -> (1, 3, 224, 224)."""
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> (1, 3, 224, 224); ``scalar`` (or ``()``)
+    -> () for a 0-dimensional input."""
+    if text.strip().lower() in ("scalar", "()", "[]"):
+        return ()
     parts = text.replace("x", ",").replace(" ", "").split(",")
     try:
         shape = tuple(int(p) for p in parts if p)
@@ -73,24 +95,114 @@ def infer_example_inputs(gm: fx.GraphModule, batch: int = 2) -> list[torch.Tenso
 
 
 def random_batches(
-    shapes: Sequence[tuple[int, ...]], dtype: str, count: int, seed: int = 0
+    shapes: Sequence[tuple[int, ...]],
+    dtype: str | Sequence[str],
+    count: int,
+    seed: int = 0,
+    values: Sequence[np.ndarray | None] | None = None,
 ) -> list[list[torch.Tensor]]:
-    """``count`` batches of seeded standard-normal inputs (integers: 0..9)."""
+    """``count`` batches of seeded inputs, one per shape: standard normal for floating
+    dtypes; for integer and bool inputs, values drawn from ``values[i]`` when given (the
+    values that input takes in the user's data: a sample rate that must be 8000 or 16000
+    stays one of them), else 0..9.  ``dtype`` is one dtype name for every input or one per
+    input."""
     import torch
 
+    dtypes = [dtype] * len(shapes) if isinstance(dtype, str) else list(dtype)
+    if len(dtypes) != len(shapes):
+        raise BnfoldError(
+            f"{len(dtypes)} input dtypes for {len(shapes)} inputs: give one --input-dtype, "
+            "or one per --input-shape"
+        )
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
         batch = []
-        for shape in shapes:
-            if dtype.startswith("int"):
-                batch.append(
-                    torch.randint(0, 10, shape, generator=gen, dtype=getattr(torch, dtype))
-                )
+        for i, (shape, name) in enumerate(zip(shapes, dtypes, strict=True)):
+            torch_dtype = getattr(torch, name)
+            seen = values[i] if values is not None else None
+            if torch_dtype.is_floating_point:
+                batch.append(torch.randn(shape, generator=gen).to(torch_dtype))
+            elif seen is not None and seen.size:
+                pick = torch.randint(0, seen.size, shape, generator=gen)
+                batch.append(torch.from_numpy(np.ascontiguousarray(seen))[pick].to(torch_dtype))
+            elif torch_dtype is torch.bool:
+                batch.append(torch.randint(0, 2, shape, generator=gen).bool())
             else:
-                batch.append(torch.randn(shape, generator=gen).to(getattr(torch, dtype)))
+                batch.append(torch.randint(0, 10, shape, generator=gen, dtype=torch_dtype))
         out.append(batch)
     return out
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(t.dtype).removeprefix("torch.")
+
+
+def batch_size(batch: Sequence[torch.Tensor]) -> int | None:
+    """The batch size: the first axis the inputs with at least one axis share, or None."""
+    sizes = {int(t.shape[0]) for t in batch if t.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def with_batch(batch: Sequence[torch.Tensor], size: int, reference: int) -> list[torch.Tensor]:
+    """``batch`` with every input whose first axis is ``reference`` long resized to ``size``
+    along it (rows repeated in turn, or the first ``size`` taken)."""
+    out = []
+    for t in batch:
+        if t.dim() > 0 and t.shape[0] == reference:
+            index = [i % reference for i in range(size)]
+            t = t[index].contiguous()
+        out.append(t)
+    return out
+
+
+SCALE = 100.0  # verification also feeds inputs this much larger (exporters' overflows show)
+
+
+def verification_batches(
+    example: Sequence[torch.Tensor],
+    count: int,
+    *,
+    seed: int,
+    real: list[list[torch.Tensor]] | None = None,
+    real_name: str = "--inputs",
+    other_batch: int | None = None,
+) -> tuple[list[list[torch.Tensor]], tuple[str, ...]]:
+    """The inputs verification feeds, and a line describing each group.
+
+    ``count`` seeded random batches shaped and typed like ``example`` (integer inputs take
+    the values they have in ``real``, the user's data, when it is given); the user's data;
+    one batch with the floating-point inputs scaled by ``SCALE`` (an exporter that
+    overflows, ``log(sigmoid(x))`` for ``logsigmoid``, shows only on large inputs); and,
+    for a dynamic batch axis, one batch at ``other_batch``.
+    """
+    shapes = [tuple(t.shape) for t in example]
+    dtypes = [dtype_name(t) for t in example]
+    values = None
+    if real is not None:
+        values = [None if t.is_floating_point() else np.unique(t.detach().numpy()) for t in real[0]]
+    batches: list[list[torch.Tensor]] = []
+    fed: list[str] = []
+    if count:
+        batches += random_batches(shapes, dtypes, count, seed=seed, values=values)
+        fed.append(f"{count} seeded random batch(es) of shape {_shapes(shapes)}")
+    if real is not None:
+        batches += real
+        fed.append(f"{real_name} ({_shapes([tuple(t.shape) for t in real[0]])})")
+    base = batches[0]
+    if any(t.is_floating_point() for t in base):
+        batches.append([t * SCALE if t.is_floating_point() else t for t in base])
+        fed.append(f"1 batch scaled by {SCALE:g}")
+    size = batch_size(base)
+    if other_batch is not None and size is not None and other_batch != size:
+        batches.append(with_batch(base, other_batch, size))
+        fed.append(f"1 batch of batch size {other_batch} (the batch axis is dynamic)")
+    return batches, tuple(fed)
+
+
+def _shapes(shapes: Sequence[tuple[int, ...]]) -> str:
+    return ", ".join(str(list(s)) for s in shapes)
 
 
 def read_npz(path: Path, as_numpy: bool = False) -> list[list[Any]]:

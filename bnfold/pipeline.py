@@ -1,10 +1,11 @@
-"""The ``fuse`` job end to end: load -> capture -> fold -> export -> verify -> report.
+"""The ``fuse`` job end to end, in the README's steps: load, capture, fold, export, verify.
 
 Library code: it prints nothing; ``step`` (a context-manager factory) lets the CLI
 show progress.  The loaded model is never modified, the input file is never
 written, and the output appears only when every step before writing succeeded
 (verification failures still write the file: the report says it failed and the
-CLI exits 1).
+CLI exits 1).  Whatever is written is verified: the ONNX file in onnxruntime, the
+``--save-torch`` archive in PyTorch, both against a float64 run of the original.
 """
 
 from __future__ import annotations
@@ -14,14 +15,23 @@ import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bnfold.errors import BnfoldError, OutputError
-from bnfold.reports import FoldedSite, FuseReport, SkippedSite
+from bnfold.errors import BnfoldError, CaptureError, ExportError, OutputError
+from bnfold.reports import FoldedSite, FuseReport, SkippedSite, Verification
+
+if TYPE_CHECKING:
+    import torch
+
+    from bnfold.graph import Captured
+    from bnfold.loading import LoadedModel
+    from bnfold.verify import Reference
 
 __all__ = ["FuseOptions", "run_fuse"]
+
+Step = Callable[[str], ContextManager[None]]
 
 
 @dataclass
@@ -32,7 +42,7 @@ class FuseOptions:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_pickle: bool = False
     input_shapes: Sequence[tuple[int, ...]] = ()
-    input_dtype: str = "float32"
+    input_dtype: str | Sequence[str] = "float32"  # one for every input, or one per input
     inputs_npz: Path | None = None
     opset: int | None = None
     exporter: str = "dynamo"
@@ -43,6 +53,7 @@ class FuseOptions:
     seed: int = 0
     save_torch: Path | None = None
     force: bool = False
+    eval_mode: bool = False  # --eval: switch a model saved in training mode to eval, and say so
 
 
 @contextlib.contextmanager
@@ -50,211 +61,402 @@ def _no_progress(label: str) -> Iterator[None]:
     yield
 
 
-def run_fuse(
-    opts: FuseOptions, step: Callable[[str], ContextManager[None]] = _no_progress
-) -> FuseReport:
-    """Fold, export and verify; return the report (verification may have failed).
+class _Clock:
+    """Seconds per step, for the report's ``timings``."""
 
-    """
-    from bnfold.fuse import count_params, fold_graph, shared_modules
-    from bnfold.graph import capture, propagate_shapes
-    from bnfold.inputs import infer_example_inputs, random_batches, read_npz
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._last, 4)
+        self._last = now
+
+
+@dataclass
+class Examples:
+    """The inputs a run uses: ``example`` (one batch, the size the model is captured and
+    exported at), ``other`` (the same at another batch size, for a dynamic batch axis),
+    the user's ``real`` data, and where the shape came from."""
+
+    example: list[torch.Tensor]
+    other: list[torch.Tensor] | None
+    real: list[list[torch.Tensor]] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def run_fuse(opts: FuseOptions, step: Step = _no_progress) -> FuseReport:
+    """Fold, export and verify; return the report (verification may have failed)."""
+    from bnfold.fuse import count_params
     from bnfold.loading import load_model
 
     _check_outputs(opts)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 4)
-        clock = now
-
+    clock = _Clock()
     with step(f"Loading {opts.model.name}"):
         loaded = load_model(
             opts.model, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_pickle=opts.trust_pickle
         )
     if loaded.onnx_model is not None:
-        lap("load")
-        return _run_fuse_onnx(opts, loaded, step, lap, timings)
-    if loaded.module is None:
-        raise BnfoldError(
-            "a bare state_dict has no architecture to fold",
-            path=opts.model,
-            hint="pass --arch (e.g. torchvision:resnet50 or mypkg.models:Net)",
-        )
-    original = loaded.module
+        clock.lap("load")
+        return _run_fuse_onnx(opts, loaded, step, clock)
     notes = list(loaded.notes)
-    _check_finite(original, opts.model)
-    lap("load")
+    model = _model_to_fold(loaded, opts, notes)
+    clock.lap("load")
     with step("Capturing the data flow"):
-        gm = capture(original)
-        real = read_npz(opts.inputs_npz) if opts.inputs_npz is not None else None
-        if opts.input_shapes:
-            example = random_batches(opts.input_shapes, opts.input_dtype, 1, seed=opts.seed)[0]
-        elif real is not None:
-            example = [t[:2] for t in real[0]]  # the real inputs decide the shape
-        elif loaded.example_inputs is not None:
-            example = list(loaded.example_inputs)  # saved in the torch.export archive
-        else:
-            inferred = infer_example_inputs(gm, batch=2)
-            if inferred is None:
-                raise BnfoldError(
-                    "cannot infer the input shape: the first layer does not decide it",
-                    hint="pass --input-shape, e.g. --input-shape 1,3,224,224",
-                )
-            example = inferred
-            notes.append(
-                f"input shape inferred from the first layer: {list(example[0].shape)}; the "
-                "ONNX input keeps these sizes (batch aside): pass --input-shape for the "
-                "size you deploy"
-            )
-        try:
-            propagate_shapes(gm, example)
-        except Exception as e:
-            guessed = "" if opts.input_shapes else " (inferred from the first layer)"
-            cause = e.__cause__ or e  # ShapeProp wraps the model's own error
-            raise BnfoldError(
-                f"the model does not run on inputs of shape{guessed} "
-                f"{', '.join(str(list(t.shape)) for t in example)}: {type(cause).__name__}: "
-                f"{(str(cause).splitlines() or [''])[0][:200]}",
-                hint="pass the right --input-shape",
-            ) from e
-    lap("capture")
+        examples = _examples(opts, loaded, model)
+        captured = _capture(model, examples)
+    notes += examples.notes + ([captured.note] if captured.note else [])
+    clock.lap("capture")
     reference = None
-    if opts.out is not None:
-        from bnfold.verify import compute_reference
-
-        batches = random_batches(
-            [tuple(t.shape) for t in example],
-            opts.input_dtype,
-            opts.verify_batches,
-            seed=opts.seed + 1,
-        )
-        source = f"{opts.verify_batches} random (seeded)"
-        if real is not None:
-            batches = real + batches
-            source = f"{opts.inputs_npz} + {source}"
+    if opts.out is not None or opts.save_torch is not None:
         with step("Running the original model (float32 and float64)"):
-            # before folding, on the still unfolded graph: the reference needs no copy of
-            # the weights, and the original can be freed before the fold
-            reference = compute_reference(original, batches, graph=gm)
-        lap("reference")
-    params_before = count_params(original)
-    model_format = loaded.format.value
-    protected = shared_modules(gm, original)
-    # from here the captured graph alone holds the model (the reference is computed): a
-    # layer folded away is freed as soon as its folded copy goes in
-    del original, loaded
+            reference = _reference(model, captured, examples, opts)
+        clock.lap("reference")
+    params_before, model_format = count_params(model), loaded.format.value
     with step("Folding BatchNorm layers"):
-        ops_before = _ops(gm)
-        outcome = fold_graph(gm, protected, shapes_known=True)
-        ops_after = _ops(outcome.module)
-        folded_model = outcome.module
-    lap("fold")
-    folded, skipped = _sites(outcome.decisions)
-    gc.collect()  # modules kept alive only by reference cycles
-    report_kwargs: dict[str, Any] = {}
-    torch_out: str | None = None
+        folded_model, folded, skipped, ops = _fold(captured, model)
+    del model, loaded  # the graph holds what is left of the model: folded layers are freed
+    clock.lap("fold")
+    params_after = count_params(folded_model)
+    kwargs: dict[str, Any] = {}
     if opts.out is not None:
-        import torch
-
-        from bnfold.export import atomic_output, export_onnx
-        from bnfold.verify import flatten_outputs, verify_onnx
-
         assert reference is not None
-        export_example = [_batch_of_two(t) for t in example] if opts.dynamic_batch else example
-        with atomic_output(opts.out, force=opts.force) as tmp:
-            with step(f"Exporting ONNX ({opts.exporter})"):
-                result = export_onnx(
-                    folded_model,
-                    export_example,
-                    tmp,
-                    opts.out.name,
-                    exporter=opts.exporter,
-                    opset=opts.opset,
-                    dynamic_batch=opts.dynamic_batch,
-                )
-                notes.extend(result.notes)
-            lap("export")
-            with torch.no_grad():
-                folded_first = [t for _, t in flatten_outputs(folded_model(*reference.batches[0]))]
-            if opts.save_torch is not None:
-                torch_out = _save_torch(folded_model, example, opts)
-                notes.append(
-                    f"folded PyTorch model saved as a torch.export archive ({opts.save_torch})"
-                )
-            params_after = count_params(folded_model)
-            del folded_model, outcome, gm  # free what this run holds before onnxruntime loads
-            gc.collect()
-            with step("Verifying in onnxruntime"):
-                verification = verify_onnx(
-                    reference,
-                    result.path,
-                    atol=opts.atol,
-                    rtol=opts.rtol,
-                    input_source=source,
-                    folded_outputs=folded_first,
-                )
-            lap("verify")
-            if verification.baseline_max_abs_error is None:
-                notes.append(
-                    "the model is too large for a float64 copy: the float32 original in "
-                    "PyTorch is the reference"
-                )
-        report_kwargs.update(
-            exporter=f"torch.onnx.export(dynamo={opts.exporter == 'dynamo'})",
-            opset=result.opset,
-            onnx_nodes=result.nodes,
-            onnx_bn_nodes=result.bn_nodes,
-            verification=verification,
-            output=str(opts.out),
-        )
-        if result.bn_nodes < len(skipped):
+        kwargs = _export_and_verify(folded_model, captured, examples, reference, opts, step, notes)
+        clock.lap("export_verify")
+        if kwargs["onnx_bn_nodes"] < len(skipped):
             notes.append(
-                f"the exporter removed {len(skipped) - result.bn_nodes} more BatchNormalization "
-                "nodes on its own; the table shows what bnfold folded"
+                f"the exporter removed {len(skipped) - kwargs['onnx_bn_nodes']} more "
+                "BatchNormalization nodes on its own; the table shows what bnfold folded"
             )
-    else:
-        report_kwargs.update(
-            exporter="none",
-            opset=None,
-            onnx_nodes=None,
-            onnx_bn_nodes=None,
-            verification=None,
-            output=None,
-        )
-    if opts.out is None:
-        params_after = count_params(folded_model)
-        if opts.save_torch is not None:
-            torch_out = _save_torch(folded_model, example, opts)
-            notes.append(
-                f"folded PyTorch model saved as a torch.export archive ({opts.save_torch})"
-            )
+    torch_out, torch_verification = None, None
+    if opts.save_torch is not None:
+        assert reference is not None
+        with step("Saving and verifying the folded PyTorch model"):
+            torch_verification = _save_torch(folded_model, captured, examples, reference, opts)
+        torch_out = str(opts.save_torch)
+        clock.lap("save_torch")
+    if reference is not None and not reference.how.startswith("float64"):
+        notes.append(f"the reference is {reference.how}")
     return FuseReport(
         model=str(opts.model),
         format=model_format,
+        output=kwargs.get("output"),
+        exporter=kwargs.get("exporter", "none"),
+        opset=kwargs.get("opset"),
         folded=folded,
         skipped=skipped,
         params_before=params_before,
         params_after=params_after,
-        ops_before=ops_before,
-        ops_after=ops_after,
+        onnx_nodes=kwargs.get("onnx_nodes"),
+        onnx_bn_nodes=kwargs.get("onnx_bn_nodes"),
+        verification=kwargs.get("verification"),
         torch_output=torch_out,
-        timings=timings,
+        ops_before=ops[0],
+        ops_after=ops[1],
+        timings=clock.timings,
         notes=tuple(notes),
-        **report_kwargs,
+        capture=captured.how,
+        capture_detail=captured.why,
+        dynamic_batch=kwargs.get("dynamic_batch", captured.dynamic_batch),
+        torch_verification=torch_verification,
     )
 
 
-def _run_fuse_onnx(
+# --------------------------------------------------------------------------- steps
+
+
+def _model_to_fold(loaded: LoadedModel, opts: FuseOptions, notes: list[str]) -> torch.nn.Module:
+    """The loaded architecture, refused when it cannot be folded and verified: no
+    architecture, TorchScript, training mode (unless ``--eval``), NaN/Inf weights."""
+    import torch
+
+    path = opts.model
+    if loaded.module is None:
+        raise BnfoldError(
+            "a bare state_dict has no architecture to fold",
+            path=path,
+            hint="pass --arch (e.g. torchvision:resnet50 or mypkg.models:Net)",
+        )
+    model = loaded.module
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CaptureError(
+            "a TorchScript archive cannot be folded: its graph is TorchScript's, not one "
+            "bnfold can rewrite and export",
+            path=path,
+            hint="bnfold inspect reports its BatchNorm layers; to fold, save model.state_dict() "
+            "and pass --arch, or save a torch.export archive (.pt2)",
+        )
+    training = _in_training_mode(model)
+    if training:
+        if not opts.eval_mode:
+            shown = ", ".join(training[:3]) + (
+                f" and {len(training) - 3} more" if len(training) > 3 else ""
+            )
+            raise BnfoldError(
+                f"the model is in training mode ({shown}): its BatchNorm layers normalise "
+                "with batch statistics, which no folded or exported model can reproduce",
+                path=path,
+                hint="save it after model.eval(), or pass --eval to switch it to eval mode",
+            )
+        model.eval()
+        notes.append(f"--eval: switched {len(training)} modules from training to eval mode")
+    _check_finite(model, path)
+    return model
+
+
+def _in_training_mode(model: torch.nn.Module) -> list[str]:
+    """The BatchNorm layers that normalise with batch statistics (training mode with
+    running statistics); empty when every one uses its running statistics."""
+    from bnfold.graph import is_bn_module
+
+    return [
+        name or "<model>"
+        for name, m in model.named_modules()
+        if is_bn_module(m) and m.training and getattr(m, "track_running_stats", True) is not False
+    ]
+
+
+def _examples(opts: FuseOptions, loaded: LoadedModel, model: torch.nn.Module) -> Examples:
+    """One example batch and, for a dynamic batch axis, the same at another batch size.
+
+    The shape comes from ``--input-shape``, else from ``--inputs``, else from a ``.pt2``'s
+    saved example inputs, else from the first layer (and the report says so).  A dynamic
+    batch axis needs an example batch of at least 2 (torch.export takes a size of 1 for a
+    constant), so a batch of 1 is repeated to 2; ``other`` is one larger still.
+    """
+    from bnfold.inputs import batch_size, random_batches, read_npz, with_batch
+
+    notes: list[str] = []
+    real = read_npz(opts.inputs_npz) if opts.inputs_npz is not None else None
+    if opts.verify_batches < 0 or (opts.verify_batches == 0 and real is None):
+        raise BnfoldError(
+            "--verify-batches 0 needs --inputs: verification must feed something",
+            hint="give --inputs data.npz, or at least one random batch",
+        )
+    if opts.input_shapes:
+        example = random_batches(opts.input_shapes, opts.input_dtype, 1, seed=opts.seed)[0]
+    elif real is not None:
+        example = list(real[0])  # the real inputs decide the shape
+    elif loaded.example_inputs is not None:
+        example = list(loaded.example_inputs)  # saved in the torch.export archive
+    else:
+        example = _inferred_example(model)
+        notes.append(
+            f"input shape inferred from the first layer: {list(example[0].shape)}; the "
+            "ONNX input keeps these sizes (batch aside): pass --input-shape for the "
+            "size you deploy"
+        )
+    size = batch_size(example)
+    other = None
+    if opts.dynamic_batch and size is not None:
+        export_size = max(2, size)
+        example = with_batch(example, export_size, size)
+        other = with_batch(example, export_size + 1, export_size)
+    elif opts.dynamic_batch:
+        notes.append("the inputs share no batch axis: exported with static shapes")
+    return Examples(example, other, real, notes)
+
+
+def _inferred_example(model: torch.nn.Module) -> list[torch.Tensor]:
+    from bnfold.graph import capture
+    from bnfold.inputs import infer_example_inputs
+
+    hint = "pass --input-shape, e.g. --input-shape 1,3,224,224 (repeat it for several inputs)"
+    try:
+        gm = capture(model)
+    except CaptureError as e:
+        raise BnfoldError("cannot infer the input shape: " + e.message, hint=hint) from e
+    inferred = infer_example_inputs(gm, batch=2)
+    if inferred is None:
+        raise BnfoldError(
+            "cannot infer the input shape: the first layer does not decide it", hint=hint
+        )
+    return inferred
+
+
+def _capture(model: torch.nn.Module, examples: Examples) -> Captured:
+    """The data flow (``graph.capture_model``); when nothing captures it, first find out
+    whether the model runs on the inputs at all, which is the error to show then."""
+    import torch
+
+    from bnfold.graph import capture_model
+
+    try:
+        return capture_model(model, examples.example, examples.other)
+    except CaptureError as e:
+        try:
+            with torch.no_grad():
+                model(*examples.example)
+        except Exception as run:
+            shapes = ", ".join(str(list(t.shape)) for t in examples.example)
+            first = (str(run).strip().splitlines() or [""])[0][:200]
+            raise BnfoldError(
+                f"the model does not run on inputs of shape {shapes}: "
+                f"{type(run).__name__}: {first}",
+                hint="pass the right --input-shape (and --input-dtype)",
+            ) from run
+        raise e from None
+
+
+def _reference(
+    model: torch.nn.Module, captured: Captured, examples: Examples, opts: FuseOptions
+) -> Reference:
+    """The original model's outputs, in float64, on every batch verification feeds."""
+    from bnfold.inputs import batch_size, verification_batches
+    from bnfold.verify import compute_reference
+
+    other = batch_size(examples.other) if captured.dynamic_batch and examples.other else None
+    batches, fed = verification_batches(
+        examples.example,
+        opts.verify_batches,
+        seed=opts.seed + 1,
+        real=examples.real,
+        real_name=str(opts.inputs_npz),
+        other_batch=other,
+    )
+    # before folding, on the still unfolded graph: the reference needs no copy of the
+    # weights, and the original can be freed before the fold
+    reference = compute_reference(model, batches, graph=captured.module)
+    reference.fed = fed
+    return reference
+
+
+def _fold(
+    captured: Captured, model: torch.nn.Module
+) -> tuple[torch.fx.GraphModule, tuple[FoldedSite, ...], tuple[SkippedSite, ...], tuple[int, int]]:
+    """Fold every BN that folds exactly; the folded module, the report rows and the number
+    of operations before and after."""
+    from bnfold.fuse import fold_graph, shared_modules
+
+    gm = captured.module
+    protected = shared_modules(gm, model)
+    before = _ops(gm)
+    outcome = fold_graph(gm, protected, shapes_known=True)
+    gc.collect()  # modules kept alive only by reference cycles
+    folded, skipped = _sites(outcome.decisions)
+    return outcome.module, folded, skipped, (before, _ops(outcome.module))
+
+
+def _export_and_verify(
+    folded_model: torch.fx.GraphModule,
+    captured: Captured,
+    examples: Examples,
+    reference: Reference,
     opts: FuseOptions,
-    loaded: Any,
-    step: Callable[[str], ContextManager[None]],
-    lap: Callable[[str], None],
-    timings: dict[str, float],
-) -> FuseReport:
+    step: Step,
+    notes: list[str],
+) -> dict[str, Any]:
+    """Export the folded model to ``--out`` and verify the file in onnxruntime."""
+    from bnfold.export import atomic_output, export_onnx
+    from bnfold.verify import verify_onnx
+
+    assert opts.out is not None
+    with atomic_output(opts.out, force=opts.force) as tmp:
+        with step(f"Exporting ONNX ({opts.exporter})"):
+            result = export_onnx(
+                folded_model,
+                examples.example,
+                tmp,
+                opts.out.name,
+                exporter=opts.exporter,
+                opset=opts.opset,
+                dynamic_batch=captured.dynamic_batch,
+            )
+            notes.extend(result.notes)
+        if captured.dynamic_batch and not result.dynamic_batch:
+            reference = _at_batch_of(reference, examples.example)
+        with step("Verifying in onnxruntime"):
+            verification = verify_onnx(
+                reference,
+                result.path,
+                atol=opts.atol,
+                rtol=opts.rtol,
+                input_source=", ".join(reference.fed),
+                folded_outputs=_outputs_of(folded_model, reference.batches[0]),
+            )
+    return {
+        "exporter": f"torch.onnx.export(dynamo={opts.exporter == 'dynamo'})",
+        "opset": result.opset,
+        "onnx_nodes": result.nodes,
+        "onnx_bn_nodes": result.bn_nodes,
+        "verification": verification,
+        "output": str(opts.out),
+        "dynamic_batch": result.dynamic_batch,
+    }
+
+
+def _at_batch_of(reference: Reference, example: Sequence[torch.Tensor]) -> Reference:
+    """The reference without the batches of another batch size (the export is static)."""
+    from bnfold.inputs import batch_size
+
+    size = batch_size(example)
+    keep = [i for i, b in enumerate(reference.batches) if batch_size(b) == size]
+    fed = tuple(f for f in reference.fed if "batch size" not in f)
+    return replace(
+        reference,
+        batches=[reference.batches[i] for i in keep],
+        expected=[reference.expected[i] for i in keep],
+        fed=fed,
+    )
+
+
+def _outputs_of(module: torch.nn.Module, batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    import torch
+
+    from bnfold.verify import flatten_outputs
+
+    with torch.no_grad():
+        return [t for _, t in flatten_outputs(module(*batch))]
+
+
+def _save_torch(
+    folded_model: torch.fx.GraphModule,
+    captured: Captured,
+    examples: Examples,
+    reference: Reference,
+    opts: FuseOptions,
+) -> Verification:
+    """Write the folded model as a torch.export archive, then load it back and verify it
+    like the ONNX file: what is written is what was checked."""
+    import torch
+
+    from bnfold.export import atomic_output
+    from bnfold.graph import export_program
+    from bnfold.verify import verify_torch
+
+    assert opts.save_torch is not None
+    dynamic = captured.dynamic_batch
+    with atomic_output(opts.save_torch, force=opts.force) as tmp:
+        try:
+            try:
+                program = export_program(folded_model, examples.example, dynamic)
+            except Exception:
+                if not dynamic:
+                    raise
+                dynamic = False  # a static batch, as for the ONNX export
+                program = export_program(folded_model, examples.example, dynamic)
+        except Exception as e:
+            from bnfold.export import _first
+
+            raise ExportError(
+                f"torch.export of the folded model failed: {_first(e)}",
+                hint="leave out --save-torch; the ONNX export does not need it",
+            ) from e
+        path = tmp / opts.save_torch.name
+        torch.export.save(program, path)
+        saved = torch.export.load(path).module()
+        if captured.dynamic_batch and not dynamic:
+            reference = _at_batch_of(reference, examples.example)
+        return verify_torch(
+            reference, saved, atol=opts.atol, rtol=opts.rtol, input_source=", ".join(reference.fed)
+        )
+
+
+# --------------------------------------------------------------------------- ONNX input
+
+
+def _run_fuse_onnx(opts: FuseOptions, loaded: LoadedModel, step: Step, clock: _Clock) -> FuseReport:
     """Fold BatchNormalization in the ONNX graph itself, save, verify against the original."""
     import onnx
 
@@ -264,10 +466,11 @@ def _run_fuse_onnx(
     from bnfold.verify import verify_onnx_pair
 
     original = loaded.onnx_model
+    assert original is not None
     before = sum(_numel(t) for t in original.graph.initializer)
     with step("Folding BatchNormalization nodes"):
         outcome = fold_onnx(original)
-    lap("fold")
+    clock.lap("fold")
     folded, skipped = _sites(outcome.decisions)
     after = sum(_numel(t) for t in outcome.model.graph.initializer)
     kwargs: dict[str, Any] = {
@@ -289,7 +492,7 @@ def _run_fuse_onnx(
                 all_tensors_to_one_file=True,
                 location=opts.out.name + ".data",
             )
-            lap("export")
+            clock.lap("export")
             with step("Verifying in onnxruntime"):
                 batches = onnx_batches(
                     original, opts.input_shapes, opts.verify_batches, seed=opts.seed + 1
@@ -301,7 +504,7 @@ def _run_fuse_onnx(
                 verification = verify_onnx_pair(
                     opts.model, path, batches, atol=opts.atol, rtol=opts.rtol, input_source=source
                 )
-            lap("verify")
+            clock.lap("verify")
             nodes, bn_nodes, opset = onnx_counts(path)
         kwargs.update(
             opset=opset,
@@ -319,10 +522,14 @@ def _run_fuse_onnx(
         params_after=after,
         ops_before=len(original.graph.node),
         ops_after=len(outcome.model.graph.node),
-        timings=timings,
+        timings=clock.timings,
         notes=tuple(loaded.notes),
+        capture="onnx",
         **kwargs,
     )
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _sites(decisions: Sequence[Any]) -> tuple[tuple[FoldedSite, ...], tuple[SkippedSite, ...]]:
@@ -356,14 +563,20 @@ def _numel(tensor: Any) -> int:
 
 
 def _check_finite(model: Any, path: Path) -> None:
-    """Refuse weights with NaN/Inf: no output of such a model can be verified."""
+    """Refuse NaN/Inf where they make the folded model unverifiable: in parameters and in
+    BatchNorm statistics.  Other buffers may hold them on purpose (a ``-inf`` attention
+    mask)."""
     from bnfold.folding import all_finite
+    from bnfold.graph import is_bn_module
 
-    bad = [
-        name
-        for name, t in (*model.named_parameters(), *model.named_buffers())
-        if t.is_floating_point() and not all_finite(t)
-    ]
+    tensors = list(model.named_parameters())
+    for name, m in model.named_modules():
+        if is_bn_module(m):
+            for key in ("running_mean", "running_var"):
+                value = getattr(m, key, None)
+                if value is not None:
+                    tensors.append((f"{name}.{key}" if name else key, value))
+    bad = [name for name, t in tensors if t.is_floating_point() and not all_finite(t)]
     if bad:
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         raise BnfoldError(
@@ -371,13 +584,6 @@ def _check_finite(model: Any, path: Path) -> None:
             hint="bnfold inspect shows which layers; fix the weights first",
             path=path,
         )
-
-
-def _batch_of_two(t: Any) -> Any:
-    """Exporting a dynamic batch axis needs an example batch > 1."""
-    if t.dim() > 0 and t.shape[0] == 1:
-        return t.expand(2, *t.shape[1:]).contiguous()
-    return t
 
 
 def _check_outputs(opts: FuseOptions) -> None:
@@ -393,15 +599,3 @@ def _check_outputs(opts: FuseOptions) -> None:
             )
         if out.exists() and not opts.force:
             raise OutputError(f"{out} exists", hint="pass --force to overwrite it")
-
-
-def _save_torch(model: Any, example: Sequence[Any], opts: FuseOptions) -> str:
-    import torch
-
-    from bnfold.export import atomic_output
-
-    assert opts.save_torch is not None
-    with atomic_output(opts.save_torch, force=opts.force) as tmp:
-        program = torch.export.export(model, tuple(example))
-        torch.export.save(program, tmp / opts.save_torch.name)
-    return str(opts.save_torch)

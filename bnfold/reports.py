@@ -120,6 +120,9 @@ class Verification:
     outputs: tuple[OutputCheck, ...]
     folded_torch_max_abs_error: float | None  # the folded PyTorch model (its dtype) vs reference
     baseline_max_abs_error: float | None  # original model in float32 vs float64: the noise floor
+    fed: tuple[str, ...] = ()  # what verification fed, one line per group of batches
+    reference: str = ""  # what computed the reference outputs
+    target: str = "onnx"  # what was verified: "onnx", "torch" (--save-torch / bnfold.fold)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,10 @@ class FuseReport:
     timings: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION
+    capture: str | None = None  # "fx", "export" (torch.export) or "onnx" (an ONNX input)
+    capture_detail: str | None = None  # why torch.fx was not used, when it was not
+    dynamic_batch: bool | None = None  # whether the output's batch axis is dynamic
+    torch_verification: Verification | None = None  # the --save-torch archive, verified
 
 
 def to_dict(report: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ __all__ = [
     "flatten_outputs",
     "verify_onnx",
     "verify_onnx_pair",
+    "verify_torch",
 ]
 
 DEFAULT_TOLERANCES = {
@@ -105,7 +106,10 @@ class _Worst:
                     f"{tuple(r.shape)} in the reference"
                 )
             self.errors[i] = max(self.errors[i], _max_abs(got_t, r))
-            self.scales[i] = max(self.scales[i], float(r.abs().max()) if r.numel() else 0.0)
+            finite = r[torch.isfinite(r)] if r.numel() else r
+            self.scales[i] = max(
+                self.scales[i], float(finite.abs().max()) if finite.numel() else 0.0
+            )
 
     def outputs(self, atol: float, rtol: float) -> tuple[OutputCheck, ...]:
         return tuple(
@@ -141,6 +145,8 @@ def _verification(
     source: str,
     fold_err: float | None,
     base_err: float | None,
+    reference: Reference | None = None,
+    target: str = "onnx",
 ) -> Verification:
     outputs = worst.outputs(atol, rtol)
     return Verification(
@@ -154,6 +160,9 @@ def _verification(
         outputs=outputs,
         folded_torch_max_abs_error=fold_err,
         baseline_max_abs_error=base_err,
+        fed=reference.fed if reference is not None else (),
+        reference=reference.how if reference is not None else "",
+        target=target,
     )
 
 
@@ -167,7 +176,8 @@ class Reference:
     expected: list[list[torch.Tensor]]  # float64 reference, per batch and output
     dtype: torch.dtype
     baseline_max_abs_error: float | None  # eager vs float64; None: no float64 reference
-    how: str
+    how: str  # what computed ``expected``
+    fed: tuple[str, ...] = ()  # what the batches are, for the report
 
 
 def compute_reference(
@@ -204,7 +214,16 @@ def compute_reference(
         if sum(p.numel() * 8 for p in original.parameters()) > _FP64_REFERENCE_LIMIT:
             expected = [[t.double() for t in outs] for outs in eager]
             return Reference(inputs, names, expected, dtype, None, "the float32 model")
-        expected = _outputs(_float64(original), inputs)
+        try:
+            expected = _outputs(_float64(original), inputs)
+        except Exception as e:  # noqa: BLE001 - e.g. an autocast region that fixes a dtype
+            expected = [[t.double() for t in outs] for outs in eager]
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            how = (
+                f"the {str(dtype).removeprefix('torch.')} model: it does not run in float64 "
+                f"({type(e).__name__}: {first})"
+            )
+            return Reference(inputs, names, expected, dtype, None, how)
         gc.collect()
         how = "float64 copy of the model"
         noise = _noise(names, eager, expected, dtype, strict=False)
@@ -306,6 +325,44 @@ def verify_onnx(
         input_source,
         fold_err,
         reference.baseline_max_abs_error,
+        reference,
+    )
+
+
+def verify_torch(
+    reference: Reference,
+    module: Any,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    input_source: str = "random (seeded)",
+) -> Verification:
+    """Run a PyTorch model (the folded module, or a saved .pt2's) on the reference's batches
+    and compare with its float64 outputs, as ``verify_onnx`` does for an ONNX file."""
+    d_atol, d_rtol = DEFAULT_TOLERANCES.get(reference.dtype, DEFAULT_TOLERANCES[torch.float32])
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    worst = _Worst()
+    with torch.no_grad():
+        for batch, expected in zip(reference.batches, reference.expected, strict=True):
+            try:
+                got = [t for _, t in flatten_outputs(module(*batch))]
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise VerifyError(
+                    f"the folded PyTorch model failed to run: {type(e).__name__}: {first}"
+                ) from e
+            worst.add(reference.names, got, expected)
+    return _verification(
+        worst,
+        atol,
+        rtol,
+        len(reference.batches),
+        input_source,
+        None,
+        reference.baseline_max_abs_error,
+        reference,
+        target="torch",
     )
 
 
@@ -362,9 +419,13 @@ def _double(batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest ``|a - b|``; where both are NaN, or the same infinity, they agree (the
+    original computes NaN there too: not an error), anywhere else NaN counts as Inf."""
     if a.numel() == 0:
         return 0.0
-    diff = (a.double() - b.double()).abs()
+    a, b = a.double(), b.double()
+    agree = (torch.isnan(a) & torch.isnan(b)) | (torch.isinf(a) & (a == b))
+    diff = torch.where(agree, torch.zeros_like(a), (a - b).abs())
     return float(torch.nan_to_num(diff, nan=float("inf")).max())
 
 

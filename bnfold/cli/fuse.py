@@ -57,6 +57,15 @@ def _write_html(report: FuseReport, opts: FuseOptions, html: Path) -> None:
     tell(f"wrote {html}")
 
 
+def _dtypes(names: list[str] | None) -> str | list[str]:
+    from bnfold.inputs import check_dtype
+
+    if not names:
+        return "float32"
+    checked = [check_dtype(n) for n in names]
+    return checked[0] if len(checked) == 1 else checked
+
+
 class Exporter(str, enum.Enum):
     dynamo = "dynamo"
     legacy = "legacy"
@@ -70,12 +79,21 @@ def fuse_command(
     arch_kwargs: str | None = ARCH_KWARGS,
     trust_pickle: bool = TRUST_PICKLE,
     input_shape: list[str] | None = INPUT_SHAPE,
-    input_dtype: str = typer.Option("float32", "--input-dtype", help="Input dtype."),
+    input_dtype: list[str] | None = typer.Option(
+        None,
+        "--input-dtype",
+        help="Input dtype (float32 unless given): once for every input, or once per "
+        "--input-shape, in order.",
+    ),
     inputs: Path | None = typer.Option(
         None, "--inputs", help=".npz of real inputs (one array per model input) to verify on."
     ),
     verify_batches: int = typer.Option(
-        2, "--verify-batches", min=1, help="Seeded random input batches to verify on."
+        2,
+        "--verify-batches",
+        min=0,
+        help="Seeded random input batches to verify on (0 only with --inputs). Verification "
+        "also feeds one batch scaled by 100 and, for a dynamic batch, one of another size.",
     ),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (exporter default)."),
     exporter: Exporter = typer.Option(Exporter.dynamo, "--exporter", help="ONNX exporter."),
@@ -94,6 +112,11 @@ def fuse_command(
         None, "--save-torch", help="Also save the folded PyTorch model (a torch.export .pt2)."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    eval_mode: bool = typer.Option(
+        False,
+        "--eval",
+        help="Switch a model saved in training mode to eval mode (refused otherwise).",
+    ),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
     html: Path | None = typer.Option(
         None,
@@ -105,7 +128,7 @@ def fuse_command(
 ) -> None:
     """Fold BatchNorm exactly, export ONNX and prove it in onnxruntime (exit 1 if not)."""
     from bnfold.cli import render
-    from bnfold.inputs import check_dtype, parse_shape
+    from bnfold.inputs import parse_shape
     from bnfold.pipeline import FuseOptions, run_fuse
 
     opts = FuseOptions(
@@ -115,7 +138,7 @@ def fuse_command(
         arch_kwargs=parse_arch_kwargs(arch_kwargs),
         trust_pickle=trust_pickle,
         input_shapes=[parse_shape(s) for s in input_shape or []],
-        input_dtype=check_dtype(input_dtype),
+        input_dtype=_dtypes(input_dtype),
         inputs_npz=inputs,
         opset=opset,
         exporter=exporter.value,
@@ -125,6 +148,7 @@ def fuse_command(
         save_torch=save_torch,
         verify_batches=verify_batches,
         force=force,
+        eval_mode=eval_mode,
     )
     if html is not None:  # before the expensive work
         from bnfold.cli.html import check_html_path

@@ -224,41 +224,67 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
             )
         )
     )
-    v = r.verification
-    if v is not None:
-        verdict = "PASSED" if v.passed else "FAILED"
-        console.print(
-            Text(
-                f"verification {verdict}: {v.inputs} input batches ({v.input_source}); "
-                f"max abs error {v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} "
-                f"(atol {v.atol:g}, rtol {v.rtol:g})",
-                style="bold green" if v.passed else "bold red",
-            )
-        )
-        for o in v.outputs:
-            console.print(
-                Text(
-                    f"  output {o.name} {list(o.shape)}: abs {o.max_abs_error:.3g}, "
-                    f"rel {o.max_rel_error:.3g}, |ref| max {o.reference_max_abs:.3g}"
-                    + ("" if o.passed else "  FAILED")
-                )
-            )
-        if v.folded_torch_max_abs_error is not None:
-            console.print(
-                Text(
-                    "  folded PyTorch model vs float64 reference: max abs "
-                    f"{v.folded_torch_max_abs_error:.3g}"
-                    + (
-                        f" (float32 noise of the original: {v.baseline_max_abs_error:.3g})"
-                        if v.baseline_max_abs_error is not None
-                        else ""
-                    )
-                )
-            )
+    if r.capture:
+        console.print(Text(_capture_line(r)))
+    for v in (r.verification, r.torch_verification):
+        if v is not None:
+            _verification_lines(v, console)
     if r.torch_output:
         console.print(Text(f"folded PyTorch model: {r.torch_output}"))
     for note in r.notes:
         console.print(Text(f"note: {note}", style="dim"))
+
+
+def _capture_line(r: FuseReport) -> str:
+    """How the model was captured (and why not by torch.fx), and its batch axis."""
+    how = {"fx": "torch.fx", "export": "torch.export", "onnx": "the ONNX graph"}.get(
+        r.capture or "", str(r.capture)
+    )
+    line = f"capture: {how}"
+    if r.capture_detail:
+        line += f" (torch.fx: {r.capture_detail})"
+    if r.dynamic_batch is not None and r.capture != "onnx":
+        line += f"; batch axis {'dynamic' if r.dynamic_batch else 'static'}"
+    return line
+
+
+def _verification_lines(v: Any, console: Console) -> None:
+    from rich.text import Text
+
+    what = "ONNX in onnxruntime" if v.target == "onnx" else "saved PyTorch model"
+    verdict = "PASSED" if v.passed else "FAILED"
+    console.print(
+        Text(
+            f"verification {verdict} ({what}): {v.inputs} input batches; "
+            f"max abs error {v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} "
+            f"(atol {v.atol:g}, rtol {v.rtol:g})",
+            style="bold green" if v.passed else "bold red",
+        )
+    )
+    for line in v.fed or (v.input_source,):
+        console.print(Text(f"  fed: {line}"))
+    if v.reference:
+        console.print(Text(f"  reference: {v.reference}"))
+    for o in v.outputs:
+        console.print(
+            Text(
+                f"  output {o.name} {list(o.shape)}: abs {o.max_abs_error:.3g}, "
+                f"rel {o.max_rel_error:.3g}, |ref| max {o.reference_max_abs:.3g}"
+                + ("" if o.passed else "  FAILED")
+            )
+        )
+    if v.folded_torch_max_abs_error is not None:
+        console.print(
+            Text(
+                "  folded PyTorch model vs float64 reference: max abs "
+                f"{v.folded_torch_max_abs_error:.3g}"
+                + (
+                    f" (float32 noise of the original: {v.baseline_max_abs_error:.3g})"
+                    if v.baseline_max_abs_error is not None
+                    else ""
+                )
+            )
+        )
 
 
 def _fuse_markdown(r: FuseReport) -> str:
@@ -288,12 +314,18 @@ def _fuse_markdown(r: FuseReport) -> str:
             f"| `{_md_escape(s.bn)}` | `{s.reason}` | {_md_escape(s.detail)} |" for s in r.skipped
         ]
         lines.append("")
-    v = r.verification
-    if v is not None:
+    if r.capture:
+        lines += [_capture_line(r) + ".", ""]
+    for v in (r.verification, r.torch_verification):
+        if v is None:
+            continue
+        what = "ONNX" if v.target == "onnx" else "saved PyTorch model"
         lines.append(
-            f"**Verification {'passed' if v.passed else 'FAILED'}**: max abs error "
-            f"{v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} over {v.inputs} "
-            f"input batches (atol {v.atol:g}, rtol {v.rtol:g})."
+            f"**Verification {'passed' if v.passed else 'FAILED'}** ({what}): max abs "
+            f"error {v.max_abs_error:.3g}, max rel error {v.max_rel_error:.3g} over {v.inputs} "
+            f"input batches (atol {v.atol:g}, rtol {v.rtol:g}); fed: "
+            + _md_escape("; ".join(v.fed or (v.input_source,)))
+            + "."
         )
     return "\n".join(lines)
 
