@@ -160,5 +160,6 @@ def fuse_command(
     render.emit(report, fmt.value, stdout_console())
     if html is not None:
         _write_html(report, opts, html)
-    if report.verification is not None and not report.verification.passed:
+    checks = (report.verification, report.torch_verification)
+    if any(v is not None and not v.passed for v in checks):
         raise typer.Exit(1)
