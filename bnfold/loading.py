@@ -513,6 +513,8 @@ def _safetensors_entry(
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
         raise bad("its shape is not a list of non-negative integers")
+    if any(s >= 2**63 for s in shape):
+        raise bad("its shape has a dimension torch cannot hold")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
         raise bad("its data_offsets are not two non-negative integers")
     begin, end = offsets

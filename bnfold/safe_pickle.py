@@ -34,8 +34,9 @@ __all__ = [
     "load_weights_only",
 ]
 
-# torch.save, torch.jit.save and torch.export.save store every member uncompressed
-# (ratio 1), so genuine archives are far inside both limits. A member re-compressed by
+# torch.save and torch.export.save store every member uncompressed (ratio 1) and
+# torch.jit.save deflates only its code (text, 2-3x), so genuine archives are far inside
+# both limits. A member re-compressed by
 # hand (``zip -r``) shrinks float weights by 1.1-1.5x and constant buffers by far more,
 # which is why small members may have any ratio: only a member that declares more than
 # RATIO_FLOOR bytes *and* more than MAX_RATIO times what it occupies is a bomb. The

@@ -367,7 +367,10 @@ def hostile_export_expression(exported: Path, folder: Path, marker: Path) -> Pat
         values = program["graph_module"]["graph"]["tensor_values"]
         first = next(iter(values.values()))
         first["sizes"][0] = {
-            "as_expr": {"expr_str": f"open({str(marker)!r}, 'w')", "hint": {"as_int": 8}}
+            "as_expr": {
+                "expr_str": f"open({str(marker)!r}, 'w').close()",
+                "hint": {"as_int": 8},
+            }
         }
         return program
 
@@ -391,9 +394,12 @@ def hostile_export_target(exported: Path, folder: Path, marker: Path) -> Path:
     )
 
 
-def hostile_export_attribute(exported: Path, folder: Path, payload: str = "weight") -> Path:
-    """The parameter ``conv.weight`` renamed ``conv.<payload>`` everywhere: fx writes the
-    name into the code of the module's forward as ``getattr(self.conv, "<payload>")``."""
+def hostile_export_attribute(exported: Path, folder: Path, marker: Path) -> Path:
+    """The parameter ``conv.weight`` renamed everywhere to ``conv.<payload>``, where fx
+    writes the name into the module's forward as ``getattr(self.conv, "<payload>")``: the
+    payload closes the string and runs ``exec`` (no dots: module paths split on them)."""
+    code = ",".join(str(b) for b in f"open({str(marker)!r}, 'w').close()".encode())
+    payload = f'weight" if exec(bytes(({code},))) else "weight'
 
     def rename(document: Any) -> Any:
         if isinstance(document, dict):
@@ -411,9 +417,28 @@ def hostile_export_guards(exported: Path, folder: Path, marker: Path) -> Path:
     into a function run on every call."""
 
     def guard(program: dict) -> dict:
-        program["guards_code"] = [f"open({str(marker)!r}, 'w') is not None"]
+        program["guards_code"] = [f"open({str(marker)!r}, 'w').close() is None"]
         return program
 
     return edited_export_archive(
         exported, folder, "guards.pt2", json_edits={"models/model.json": guard}
     )
+
+
+def with_zip_bomb(
+    source: Path, folder: Path, name: str, member: str = "data/bomb", size: int = 256 << 20
+) -> Path:
+    """A copy of the ZIP archive ``source`` plus one deflated member of ``size`` zero bytes
+    (256 MiB deflate to about 250 KB) under the archive's root folder."""
+    path = folder / name
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w") as dst:
+        root = src.namelist()[0].split("/", 1)[0]
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        info = zipfile.ZipInfo(f"{root}/{member}")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        chunk = bytes(1 << 20)
+        with dst.open(info, "w", force_zip64=True) as out:
+            for _ in range(size // len(chunk)):
+                out.write(chunk)
+    return path
