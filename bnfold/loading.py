@@ -982,13 +982,11 @@ def _cast_to_arch(
     sd: dict[str, Any], expected: Mapping[str, Any]
 ) -> tuple[dict[str, Any], list[str]]:
     """Tensors whose dtype differs from the architecture's, cast to it (with notes)."""
-    from torch.nn.parameter import UninitializedTensorMixin
-
     casts: Counter[tuple[str, str]] = Counter()
     out = dict(sd)
     for key, value in sd.items():
         want = expected.get(key)
-        if want is None or isinstance(want, UninitializedTensorMixin):
+        if want is None:  # (a lazy module's uninitialized tensors have their dtype too)
             continue
         if value.dtype != want.dtype:
             casts[(_dtype_name(value.dtype), _dtype_name(want.dtype))] += 1
