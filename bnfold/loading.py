@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import ArchError, LoadError, UnsafePickleError
-from bnfold.safe_pickle import check_zip_sizes
+from bnfold.safe_pickle import check_record_sizes, check_zip_sizes
 
 if TYPE_CHECKING:
     import onnx
@@ -217,6 +217,7 @@ def _load_zip(path: Path, size: int, *, trust_pickle: bool) -> LoadedModel:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             check_zip_sizes(zf, size, path)
+        check_record_sizes(path, size)
     except LoadError:
         raise
     except Exception as e:

@@ -29,6 +29,7 @@ from bnfold.errors import LoadError, UnsafePickleError
 __all__ = [
     "MAX_RATIO",
     "RATIO_FLOOR",
+    "check_record_sizes",
     "check_zip_sizes",
     "forced_weights_only",
     "load_weights_only",
@@ -61,6 +62,25 @@ def check_zip_sizes(zf: zipfile.ZipFile, archive_size: int, path: Path, where: s
         raise LoadError(
             f"the archive{' ' + where.rstrip('/') if where else ''} declares {total} bytes of "
             f"members in {archive_size} bytes (over {MAX_RATIO}x): refused as a ZIP bomb",
+            path=path,
+        )
+
+
+def check_record_sizes(path: Path, archive_size: int) -> None:
+    """The total limit again, as torch's own ZIP reader (miniz) sees the archive, which
+    is what torch.load and torch.export.load allocate from: two readers of one central
+    directory must not disagree about a bomb."""
+    import torch
+
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        total = sum(reader.get_record_size(name) for name in reader.get_all_records())
+    except Exception:  # noqa: BLE001 - not an archive torch reads; its loader says why
+        return
+    if total > MAX_RATIO * archive_size + RATIO_FLOOR:
+        raise LoadError(
+            f"the archive declares {total} bytes of members in {archive_size} bytes (over "
+            f"{MAX_RATIO}x): refused as a ZIP bomb",
             path=path,
         )
 
