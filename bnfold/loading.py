@@ -486,7 +486,7 @@ def _load_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
         for begin, end, dtype, shape, name in sorted(entries, key=lambda e: e[0]):
             raw = torch.empty(end - begin, dtype=torch.uint8)
             f.seek(data_start + begin)
-            if end > begin and f.readinto(memoryview(raw.numpy())) != end - begin:
+            if end > begin and f.readinto(raw.numpy()) != end - begin:  # type: ignore[arg-type]
                 raise LoadError(
                     f"truncated safetensors file: {name!r} lies past the end", path=path
                 )
@@ -914,7 +914,7 @@ def _fill_module(
     another dtype (cast to the architecture's), and lazy modules (shaped by the file).
     """
     import torch
-    from torch.nn.parameter import UninitializedTensorMixin
+    from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
     expected = module.state_dict()
     notes: list[str] = []
@@ -956,7 +956,7 @@ def _fill_module(
     module.load_state_dict({**sd, **filled}, strict=True, assign=assign)
     for key in no_nbt:
         owner = module.get_submodule(key.rpartition(".")[0])
-        owner.num_batches_tracked = None  # unknown: not a count of 0
+        owner.num_batches_tracked = None  # type: ignore[assignment] # unknown, not a false 0
     if no_nbt:
         notes.append(
             f"the file has no num_batches_tracked for {len(no_nbt)} BatchNorm layer(s); "
@@ -1042,7 +1042,7 @@ def _finish_lazy(module: torch.nn.Module) -> list[str]:
 
     done = []
     for name, m in module.named_modules():
-        if not isinstance(m, LazyModuleMixin) or m.has_uninitialized_params():
+        if not isinstance(m, LazyModuleMixin) or m.has_uninitialized_params():  # type: ignore[misc]
             continue
         if isinstance(m, nn.modules.conv._ConvNd):
             w = m.weight

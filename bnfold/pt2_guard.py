@@ -38,9 +38,11 @@ from __future__ import annotations
 import ast
 import json
 import operator
+import os
 import re
 import unicodedata
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,9 @@ def check_archive(path: Path, zip_names: list[str], *, trust_pickle: bool) -> No
         except Exception as e:
             raise LoadError(f"corrupt torch.export archive ({_short(e)})", path=path) from e
 
+    # members are named as torch names them (os.path.join of folder and path_name) and
+    # read through torch's own reader, whose lookup ignores case: what is checked here is
+    # byte for byte what torch.export.load reads under that name
     raw: set[str] = set()  # members torch reads as raw tensor bytes, never unpickles
     pickled: set[str] = set()  # members torch unpickles
     for name in records:
@@ -126,7 +131,7 @@ def check_archive(path: Path, zip_names: list[str], *, trust_pickle: bool) -> No
         for fqn, meta in entries.items():
             if not isinstance(meta, dict) or not isinstance(meta.get("path_name"), str):
                 raise LoadError(f"corrupt torch.export archive ({name}: {fqn!r})", path=path)
-            member = folder + meta["path_name"]
+            member = os.path.join(folder, meta["path_name"])  # noqa: PTH118 - as torch joins
             if meta["path_name"].startswith(("opaque_obj_", "custom_obj_")):
                 raise UnsafePickleError(
                     f"constant {fqn!r} is a pickled Python object ({member}), not a tensor; "
@@ -135,16 +140,16 @@ def check_archive(path: Path, zip_names: list[str], *, trust_pickle: bool) -> No
                     path=path,
                 )
             (pickled if meta.get("use_pickle") else raw).add(member)
-    for name in records:
-        if name in pickled:  # before `raw`: a member declared both ways is unpickled too
-            data = read(name)
+    for member in sorted(pickled):  # a member declared raw elsewhere is unpickled all the same
+        if reader.has_record(member):  # type: ignore[attr-defined]
+            data = read(member)
             if data:
-                _check_tensors(load_weights_only(data, path, name), path, name)
-        elif name in raw or name.endswith(".json"):
-            continue
-        elif name.startswith("data/"):
+                _check_tensors(load_weights_only(data, path, member), path, member)
+    known = {m.lower() for m in pickled | raw}
+    for name in records:  # anything else under data/ that is a pickle: checked all the same
+        if name.startswith("data/") and name.lower() not in known and not name.endswith(".json"):
             data = read(name)
-            if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":  # a pickle nobody declared
+            if data[:1] == b"\x80" or data[:4] == b"PK\x03\x04":
                 load_weights_only(data, path, name)
 
 
@@ -430,9 +435,8 @@ def check_program(ep: Any, path: Path) -> None:
                     _refuse_target(node, node.target, path)
             else:
                 _refuse_target(node, node.op, path)
-            fx.node.map_aggregate(
-                (node.args, node.kwargs), lambda leaf, n=node: _check_leaf(leaf, n, path)
-            )
+            for value in (*node.args, *node.kwargs.values()):
+                fx.node.map_aggregate(value, partial(_check_leaf, node=node, path=path))
     for name, value in ep.constants.items():
         if not isinstance(value, torch.Tensor):
             raise UnsafePickleError(
@@ -450,7 +454,7 @@ def _is_operator(target: Any) -> bool:
     )
 
 
-def _check_leaf(leaf: Any, node: Any, path: Path) -> Any:
+def _check_leaf(leaf: Any, *, node: Any, path: Path) -> Any:
     import torch
     from torch import fx
 

@@ -332,11 +332,13 @@ def hostile_export_opaque_constant(exported: Path, folder: Path, marker: Path) -
 
 
 def hostile_export_pickled_weight(
-    exported: Path, folder: Path, marker: Path, *, memo: bool = False
+    exported: Path, folder: Path, marker: Path, *, memo: bool = False, upper: bool = False
 ) -> Path:
     """(b) A weight whose config entry says ``use_pickle``, its member a legacy torch.save
     pickle that torch.export.load reads with ``weights_only=False``; (c) with ``memo``, a
-    raw pickle hiding its global in the memo behind decoy strings."""
+    raw pickle hiding its global in the memo behind decoy strings. With ``upper`` the
+    member is stored as ``data/weights/WEIGHT_99``: torch's reader finds it all the same
+    (its lookup ignores case), a check that matches names exactly does not."""
     if memo:
         payload = memo_pickle(marker)
     else:
@@ -353,9 +355,9 @@ def hostile_export_pickled_weight(
     return edited_export_archive(
         exported,
         folder,
-        "memo_weight.pt2" if memo else "pickled_weight.pt2",
+        "memo_weight.pt2" if memo else "upper_weight.pt2" if upper else "pickled_weight.pt2",
         json_edits={"data/weights/model_weights_config.json": pickled},
-        members={"data/weights/weight_99": payload},
+        members={"data/weights/WEIGHT_99" if upper else "data/weights/weight_99": payload},
     )
 
 

@@ -78,6 +78,7 @@ HOSTILE = {
     "opaque_constant": corrupt.hostile_export_opaque_constant,  # (a)
     "pickled_weight": corrupt.hostile_export_pickled_weight,  # (b)
     "memo_weight": partial(corrupt.hostile_export_pickled_weight, memo=True),  # (c)
+    "upper_case_weight": partial(corrupt.hostile_export_pickled_weight, upper=True),
     "expression": corrupt.hostile_export_expression,
     "attribute": corrupt.hostile_export_attribute,
 }
