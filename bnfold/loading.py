@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -568,35 +569,40 @@ _SUB_BYTE = {"UINT4": (4, 2), "INT4": (4, 2), "FLOAT4E2M1": (4, 2), "UINT2": (2,
 def _tensor_layout(tensor: Any, path: Path) -> tuple[int, int | None, str | None, int]:
     """(element count, raw byte count, typed field, typed entry count) of an ONNX tensor;
     LoadError when its element type is unknown or a dimension is negative."""
-    import onnx
-
-    name = onnx.TensorProto.DataType.Name(tensor.data_type) if _known_type(tensor) else None
-    if name is None or name == "UNDEFINED":
+    kind = _element_type(tensor.data_type)
+    if kind is None:
         raise LoadError(
             f"tensor {tensor.name!r} has element type {tensor.data_type}, which ONNX does not "
             "define",
             path=path,
         )
+    name, typed, itemsize = kind
     numel = 1
     for d in tensor.dims:
         if d < 0:
             raise LoadError(f"tensor {tensor.name!r} has a negative dimension {d}", path=path)
         numel *= d
     if name == "STRING":
-        return numel, None, "string_data", numel
-    typed = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+        return numel, None, typed, numel
     if name in _SUB_BYTE:
         bits, per_entry = _SUB_BYTE[name]
         return numel, -(-numel * bits // 8), typed, -(-numel // per_entry)
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     per = 2 if name.startswith("COMPLEX") else 1
     return numel, numel * itemsize, typed, numel * per
 
 
-def _known_type(tensor: Any) -> bool:
+@functools.lru_cache(maxsize=64)
+def _element_type(data_type: int) -> tuple[str, str, int] | None:
+    """(name, typed field, bytes per element) of an ONNX element type; None if undefined."""
     import onnx
 
-    return tensor.data_type in onnx.TensorProto.DataType.values()
+    if data_type not in onnx.TensorProto.DataType.values() or data_type == 0:
+        return None
+    name = onnx.TensorProto.DataType.Name(data_type)
+    typed = onnx.helper.tensor_dtype_to_field(data_type)
+    if name == "STRING":
+        return name, typed, 0
+    return name, typed, onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
 
 
 def _check_inline_tensor(tensor: Any, path: Path) -> None:
