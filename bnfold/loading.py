@@ -820,14 +820,16 @@ def _no_downloads() -> Iterator[list[str]]:
         return refuse
 
     patches: list[tuple[Any, str, Any]] = []  # (owner, attribute, what to restore)
-    hub = {
-        id(getattr(torch.hub, n)): n
-        for n in ("load_state_dict_from_url", "download_url_to_file", "load")
-    }
+    # torch.hub's two download functions, in every module that imported them by name
+    # (torchvision binds load_state_dict_from_url in its own modules): a cached file would
+    # be returned without any network access
+    names = ("load_state_dict_from_url", "download_url_to_file")
+    hub = {id(getattr(torch.hub, n)): n for n in names}
     for module in list(sys.modules.values()):
-        for attr in ("load_state_dict_from_url", "download_url_to_file", "load"):
-            value = getattr(module, attr, None) if module is not None else None
-            if value is not None and id(value) in hub and hub[id(value)] == attr:
+        namespace = getattr(module, "__dict__", None) or {}  # never a module's __getattr__
+        for attr in names:
+            value = namespace.get(attr)
+            if value is not None and hub.get(id(value)) == attr:
                 patches.append((module, attr, value))
     for attr in ("getaddrinfo", "create_connection"):
         patches.append((socket, attr, getattr(socket, attr)))
