@@ -16,21 +16,27 @@
    is ``eval``;
 6. resolves every node's target by walking attributes down from ``torch`` (so
    ``torch.serialization.os.system`` resolves), and writes names and attribute
-   targets from the JSON into the Python code fx generates and runs.
+   targets from the JSON into the Python code fx generates and runs;
+7. and ``ExportedProgram.module()`` execs the archive's ``guards_code`` (Python source)
+   into a function the module calls on every forward.
 
 So, unless the user trusts the file (``--trust-pickle``):
 
 - every pickle torch would load (1, 3, and any other member that is a pickle and not a
   raw tensor) must load with torch's weights-only unpickler and give tensors
-  (``bnfold.safe_pickle``); torch then reads them with weights-only forced on;
-- opaque and TorchScript objects (2), compiled code (4) and pre-2.7 members (3) are
-  refused;
+  (``bnfold.safe_pickle``); torch then reads them with weights-only forced on. Members
+  are read here through torch's own reader under the names torch uses (its lookup
+  ignores case), so what is checked is what torch reads;
+- opaque and TorchScript objects (2) and compiled code (4) are refused (members at the
+  archive's root, where the pre-2.7 format lives (3), are refused even when trusted);
 - every ``expr_str`` must be arithmetic on symbols and numbers in a small grammar,
   checked with Python's ``ast`` before sympy sees it (5); every other string of the
   JSON that is not free text must hold no quote, backslash or control character (6);
 - once loaded, every node of every graph must call an operator (``OpOverload``), a
   higher-order operator or a symbolic-shape builtin, with only nodes, tensors,
-  numbers, strings, dtypes, devices and operators as arguments (6).
+  numbers, strings, dtypes, devices and operators as arguments (6);
+- the module is taken with ``module(check_guards=False)``: the guards are never exec'd
+  (7).
 """
 
 from __future__ import annotations
