@@ -10,32 +10,44 @@ The format is detected from the file's content, never from its extension:
 - 8-byte little-endian length + JSON header       -> safetensors
 - a protobuf ModelProto with a graph and opsets   -> ONNX
 
-Security: ``torch.save`` files are read with ``weights_only=True``; anything that
-needs arbitrary pickled Python objects (a whole ``nn.Module``) is refused unless
-``trust_pickle=True``.  torch.export archives may embed pickles that torch itself
-loads with ``weights_only=False``, so every pickle in them is scanned first and
-refused when it names anything but tensor-rebuilding functions.  TorchScript
-archives are read by torch's C++ unpickler, which cannot import Python code.
+Only regular files are read (a FIFO would block, ``/dev/zero`` never ends), and a ZIP
+archive is measured before any member is read (``safe_pickle.check_zip_sizes``).
+
+Security, unless ``trust_pickle=True``: every pickle that anything loads goes through
+torch's weights-only unpickler (``torch.load(weights_only=True)``), so a file that
+needs arbitrary pickled Python objects (a whole ``nn.Module``) is refused.  torch.export
+archives are checked member by member before ``torch.export.load`` reads them, and
+their program after (``bnfold.pt2_guard``).  TorchScript archives are read by torch's
+C++ unpickler, which cannot import Python code.  Builders named by ``--arch`` never
+download: a builder that tries is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 import importlib
 import importlib.util
-import io
+import inspect
+import itertools
 import json
 import logging
+import os
 import pickletools
+import re
+import stat
 import struct
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import ArchError, LoadError, UnsafePickleError
+from bnfold.safe_pickle import check_record_sizes, check_zip_sizes
 
 if TYPE_CHECKING:
     import onnx
@@ -73,27 +85,25 @@ class LoadedModel:
 
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "ema")
-_SAFE_PICKLE_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("torch._tensor", "_rebuild_from_type_v2"),
-    ("torch.nn.parameter", "Parameter"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-}
+_NESTING = 4  # checkpoint keys followed at most this deep: {'model': {'state_dict': ...}}
 _SAFETENSORS_DTYPES = {
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
     "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
     "I64": "int64",
     "I32": "int32",
     "I16": "int16",
     "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
     "U8": "uint8",
     "BOOL": "bool",
 }
+_SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors library's own limit
 
 
 def load_model(
@@ -105,13 +115,15 @@ def load_model(
 ) -> LoadedModel:
     """Load ``path`` whatever its format; with ``arch`` build that architecture and fill it."""
     path = Path(path)
-    head = _read_head(path)
+    head, size = _read_head(path)
     if head[:4] == b"PK\x03\x04":
-        loaded = _load_zip(path, trust_pickle=trust_pickle)
+        loaded = _load_zip(path, size, trust_pickle=trust_pickle)
     elif head[:1] == b"\x80":
         loaded = _load_torch_save(path, trust_pickle=trust_pickle)
-    elif _looks_like_safetensors(path, head):
-        loaded = LoadedModel(path, ModelFormat.SAFETENSORS, state_dict=_load_safetensors(path))
+    elif _looks_like_safetensors(head, size):
+        loaded = LoadedModel(
+            path, ModelFormat.SAFETENSORS, state_dict=_load_safetensors(path, size)
+        )
     elif _looks_like_text(head):
         raise LoadError(
             "this is a text file, not a model",
@@ -138,19 +150,48 @@ def load_model(
 # --------------------------------------------------------------------------- sniffing
 
 
-def _read_head(path: Path) -> bytes:
-    if not path.exists():
-        raise LoadError("no such file", hint="check the path", path=path)
-    if path.is_dir():
-        raise LoadError("is a directory, not a model file", path=path)
+def _read_head(path: Path) -> tuple[bytes, int]:
+    """The first 512 bytes and the size of a regular file; LoadError for anything else.
+
+    The file is opened non-blocking and checked with fstat, so a FIFO (which would block
+    the open or the read) or a device (``/dev/zero`` never ends) is refused before a
+    single byte is read from it.
+    """
     try:
-        with path.open("rb") as f:
+        st = path.stat()
+    except FileNotFoundError:
+        raise LoadError("no such file", hint="check the path", path=path) from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise LoadError(f"cannot read: {getattr(e, 'strerror', None) or e}", path=path) from e
+    if stat.S_ISDIR(st.st_mode):
+        raise LoadError("is a directory, not a model file", path=path)
+    if not stat.S_ISREG(st.st_mode):
+        raise LoadError(_not_regular(st.st_mode), path=path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):  # swapped for something else since the stat
+                raise LoadError(_not_regular(st.st_mode), path=path)
             head = f.read(512)
     except OSError as e:
         raise LoadError(f"cannot read: {e.strerror}", path=path) from e
     if not head:
         raise LoadError("the file is empty", path=path)
-    return head
+    return head, st.st_size
+
+
+def _not_regular(mode: int) -> str:
+    kind = (
+        "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    return f"is {kind}, not a model file; bnfold reads regular files only"
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -161,25 +202,30 @@ def _looks_like_text(head: bytes) -> bool:
     return all(c.isprintable() or c in "\r\n\t" for c in text)
 
 
-def _looks_like_safetensors(path: Path, head: bytes) -> bool:
-    if len(head) < 9:
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 10 or head[8:9] != b"{":
         return False
     (n,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < n <= path.stat().st_size - 8
+    # a JSON object right after the length: '{"' or '{}' (ONNX files never start so)
+    return 0 < n <= size - 8 or head[8:10] in (b'{"', b"{}")
 
 
 # --------------------------------------------------------------------------- zip archives
 
 
-def _load_zip(path: Path, *, trust_pickle: bool) -> LoadedModel:
+def _load_zip(path: Path, size: int, *, trust_pickle: bool) -> LoadedModel:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
+            check_zip_sizes(zf, size, path)
+        check_record_sizes(path, size)
+    except LoadError:
+        raise
     except Exception as e:
         # NotImplementedError, ... on damaged central directories
         raise LoadError(f"corrupt or truncated archive ({_short(e)})", path=path) from e
     if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
-        return _load_exported(path, names)
+        return _load_exported(path, names, trust_pickle=trust_pickle)
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         return _load_torchscript(path)
     if any(n.endswith("data.pkl") for n in names):
@@ -243,32 +289,53 @@ def _classify(path: Path, obj: Any) -> LoadedModel:
     if _is_state_dict(obj):
         sd, notes = _clean_keys(dict(obj))
         return LoadedModel(path, ModelFormat.STATE_DICT, state_dict=sd, notes=notes)
-    for key in _STATE_DICT_KEYS:
-        inner = obj.get(key)
+    found = _find_in_checkpoint(obj, ())
+    if found is not None:
+        keys, inner = found
+        where = " → ".join(repr(k) for k in keys)
         if isinstance(inner, torch.nn.Module):
             loaded = LoadedModel(
-                path,
-                ModelFormat.CHECKPOINT,
-                state_dict=dict(inner.state_dict()),
-                module=inner,
+                path, ModelFormat.CHECKPOINT, state_dict=dict(inner.state_dict()), module=inner
             )
-            loaded.notes.append(f"module taken from checkpoint key '{key}'")
+            loaded.notes.append(f"module taken from checkpoint key {where}")
             return loaded
-        if isinstance(inner, Mapping) and inner and _is_state_dict(inner):
-            sd, notes = _clean_keys(dict(inner))
-            lightning = any("lightning" in str(k) for k in obj)
-            if lightning:
-                sd, more = _strip_common_prefix(sd)
-                notes += more
-            loaded = LoadedModel(path, ModelFormat.CHECKPOINT, state_dict=sd, notes=notes)
-            loaded.notes.insert(0, f"state_dict taken from checkpoint key '{key}'")
-            return loaded
+        sd, notes = _clean_keys(dict(inner))
+        if any("lightning" in str(k) for k in obj):
+            sd, more = _strip_common_prefix(sd)
+            notes += more
+        loaded = LoadedModel(path, ModelFormat.CHECKPOINT, state_dict=sd, notes=notes)
+        loaded.notes.insert(0, f"state_dict taken from checkpoint key {where}")
+        return loaded
     raise LoadError(
         "a dict with no tensors and no state_dict under any of the keys "
-        + ", ".join(repr(k) for k in _STATE_DICT_KEYS),
+        + ", ".join(repr(k) for k in _STATE_DICT_KEYS)
+        + f" (followed {_NESTING} levels deep)",
         hint="save model.state_dict() or a checkpoint with a 'state_dict' key",
         path=path,
     )
+
+
+def _find_in_checkpoint(
+    obj: Mapping[Any, Any], keys: tuple[str, ...]
+) -> tuple[tuple[str, ...], Any] | None:
+    """The first state_dict (or module) under the known keys, breadth first, with its path:
+    ``{'model': {'state_dict': sd}}`` gives ``(('model', 'state_dict'), sd)``."""
+    import torch
+
+    level: list[tuple[tuple[str, ...], Mapping[Any, Any]]] = [(keys, obj)]
+    for _ in range(_NESTING):
+        deeper = []
+        for where, mapping in level:
+            for key in _STATE_DICT_KEYS:
+                inner = mapping.get(key)
+                if isinstance(inner, torch.nn.Module) or (
+                    isinstance(inner, Mapping) and inner and _is_state_dict(inner)
+                ):
+                    return (*where, key), inner
+                if isinstance(inner, Mapping):
+                    deeper.append(((*where, key), inner))
+        level = deeper
+    return None
 
 
 def _is_state_dict(obj: Mapping[Any, Any]) -> bool:
@@ -300,6 +367,26 @@ def _strip_common_prefix(sd: dict[str, Any]) -> tuple[dict[str, Any], list[str]]
     return sd, []
 
 
+def _pickle_unreadable(path: Path) -> bool:
+    """Whether the file's main pickle cannot even be parsed (corrupt, not hostile).
+
+    Only chooses the wording of the error: whether the pickle is *safe* is decided by
+    torch's weights-only unpickler, never here.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+                data = zf.read(name)
+        else:
+            data = path.read_bytes()
+        for _ in pickletools.genops(data):
+            pass
+    except Exception:  # noqa: BLE001 - whatever stops the parse makes it unreadable
+        return True
+    return False
+
+
 def _load_torchscript(path: Path) -> LoadedModel:
     import torch
 
@@ -312,29 +399,37 @@ def _load_torchscript(path: Path) -> LoadedModel:
     )
 
 
-def _load_exported(path: Path, names: list[str]) -> LoadedModel:
+def _load_exported(path: Path, names: list[str], *, trust_pickle: bool) -> LoadedModel:
     import torch
 
-    try:
-        _scan_archive_pickles(path, names)
-    except UnsafePickleError:
-        raise
-    except Exception as e:
-        raise LoadError(f"corrupt torch.export archive ({_short(e)})", path=path) from e
+    from bnfold import pt2_guard
+    from bnfold.safe_pickle import forced_weights_only
+
+    pt2_guard.check_archive(path, names, trust_pickle=trust_pickle)
+    notes = pt2_guard.register_pytree_types(pt2_guard.pytree_types(path), path)
     export_logger = logging.getLogger("torch.export")
     level = export_logger.level
     export_logger.setLevel(logging.CRITICAL)  # torch logs tracebacks for corrupt archives
+    weights_only = contextlib.nullcontext() if trust_pickle else forced_weights_only()
     try:
-        with path.open("rb") as f:
+        with weights_only, path.open("rb") as f:
             ep = torch.export.load(f)
     except Exception as e:
         raise LoadError(f"corrupt torch.export archive ({_short(e)})", path=path) from e
     finally:
         export_logger.setLevel(level)
-    module = ep.module()
+    if not trust_pickle:
+        pt2_guard.check_program(ep, path)
+    try:
+        # the guards are Python source from the file that module() would exec
+        module = ep.module() if trust_pickle else ep.module(check_guards=False)
+    except Exception as e:
+        raise LoadError(f"corrupt torch.export archive ({_short(e)})", path=path) from e
     sd = dict(ep.state_dict)
     sd.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
-    loaded = LoadedModel(path, ModelFormat.EXPORTED_PROGRAM, state_dict=sd, module=module)
+    loaded = LoadedModel(
+        path, ModelFormat.EXPORTED_PROGRAM, state_dict=sd, module=module, notes=notes
+    )
     example = getattr(ep, "example_inputs", None)
     if (
         example
@@ -346,123 +441,97 @@ def _load_exported(path: Path, names: list[str]) -> LoadedModel:
     return loaded
 
 
-def _scan_archive_pickles(path: Path, names: list[str]) -> None:
-    """Refuse a torch.export archive whose embedded pickles name non-tensor globals."""
-    with zipfile.ZipFile(path) as zf:
-        for name in names:
-            data = zf.read(name)
-            if data[:4] == b"PK\x03\x04":
-                try:
-                    with zipfile.ZipFile(io.BytesIO(data)) as inner:
-                        for inner_name in inner.namelist():
-                            if inner_name.endswith(".pkl"):
-                                _check_pickle(inner.read(inner_name), path, f"{name}/{inner_name}")
-                except zipfile.BadZipFile:
-                    continue  # raw tensor bytes that happen to start like a zip
-            elif name.endswith(".pkl") or (data[:1] == b"\x80" and not _raw_weight(name)):
-                _check_pickle(data, path, name)
-
-
-def _pickle_unreadable(path: Path) -> bool:
-    """Whether the file's main pickle cannot even be parsed (corrupt, not hostile)."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                name = next(n for n in zf.namelist() if n.endswith("data.pkl"))
-                data = zf.read(name)
-        else:
-            data = path.read_bytes()
-    except Exception:  # noqa: BLE001
-        return True
-    return ("?", "unreadable pickle") in _pickle_globals(data)
-
-
-def _raw_weight(name: str) -> bool:
-    """Members holding raw tensor bytes (which may start with any byte)."""
-    return (
-        "/data/weights/" in name
-        or "/data/constants/" in name
-        or ("/data/" in name and (name.rsplit("/", 1)[-1].isdigit()))
-    )
-
-
-def _check_pickle(data: bytes, path: Path, member: str) -> None:
-    for module, name in _pickle_globals(data):
-        ok = (
-            (module, name) in _SAFE_PICKLE_GLOBALS
-            or (module == "torch" and name.endswith("Storage"))
-            or (module == "torch._utils" and name.startswith("_rebuild_"))
-        )
-        if not ok:
-            raise UnsafePickleError(
-                f"member {member} pickles {module}.{name}, which would run code on loading",
-                hint="bnfold refuses torch.export archives with code in their pickles",
-                path=path,
-            )
-
-
-def _pickle_globals(data: bytes) -> list[tuple[str, str]]:
-    """(module, name) of every GLOBAL/STACK_GLOBAL in a pickle, found without running it."""
-    found: list[tuple[str, str]] = []
-    strings: list[str] = []
-    try:
-        for op, arg, _pos in pickletools.genops(data):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                strings.append(str(arg))
-            elif op.name in ("GLOBAL", "INST"):
-                module, _, name = str(arg).partition(" ")
-                found.append((module, name))
-            elif op.name == "STACK_GLOBAL":
-                found.append((strings[-2], strings[-1]) if len(strings) >= 2 else ("?", "?"))
-    except Exception:  # noqa: BLE001 - a broken pickle is not loadable either
-        found.append(("?", "unreadable pickle"))
-    return found
-
-
 # --------------------------------------------------------------------------- safetensors
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path, size: int) -> dict[str, torch.Tensor]:
+    """Parse a safetensors file: every entry checked against the file before any read.
+
+    Entries must lie inside the data section without overlapping, so the tensors read
+    never add up to more than the file.
+    """
     import torch
 
-    size = path.stat().st_size
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > _SAFETENSORS_MAX_HEADER:
+            raise LoadError(
+                f"corrupt safetensors header (declares {n} bytes; the file has {size})",
+                path=path,
+            )
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LoadError(f"corrupt safetensors header ({e})", path=path) from e
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise LoadError(f"corrupt safetensors header ({_short(e)})", path=path) from e
         data_start = 8 + n
-        buf = f.read()
-    if not isinstance(header, dict):
-        raise LoadError("corrupt safetensors header (not a JSON object)", path=path)
-    out: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise LoadError(f"corrupt safetensors entry for {name!r}", path=path) from e
-        if not 0 <= begin <= end <= size - data_start or end > len(buf):
-            raise LoadError(f"truncated safetensors file: {name!r} lies past the end", path=path)
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * dtype.itemsize
-        if end - begin != nbytes:
-            raise LoadError(f"corrupt safetensors entry for {name!r} (size mismatch)", path=path)
-        t = (
-            torch.frombuffer(bytearray(buf[begin:end]), dtype=dtype)
-            if nbytes
-            else torch.empty(0, dtype=dtype)
-        )
-        out[name] = t.reshape(shape)
+        data_size = size - data_start
+        if not isinstance(header, dict):
+            raise LoadError("corrupt safetensors header (not a JSON object)", path=path)
+        entries = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            entries.append((*_safetensors_entry(name, info, data_size, path), name))
+        entries.sort(key=lambda e: (e[0], e[1]))
+        end_of_previous, previous = 0, ""
+        for begin, end, _dtype, _shape, name in entries:
+            if begin < end_of_previous and begin != end:
+                raise LoadError(
+                    f"corrupt safetensors file: {name!r} overlaps {previous!r} (aliased "
+                    "data would be read twice)",
+                    path=path,
+                )
+            if end > end_of_previous:
+                end_of_previous, previous = end, name
+        out: dict[str, torch.Tensor] = {}
+        for begin, end, dtype, shape, name in sorted(entries, key=lambda e: e[0]):
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(data_start + begin)
+            if end > begin and f.readinto(raw.numpy()) != end - begin:  # type: ignore[arg-type]
+                raise LoadError(
+                    f"truncated safetensors file: {name!r} lies past the end", path=path
+                )
+            out[name] = raw.view(dtype).reshape(shape)
     if not out:
         raise LoadError("the safetensors file holds no tensors", path=path)
-    return _clean_keys(out)[0]
+    ordered = {name: out[name] for name in header if name in out}  # the file's order
+    return _clean_keys(ordered)[0]
+
+
+def _safetensors_entry(
+    name: str, info: Any, data_size: int, path: Path
+) -> tuple[int, int, torch.dtype, list[int]]:
+    import torch
+
+    def bad(why: str) -> LoadError:
+        return LoadError(f"corrupt safetensors entry for {name!r} ({why})", path=path)
+
+    if not isinstance(info, dict):
+        raise bad("not a JSON object")
+    dtype_name = _SAFETENSORS_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+    dtype = getattr(torch, dtype_name, None) if dtype_name else None
+    if dtype is None:
+        raise bad(f"unknown dtype {str(info.get('dtype'))[:20]!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise bad("its shape is not a list of non-negative integers")
+    if any(s >= 2**63 for s in shape):
+        raise bad("its shape has a dimension torch cannot hold")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise bad("its data_offsets are not two non-negative integers")
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        raise LoadError(f"truncated safetensors file: {name!r} lies past the end", path=path)
+    numel = 1
+    for s in shape:
+        numel *= s  # Python integers: 2**70 does not wrap
+    if numel * dtype.itemsize != end - begin:
+        raise bad("size mismatch: its shape and dtype need another byte count")
+    return begin, end, dtype, shape
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -491,29 +560,92 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     return model
 
 
+# ONNX element types narrower than a byte, packed: bits per element in raw_data, and
+# elements per int32_data entry (onnx.numpy_helper.to_array's unpacking)
+_SUB_BYTE = {"UINT4": (4, 2), "INT4": (4, 2), "FLOAT4E2M1": (4, 2), "UINT2": (2, 4),
+             "INT2": (2, 4), "FLOAT6E2M3": (6, 1), "FLOAT6E3M2": (6, 1)}  # fmt: skip
+
+
+def _tensor_layout(tensor: Any, path: Path) -> tuple[int, int | None, str | None, int]:
+    """(element count, raw byte count, typed field, typed entry count) of an ONNX tensor;
+    LoadError when its element type is unknown or a dimension is negative."""
+    kind = _element_type(tensor.data_type)
+    if kind is None:
+        raise LoadError(
+            f"tensor {tensor.name!r} has element type {tensor.data_type}, which ONNX does not "
+            "define",
+            path=path,
+        )
+    name, typed, itemsize = kind
+    numel = 1
+    for d in tensor.dims:
+        if d < 0:
+            raise LoadError(f"tensor {tensor.name!r} has a negative dimension {d}", path=path)
+        numel *= d
+    if name == "STRING":
+        return numel, None, typed, numel
+    if name in _SUB_BYTE:
+        bits, per_entry = _SUB_BYTE[name]
+        return numel, -(-numel * bits // 8), typed, -(-numel // per_entry)
+    per = 2 if name.startswith("COMPLEX") else 1
+    return numel, numel * itemsize, typed, numel * per
+
+
+@functools.lru_cache(maxsize=64)
+def _element_type(data_type: int) -> tuple[str, str, int] | None:
+    """(name, typed field, bytes per element) of an ONNX element type; None if undefined."""
+    import onnx
+
+    if data_type not in onnx.TensorProto.DataType.values() or data_type == 0:
+        return None
+    name = onnx.TensorProto.DataType.Name(data_type)
+    typed = onnx.helper.tensor_dtype_to_field(data_type)
+    if name == "STRING":
+        return name, typed, 0
+    return name, typed, onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+
+
+def _check_inline_tensor(tensor: Any, path: Path) -> None:
+    """The data stored in the model holds exactly what its shape and type say."""
+    numel, raw, typed, entries = _tensor_layout(tensor, path)
+    if tensor.HasField("raw_data") and raw is not None:
+        got = len(tensor.raw_data)
+        if got != raw:
+            raise LoadError(
+                f"tensor {tensor.name!r} holds {got} bytes of data; its shape and type need {raw}",
+                path=path,
+            )
+        return
+    count = len(getattr(tensor, typed)) if typed else 0
+    if count != entries and (numel or count):
+        raise LoadError(
+            f"tensor {tensor.name!r} holds {count} values; its shape needs {entries}", path=path
+        )
+
+
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    from onnx.external_data_helper import (
-        ExternalDataInfo,
-        _get_all_tensors,
-        uses_external_data,
-    )
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     base = path.resolve().parent
-    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    external = []
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            external.append(tensor)
+        else:
+            _check_inline_tensor(tensor, path)
+    ranges: dict[Path, list[tuple[int, int, str]]] = {}
     for tensor in external:
-        info = ExternalDataInfo(tensor)
-        target = (base / info.location).resolve()
-        if not target.is_relative_to(base):
-            raise LoadError(
-                f"external data of {tensor.name!r} points outside the model's folder "
-                f"({info.location}); refused",
-                path=path,
-            )
-        if not target.is_file():
-            raise LoadError(
-                f"external data file {info.location!r} of {tensor.name!r} is missing",
-                path=path,
-            )
+        target, offset, nbytes = _external_range(tensor, base, path)
+        ranges.setdefault(target, []).append((offset, offset + nbytes, tensor.name))
+    for spans in ranges.values():
+        spans.sort()
+        for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+            if begin < end:
+                raise LoadError(
+                    f"external data of {second!r} overlaps that of {first!r} (aliased data "
+                    "would be read twice)",
+                    path=path,
+                )
     if external:
         import onnx.external_data_helper as edh
 
@@ -522,27 +654,71 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         except (OSError, ValueError) as e:
             raise LoadError(f"cannot read external data ({e})", path=path) from e
         for tensor in external:
-            if len(tensor.raw_data) != _expected_nbytes(tensor):
+            _, raw, _, _ = _tensor_layout(tensor, path)
+            if len(tensor.raw_data) != raw:
                 raise LoadError(f"external data of {tensor.name!r} is truncated", path=path)
 
 
-def _expected_nbytes(tensor: Any) -> int:
-    import onnx
-
-    numel = 1
-    for d in tensor.dims:
-        numel *= d
-    return numel * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+def _external_range(tensor: Any, base: Path, path: Path) -> tuple[Path, int, int]:
+    """(file, offset, byte count) of one tensor's external data, every field checked."""
+    fields = {entry.key: entry.value for entry in tensor.external_data}
+    name = tensor.name
+    location = fields.get("location", "")
+    if not location or "\0" in location:
+        raise LoadError(
+            f"external data of {name!r} has {'no' if not location else 'a NUL byte in its'} "
+            "location",
+            path=path,
+        )
+    for key in ("offset", "length"):
+        value = fields.get(key)
+        if value is not None and not re.fullmatch(r"[0-9]{1,19}", value):
+            raise LoadError(
+                f"external data of {name!r} has {key} {value[:30]!r}, not a non-negative integer",
+                path=path,
+            )
+    target = (base / location).resolve()
+    if not target.is_relative_to(base):
+        raise LoadError(
+            f"external data of {name!r} points outside the model's folder ({location}); refused",
+            path=path,
+        )
+    if not target.exists():
+        raise LoadError(f"external data file {location!r} of {name!r} is missing", path=path)
+    if not target.is_file():
+        raise LoadError(
+            f"external data file {location!r} of {name!r} is not a regular file", path=path
+        )
+    _, raw, _, _ = _tensor_layout(tensor, path)
+    if raw is None:
+        raise LoadError(f"tensor {name!r} holds strings in external data", path=path)
+    offset = int(fields.get("offset", 0))
+    size = target.stat().st_size
+    length = int(fields["length"]) if "length" in fields else size - offset
+    if length != raw:
+        raise LoadError(
+            f"external data of {name!r} declares {length} bytes; its shape and type need {raw}",
+            path=path,
+        )
+    if offset + length > size:
+        raise LoadError(
+            f"external data of {name!r} is truncated: it needs bytes {offset}..{offset + length} "
+            f"of {location!r}, which has {size}",
+            path=path,
+        )
+    return target, offset, length
 
 
 # --------------------------------------------------------------------------- --arch
 
 
 def build_arch(spec: str, kwargs: Mapping[str, Any]) -> torch.nn.Module:
-    """Build the architecture named by ``spec``.
+    """Build the architecture named by ``spec``, never downloading anything.
 
-    ``torchvision:NAME``, ``timm:NAME``, ``package.module:callable`` or
-    ``path/to/file.py:callable``; ``kwargs`` go to the callable.
+    ``torchvision:NAME`` (``weights=None``, and ``weights_backbone=None`` where the
+    builder takes it), ``timm:NAME`` (``pretrained=False``), ``transformers:CLASS``
+    (``CLASS(CLASS.config_class(**kwargs))``), ``package.module:callable`` or
+    ``path/to/file.py:callable``; ``kwargs`` go to the callable (or the config).
     """
     import torch
 
@@ -550,33 +726,136 @@ def build_arch(spec: str, kwargs: Mapping[str, Any]) -> torch.nn.Module:
     if not sep or not source or not name:
         raise ArchError(
             f"--arch {spec!r} is not of the form package.module:callable, "
-            "path/file.py:callable, torchvision:NAME or timm:NAME"
+            "path/file.py:callable, torchvision:NAME, timm:NAME or transformers:CLASS"
         )
-    try:
-        if source == "torchvision":
-            try:
-                import torchvision
-            except ImportError as e:
-                raise ArchError(
-                    "--arch torchvision:... needs torchvision", hint="pip install torchvision"
-                ) from e
-            model = torchvision.models.get_model(name, weights=None, **kwargs)
-        elif source == "timm":
-            try:
-                import timm
-            except ImportError as e:
-                raise ArchError("--arch timm:... needs timm", hint="pip install timm") from e
-            model = timm.create_model(name, pretrained=False, **kwargs)
-        else:
-            factory = _import_callable(source, name, spec)
-            model = factory(**kwargs)
-    except ArchError:
-        raise
-    except Exception as e:
-        raise ArchError(f"--arch {spec!r} could not be built: {_short(e)}") from e
+    with _no_downloads() as attempts:
+        try:
+            model = _call_builder(source, name, spec, dict(kwargs))
+        except ArchError:
+            raise
+        except Exception as e:
+            if attempts:
+                raise _download_error(spec, attempts) from e
+            raise ArchError(f"--arch {spec!r} could not be built: {_short(e)}") from e
+    if attempts:
+        raise _download_error(spec, attempts)
     if not isinstance(model, torch.nn.Module):
         raise ArchError(f"--arch {spec!r} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _call_builder(source: str, name: str, spec: str, kwargs: dict[str, Any]) -> Any:
+    if source == "torchvision":
+        try:
+            import torchvision
+        except ImportError as e:
+            raise ArchError(
+                "--arch torchvision:... needs torchvision", hint="pip install torchvision"
+            ) from e
+        _refuse_weight_kwargs(spec, kwargs, ("weights", "weights_backbone"))
+        try:
+            builder = torchvision.models.get_model_builder(name)
+        except ValueError as e:
+            raise ArchError(f"--arch {spec!r} could not be built: {_short(e)}") from e
+        no_weights = {"weights": None}
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            no_weights["weights_backbone"] = None
+        return builder(**no_weights, **kwargs)
+    if source == "timm":
+        try:
+            import timm
+        except ImportError as e:
+            raise ArchError("--arch timm:... needs timm", hint="pip install timm") from e
+        _refuse_weight_kwargs(spec, kwargs, ("pretrained",))
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if source == "transformers":
+        try:
+            import transformers
+        except ImportError as e:
+            raise ArchError(
+                "--arch transformers:... needs transformers", hint="pip install transformers"
+            ) from e
+        cls = getattr(transformers, name, None)
+        config_class = getattr(cls, "config_class", None)
+        if not isinstance(cls, type) or config_class is None:
+            raise ArchError(
+                f"--arch {spec!r}: transformers has no model class {name!r} with a config class",
+                hint="name a model class, e.g. transformers:ResNetForImageClassification",
+            )
+        return cls(config_class(**kwargs))
+    factory = _import_callable(source, name, spec)
+    return factory(**kwargs)
+
+
+def _refuse_weight_kwargs(spec: str, kwargs: Mapping[str, Any], names: tuple[str, ...]) -> None:
+    given = [k for k in names if kwargs.get(k) not in (None, False)]
+    if given:
+        raise ArchError(
+            f"--arch {spec!r}: --arch-kwargs asks for pretrained weights ({', '.join(given)}); "
+            "bnfold never downloads, the weights come from the model file",
+            hint=f"drop {', '.join(repr(k) for k in given)} from --arch-kwargs",
+        )
+
+
+class _DownloadBlocked(ConnectionError):
+    """Raised in place of any network access or torch.hub download while building."""
+
+
+@contextlib.contextmanager
+def _no_downloads() -> Iterator[list[str]]:
+    """While building: torch.hub's downloads (wherever their names were imported to) and
+    every socket connection raise ``_DownloadBlocked``; the attempts are listed."""
+    import socket
+
+    import torch.hub
+
+    attempts: list[str] = []
+
+    def blocked(what: str) -> Any:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            target = next((a for a in args if isinstance(a, (str, tuple))), "")
+            attempts.append(f"{what}({str(target)[:80]})")
+            raise _DownloadBlocked(f"bnfold blocked a download: {what}")
+
+        return refuse
+
+    patches: list[tuple[Any, str, Any]] = []  # (owner, attribute, what to restore)
+    # torch.hub's two download functions, in every module that imported them by name
+    # (torchvision binds load_state_dict_from_url in its own modules): a cached file would
+    # be returned without any network access
+    names = ("load_state_dict_from_url", "download_url_to_file")
+    hub = {id(getattr(torch.hub, n)): n for n in names}
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None) or {}  # never a module's __getattr__
+        for attr in names:
+            value = namespace.get(attr)
+            if value is not None and hub.get(id(value)) == attr:
+                patches.append((module, attr, value))
+    for attr in ("getaddrinfo", "create_connection"):
+        patches.append((socket, attr, getattr(socket, attr)))
+    for attr in ("connect", "connect_ex"):  # inherited from _socket.socket: delete after
+        patches.append((socket.socket, attr, socket.socket.__dict__.get(attr, _INHERITED)))
+    try:
+        for owner, attr, _ in patches:
+            setattr(owner, attr, blocked(f"{getattr(owner, '__name__', owner)}.{attr}"))
+        yield attempts
+    finally:
+        for owner, attr, original in reversed(patches):
+            if original is _INHERITED:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
+
+
+_INHERITED = object()
+
+
+def _download_error(spec: str, attempts: list[str]) -> ArchError:
+    return ArchError(
+        f"--arch {spec!r}: the builder tried to download ({attempts[0]}); bnfold never downloads",
+        hint="pass --arch-kwargs that build it without pretrained weights, or build it in "
+        "your own file (path/to/file.py:callable)",
+    )
 
 
 def _import_callable(source: str, name: str, spec: str) -> Any:
@@ -613,17 +892,20 @@ def _build_filled(
     """Build ``spec`` and load ``sd`` into it.
 
     The model is first built on the meta device, which skips the random initialisation
-    of weights about to be overwritten (seconds for big models); when that fails, or
-    leaves a tensor the file does not fill, it is built normally.
+    of weights about to be overwritten (seconds for big models); when that fails, leaves
+    a tensor the file does not fill, or builds lazy modules (whose shapes come from the
+    file, which needs real tensors), it is built normally.
     """
     import torch
+    from torch.nn.modules.lazy import LazyModuleMixin
 
     try:
         with torch.device("meta"):
             model = build_arch(spec, kwargs)
-        notes = _fill_module(model, sd, path, assign=True)
-        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-            return model, notes
+        if not any(isinstance(m, LazyModuleMixin) for m in model.modules()):
+            notes = _fill_module(model, sd, path, assign=True)
+            if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+                return model, notes
     except Exception:  # noqa: BLE001 - retried below, where errors are reported
         pass
     model = build_arch(spec, kwargs)
@@ -633,7 +915,15 @@ def _build_filled(
 def _fill_module(
     module: torch.nn.Module, sd: dict[str, Any], path: Path, *, assign: bool = False
 ) -> list[str]:
-    """Load ``sd`` into ``module`` strictly, with one readable error listing every misfit."""
+    """Load ``sd`` into ``module`` strictly, with one readable error listing every misfit.
+
+    Allowed on purpose, each with a note: BatchNorm ``num_batches_tracked`` missing from
+    the file (not needed for inference; left unknown rather than a false 0), tensors of
+    another dtype (cast to the architecture's), and lazy modules (shaped by the file).
+    """
+    import torch
+    from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
+
     expected = module.state_dict()
     notes: list[str] = []
     if set(sd) != set(expected):
@@ -641,11 +931,15 @@ def _fill_module(
         if set(stripped) == set(expected):
             sd, notes = stripped, more
     missing = sorted(set(expected) - set(sd))
+    no_nbt = [k for k in missing if _is_bn_counter(module, k)]
+    missing = [k for k in missing if k not in no_nbt]
     unexpected = sorted(set(sd) - set(expected))
     mismatched = [
         f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
         for k in expected
-        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
+        if k in sd
+        and not isinstance(expected[k], UninitializedTensorMixin)
+        and tuple(sd[k].shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or mismatched:
         parts = []
@@ -664,8 +958,120 @@ def _fill_module(
             hint="check --arch and --arch-kwargs",
             path=path,
         )
-    module.load_state_dict(sd, strict=True, assign=assign)
+    sd, cast_notes = _cast_to_arch(sd, expected)
+    notes += cast_notes
+    filled = {k: torch.zeros((), dtype=torch.long) for k in no_nbt}
+    module.load_state_dict({**sd, **filled}, strict=True, assign=assign)
+    for key in no_nbt:
+        owner = module.get_submodule(key.rpartition(".")[0])
+        owner.num_batches_tracked = None  # type: ignore[assignment] # unknown, not a false 0
+    if no_nbt:
+        notes.append(
+            f"the file has no num_batches_tracked for {len(no_nbt)} BatchNorm layer(s); "
+            "not needed for inference, reported as unknown"
+        )
+    notes += _finish_lazy(module)
     return notes
+
+
+def _is_bn_counter(module: torch.nn.Module, key: str) -> bool:
+    import torch
+
+    owner_name, _, leaf = key.rpartition(".")
+    if leaf != "num_batches_tracked":
+        return False
+    try:
+        owner = module.get_submodule(owner_name)
+    except AttributeError:
+        return False
+    return isinstance(owner, torch.nn.modules.batchnorm._NormBase)
+
+
+def _cast_to_arch(
+    sd: dict[str, Any], expected: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Tensors whose dtype differs from the architecture's, cast to it (with notes)."""
+    casts: Counter[tuple[str, str]] = Counter()
+    out = dict(sd)
+    for key, value in sd.items():
+        want = expected.get(key)
+        if want is None:  # (a lazy module's uninitialized tensors have their dtype too)
+            continue
+        if value.dtype != want.dtype:
+            casts[(_dtype_name(value.dtype), _dtype_name(want.dtype))] += 1
+            out[key] = value.to(want.dtype)
+    notes = []
+    for (src, dst), count in sorted(casts.items()):
+        lossy = _narrower(src, dst)
+        notes.append(
+            f"cast {count} tensor(s) from {src} to {dst}, the architecture's dtype"
+            + ("; precision is lost" if lossy else "")
+        )
+    return out, notes
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _narrower(src: str, dst: str) -> bool:
+    """Whether casting ``src`` to ``dst`` can change values."""
+    import math
+
+    import torch
+
+    a, b = getattr(torch, src), getattr(torch, dst)
+    if a.is_complex or b.is_complex:
+        return not b.is_complex or a.itemsize > b.itemsize
+    if a.is_floating_point and b.is_floating_point:
+        fa, fb = torch.finfo(a), torch.finfo(b)
+        return fb.eps > fa.eps or fb.max < fa.max or fb.tiny > fa.tiny
+    if a.is_floating_point:
+        return True  # to an integer or bool
+    if b.is_floating_point:  # integer to float: exact up to the mantissa
+        bits = 1 if a == torch.bool else torch.iinfo(a).bits
+        return bits > 1 - math.log2(torch.finfo(b).eps)
+    if a == torch.bool or b == torch.bool:
+        return b == torch.bool and a != torch.bool
+    ia, ib = torch.iinfo(a), torch.iinfo(b)
+    return ib.min > ia.min or ib.max < ia.max
+
+
+def _finish_lazy(module: torch.nn.Module) -> list[str]:
+    """Lazy modules filled from the file become the plain modules they stand for.
+
+    ``load_state_dict`` gives a lazy module its weights but leaves it lazy, with
+    ``in_channels``/``in_features``/``num_features`` still 0; torch completes the change
+    on the first forward. Here it is completed from the weights' shapes instead, as
+    ``LazyModuleMixin._infer_parameters`` does after its dry run.
+    """
+    from torch import nn
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    done = []
+    for name, m in module.named_modules():
+        if not isinstance(m, LazyModuleMixin) or m.has_uninitialized_params():  # type: ignore[misc]
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd):
+            w = m.weight
+            m.in_channels = w.shape[0] if m.transposed else w.shape[1] * m.groups
+        elif isinstance(m, nn.Linear):
+            m.in_features = m.weight.shape[1]
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            ref = m.running_mean if m.running_mean is not None else m.weight
+            if ref is not None:
+                m.num_features = ref.shape[0]
+        m._initialize_hook.remove()
+        m._load_hook.remove()
+        delattr(m, "_initialize_hook")
+        delattr(m, "_load_hook")
+        if m.cls_to_become is not None:
+            m.__class__ = m.cls_to_become
+        done.append(name or "<root>")
+    if done:
+        return [f"lazy module(s) {', '.join(done[:5])}{' …' if len(done) > 5 else ''} shaped by "
+                "the file's weights"]  # fmt: skip
+    return []
 
 
 def _short(e: BaseException) -> str:

@@ -225,27 +225,65 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 
 
 def record_from_module(name: str, m: Any) -> BNRecord:
-    """A record of a BN module (eager, TorchScript or torchvision's FrozenBatchNorm2d)."""
+    """A record of a BN module (eager, TorchScript or torchvision's FrozenBatchNorm2d).
+
+    A traced TorchScript module keeps no ``eps``/``momentum`` attributes: they are
+    constants of the ``batch_norm`` call in its graph, and so is the training flag its
+    forward really uses. When eps is found nowhere it is reported unknown
+    (``eps_known=False``, fold scales computed with 1e-5), never guessed silently.
+    """
     weight = getattr(m, "weight", None)
     mean = getattr(m, "running_mean", None)
     nbt = getattr(m, "num_batches_tracked", None)
     kind = getattr(m, "original_name", None) or type(m).__name__
     ref = mean if mean is not None else weight
+    baked = _graph_batch_norm_constants(m)
+    eps = getattr(m, "eps", None)
+    if eps is None:
+        eps = baked.get("eps")
+    momentum = getattr(m, "momentum", None) if hasattr(m, "momentum") else baked.get("momentum")
+    training = baked.get("training", getattr(m, "training", None))
     return BNRecord(
         name=name,
         kind=str(kind),
         channels=int(getattr(m, "num_features", ref.shape[0] if ref is not None else 0)),
-        eps=float(m.eps),
-        momentum=None if getattr(m, "momentum", None) is None else float(m.momentum),
+        eps=float(eps) if isinstance(eps, (int, float)) else DEFAULT_EPS,
+        eps_known=isinstance(eps, (int, float)),
+        momentum=None if momentum is None else float(momentum),
         affine=bool(getattr(m, "affine", weight is not None)),
         track_running_stats=bool(getattr(m, "track_running_stats", mean is not None)),
         num_batches_tracked=int(nbt) if nbt is not None else None,
-        training=bool(m.training),
+        training=None if training is None else bool(training),
         mean=_np(mean),
         var=_np(getattr(m, "running_var", None)),
         gamma=_np(weight),
         beta=_np(getattr(m, "bias", None)),
     )
+
+
+_TS_BATCH_NORM = ("aten::batch_norm", "aten::_batch_norm_impl_index", "aten::native_batch_norm")
+
+
+def _graph_batch_norm_constants(m: Any) -> dict[str, Any]:
+    """training, momentum and eps of the first batch_norm call in a TorchScript module's
+    forward graph, where they are constants (all three ops take them as arguments 5-7)."""
+    import torch
+
+    if not isinstance(m, torch.jit.ScriptModule):
+        return {}
+    try:
+        for node in m.graph.nodes():
+            if node.kind() not in _TS_BATCH_NORM:
+                continue
+            inputs = list(node.inputs())
+            found = {}
+            for index, key in ((5, "training"), (6, "momentum"), (7, "eps")):
+                if index < len(inputs) and inputs[index].node().kind() == "prim::Constant":
+                    found[key] = inputs[index].toIValue()
+            return found
+    except (AttributeError, RuntimeError):  # a module without a forward graph
+        return {}
+    return {}
 
 
 def records_from_state_dict(sd: dict[str, torch.Tensor]) -> list[BNRecord]:

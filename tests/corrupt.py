@@ -10,10 +10,13 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import pickle
 import random
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -201,3 +204,243 @@ def small_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model: nn.Module = randomize_all(ConvBN(), seed)
     return model.state_dict()
+
+
+# --------------------------------------------------------------------------- hostile .pt2
+
+
+class ExecOnUnpickle:
+    """Unpickling this runs ``builtins.exec`` of code that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.code = f"open({str(marker)!r}, 'w').close()"
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def memo_pickle(marker: Path) -> bytes:
+    """A pickle calling ``builtins.exec`` whose STACK_GLOBAL takes module and name from the
+    memo (BINPUT/BINGET), with decoy strings in between: a scanner that pairs STACK_GLOBAL
+    with the last two string literals sees ``torch._utils._rebuild_tensor_v2``."""
+
+    def text(s: str) -> bytes:
+        raw = s.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw  # SHORT_BINUNICODE
+
+    code = f"open({str(marker)!r}, 'w').close()".encode()
+    return b"".join(
+        [
+            b"\x80\x04",  # PROTO 4
+            text("builtins"), b"q\x00", b"0",  # BINPUT 0, POP
+            text("exec"), b"q\x01", b"0",  # BINPUT 1, POP
+            text("torch._utils"), b"0",  # decoys
+            text("_rebuild_tensor_v2"), b"0",
+            b"h\x00", b"h\x01", b"\x93",  # BINGET 0, BINGET 1, STACK_GLOBAL
+            b"X" + struct.pack("<I", len(code)) + code,  # BINUNICODE
+            b"\x85", b"R", b".",  # TUPLE1, REDUCE, STOP
+        ]
+    )  # fmt: skip
+
+
+def memoize_pickle(marker: Path) -> bytes:
+    """The same with MEMOIZE (protocol 4's implicit memo index) instead of BINPUT."""
+
+    def text(s: str) -> bytes:
+        raw = s.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw
+
+    code = f"open({str(marker)!r}, 'w').close()".encode()
+    return b"".join(
+        [
+            b"\x80\x04",
+            text("builtins"), b"\x94", b"0",  # MEMOIZE (index 0), POP
+            text("exec"), b"\x94", b"0",  # MEMOIZE (index 1), POP
+            text("collections"), b"0", text("OrderedDict"), b"0",  # decoys
+            b"h\x00", b"h\x01", b"\x93",
+            b"X" + struct.pack("<I", len(code)) + code,
+            b"\x85", b"R", b".",
+        ]
+    )  # fmt: skip
+
+
+def torch_save_with_pickle(folder: Path, pickle_bytes: bytes, name: str = "memo.pt") -> Path:
+    """A torch.save zip (of a real state_dict) whose data.pkl is replaced by ``pickle_bytes``."""
+    source = io.BytesIO()
+    torch.save(small_state_dict(), source)
+    path = folder / name
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = pickle_bytes if info.filename.endswith("/data.pkl") else src.read(info)
+            dst.writestr(info, data)
+    return path
+
+
+def edited_export_archive(
+    exported: Path,
+    folder: Path,
+    name: str,
+    *,
+    json_edits: dict[str, Callable[[Any], Any]] | None = None,
+    members: dict[str, bytes] | None = None,
+    root_members: dict[str, bytes] | None = None,
+) -> Path:
+    """A copy of a torch.export archive with JSON members edited (by name suffix) and
+    members added or replaced (``members``: paths below the archive's root folder;
+    ``root_members``: at the top of the zip)."""
+    json_edits = json_edits or {}
+    members = dict(members or {})
+    path = folder / name
+    with zipfile.ZipFile(exported) as src, zipfile.ZipFile(path, "w") as dst:
+        root = src.namelist()[0].split("/", 1)[0]
+        for info in src.infolist():
+            data = src.read(info)
+            inner = info.filename.split("/", 1)[1]
+            if inner in members:
+                data = members.pop(inner)
+            for suffix, edit in json_edits.items():
+                if info.filename.endswith(suffix):
+                    data = json.dumps(edit(json.loads(data))).encode()
+            dst.writestr(info, data)
+        for inner, data in members.items():
+            dst.writestr(f"{root}/{inner}", data)
+        for name_, data in (root_members or {}).items():
+            dst.writestr(name_, data)
+    return path
+
+
+def hostile_export_opaque_constant(exported: Path, folder: Path, marker: Path) -> Path:
+    """(a) A constant declared an opaque object: ``data/constants/opaque_obj_0`` is a plain
+    pickle that torch.export.load reads with ``pickle.loads``."""
+
+    def add_constant(config: dict) -> dict:
+        config["config"]["evil"] = {
+            "path_name": "opaque_obj_0",
+            "is_param": False,
+            "use_pickle": True,
+            "tensor_meta": None,
+        }
+        return config
+
+    return edited_export_archive(
+        exported,
+        folder,
+        "opaque_constant.pt2",
+        json_edits={"data/constants/model_constants_config.json": add_constant},
+        members={"data/constants/opaque_obj_0": pickle.dumps(ExecOnUnpickle(marker))},
+    )
+
+
+def hostile_export_pickled_weight(
+    exported: Path, folder: Path, marker: Path, *, memo: bool = False, upper: bool = False
+) -> Path:
+    """(b) A weight whose config entry says ``use_pickle``, its member a legacy torch.save
+    pickle that torch.export.load reads with ``weights_only=False``; (c) with ``memo``, a
+    raw pickle hiding its global in the memo behind decoy strings. With ``upper`` the
+    member is stored as ``data/weights/WEIGHT_99``: torch's reader finds it all the same
+    (its lookup ignores case), a check that matches names exactly does not."""
+    if memo:
+        payload = memo_pickle(marker)
+    else:
+        buffer = io.BytesIO()
+        torch.save(ExecOnUnpickle(marker), buffer, _use_new_zipfile_serialization=False)
+        payload = buffer.getvalue()
+
+    def pickled(config: dict) -> dict:
+        entry = config["config"]["conv.weight"]
+        entry["use_pickle"] = True
+        entry["path_name"] = "weight_99"
+        return config
+
+    return edited_export_archive(
+        exported,
+        folder,
+        "memo_weight.pt2" if memo else "upper_weight.pt2" if upper else "pickled_weight.pt2",
+        json_edits={"data/weights/model_weights_config.json": pickled},
+        members={"data/weights/WEIGHT_99" if upper else "data/weights/weight_99": payload},
+    )
+
+
+def hostile_export_expression(exported: Path, folder: Path, marker: Path) -> Path:
+    """A symbolic size whose ``expr_str`` is Python: torch parses it with sympy.sympify,
+    which evaluates it."""
+
+    def symbolic(program: dict) -> dict:
+        values = program["graph_module"]["graph"]["tensor_values"]
+        first = next(iter(values.values()))
+        first["sizes"][0] = {
+            "as_expr": {
+                "expr_str": f"open({str(marker)!r}, 'w').close()",
+                "hint": {"as_int": 8},
+            }
+        }
+        return program
+
+    return edited_export_archive(
+        exported, folder, "expression.pt2", json_edits={"models/model.json": symbolic}
+    )
+
+
+def hostile_export_target(exported: Path, folder: Path, marker: Path) -> Path:
+    """A node whose target is ``torch.serialization.os.mkdir`` (torch resolves targets by
+    walking attributes down from ``torch``), called on ``marker`` when the program runs."""
+
+    def retarget(program: dict) -> dict:
+        node = program["graph_module"]["graph"]["nodes"][0]
+        node["target"] = "torch.serialization.os.mkdir"
+        node["inputs"] = [{"name": "path", "arg": {"as_string": str(marker)}, "kind": 1}]
+        return program
+
+    return edited_export_archive(
+        exported, folder, "target.pt2", json_edits={"models/model.json": retarget}
+    )
+
+
+def hostile_export_attribute(exported: Path, folder: Path, marker: Path) -> Path:
+    """The parameter ``conv.weight`` renamed everywhere to ``conv.<payload>``, where fx
+    writes the name into the module's forward as ``getattr(self.conv, "<payload>")``: the
+    payload closes the string and runs ``exec`` (no dots: module paths split on them)."""
+    code = ",".join(str(b) for b in f"open({str(marker)!r}, 'w').close()".encode())
+    payload = f'weight" if exec(bytes(({code},))) else "weight'
+
+    def rename(document: Any) -> Any:
+        if isinstance(document, dict):
+            return {rename(k): rename(v) for k, v in document.items()}
+        if isinstance(document, list):
+            return [rename(v) for v in document]
+        return f"conv.{payload}" if document == "conv.weight" else document
+
+    edits = {"models/model.json": rename, "data/weights/model_weights_config.json": rename}
+    return edited_export_archive(exported, folder, "attribute.pt2", json_edits=edits)
+
+
+def hostile_export_guards(exported: Path, folder: Path, marker: Path) -> Path:
+    """Guards code (Python source kept in the archive) that ExportedProgram.module() execs
+    into a function run on every call."""
+
+    def guard(program: dict) -> dict:
+        program["guards_code"] = [f"open({str(marker)!r}, 'w').close() is None"]
+        return program
+
+    return edited_export_archive(
+        exported, folder, "guards.pt2", json_edits={"models/model.json": guard}
+    )
+
+
+def with_zip_bomb(
+    source: Path, folder: Path, name: str, member: str = "data/bomb", size: int = 256 << 20
+) -> Path:
+    """A copy of the ZIP archive ``source`` plus one deflated member of ``size`` zero bytes
+    (256 MiB deflate to about 250 KB) under the archive's root folder."""
+    path = folder / name
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w") as dst:
+        root = src.namelist()[0].split("/", 1)[0]
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        info = zipfile.ZipInfo(f"{root}/{member}")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        chunk = bytes(1 << 20)
+        with dst.open(info, "w", force_zip64=True) as out:
+            for _ in range(size // len(chunk)):
+                out.write(chunk)
+    return path

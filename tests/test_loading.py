@@ -7,6 +7,8 @@ misleading extension; every round trip also proves the input file is unchanged.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import sys
 import textwrap
 import zipfile
 from pathlib import Path
@@ -704,7 +706,7 @@ def test_hostile_pickle_inside_export_archive(exported_archive, tmp_path):
     # plain torch.export.load unpickles sample inputs with weights_only=False: it would run this
     marker = tmp_path / "MARKER"
     path = corrupt.hostile_export_archive(exported_archive, tmp_path, marker)
-    with pytest.raises(UnsafePickleError, match="would run code on loading"):
+    with pytest.raises(UnsafePickleError, match="run code"):
         load_model(path)
     assert not marker.exists()
 
@@ -724,3 +726,342 @@ def test_zip_member_listing_matches_torch_save_layout(tmp_path, sd):
     torch.save(sd, path)
     with zipfile.ZipFile(path) as zf:
         assert zf.namelist()[0].endswith("/data.pkl")
+
+
+# --------------------------------------------------------------------------- expected to load
+
+LAZY_SOURCE = textwrap.dedent("""
+    from torch import nn
+
+    class LazyNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.LazyConv2d(6, 3, bias=False)
+            self.bn = nn.LazyBatchNorm2d()
+            self.fc = nn.LazyLinear(2)
+
+        def forward(self, x):
+            return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+""")
+
+FILTER_BANK_SOURCE = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class FilterBank(nn.Module):
+        \"\"\"A conv whose weight is a fixed filter bank: a buffer, not a parameter.\"\"\"
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, bias=False)
+            bank = torch.zeros_like(self.conv.weight)
+            del self.conv.weight
+            self.conv.register_buffer("weight", bank)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+""")
+
+
+def trained(model: torch.nn.Module, shape=(4, 3, 16, 16), steps: int = 3) -> torch.nn.Module:
+    """``model`` after a few train-mode passes (real BN statistics), in eval mode."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(*shape))
+    return model.eval()
+
+
+def inspect_json(path: Path, *args: str) -> dict:
+    """`bnfold inspect --format json` (CliRunner): the report as JSON."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(path), "--format", "json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_state_dict_without_num_batches_tracked_fits_arch(tmp_path):
+    """Issue 14: a state_dict with no num_batches_tracked keys fills --arch (a note says so,
+    the counter is reported unknown, not a false 0 that would read as stale statistics)."""
+    arch = tmp_path / "mynet.py"
+    arch.write_text(ARCH_SOURCE)
+    spec = f"{arch}:Net"
+    source = trained(build_arch(spec, {}))
+    sd = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "no_nbt.pt"
+    torch.save(sd, path)
+    loaded = load_model(path, arch=spec)
+    assert loaded.module.bn.num_batches_tracked is None
+    assert any("no num_batches_tracked for 1 BatchNorm" in n for n in loaded.notes)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded.module(x), source(x), rtol=0, atol=0)
+    layer = inspect_json(path, "--arch", spec)["layers"][0]
+    assert layer["num_batches_tracked"] is None
+    assert "stale_stats" not in layer["warnings"]
+
+
+def test_float16_state_dict_is_cast_to_the_arch_dtype(tmp_path, model):
+    """Issue 14: a float16 state_dict fills a float32 --arch, cast exactly, with a note."""
+    arch = tmp_path / "convbn_arch.py"
+    arch.write_text("from tests.models import ConvBN\n")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / "half.pt"
+    torch.save(half, path)
+    loaded = load_model(path, arch=f"{arch}:ConvBN")
+    for key, value in loaded.module.state_dict().items():
+        assert value.dtype == model.state_dict()[key].dtype, key
+        assert torch.equal(value, half[key].to(value.dtype)), key
+    assert "cast 6 tensor(s) from float16 to float32, the architecture's dtype" in loaded.notes
+    assert not any("precision" in n for n in loaded.notes)
+
+
+def test_float32_state_dict_into_float16_arch_says_precision_is_lost(tmp_path, model):
+    """Issue 14: narrowing to a float16 --arch is never silent: the note says precision is
+    lost."""
+    arch = tmp_path / "half_arch.py"
+    arch.write_text("from tests.models import ConvBN\n\ndef make():\n    return ConvBN().half()\n")
+    path = tmp_path / "full.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path, arch=f"{arch}:make")
+    assert loaded.module.conv.weight.dtype == torch.float16
+    assert (
+        "cast 6 tensor(s) from float32 to float16, the architecture's dtype; precision is lost"
+        in loaded.notes
+    )
+
+
+@pytest.mark.parametrize(
+    ("nesting", "where"),
+    [
+        (lambda sd: {"model": {"state_dict": sd}, "epoch": 3}, "'model' → 'state_dict'"),
+        (lambda sd: {"model": {"module": {"state_dict": sd}}}, "'model' → 'module' → 'state_dict'"),
+        (lambda sd: {"ema": {"model": sd}, "step": 1}, "'ema' → 'model'"),
+    ],
+)
+def test_nested_checkpoints_are_followed(tmp_path, sd, nesting, where):
+    """Issue 14: a state_dict nested a few levels deep under the known keys is found and
+    the note gives its path."""
+    path = tmp_path / "nested.ckpt"
+    torch.save(nesting(sd), path)
+    loaded = load_model(path)
+    assert loaded.format is ModelFormat.CHECKPOINT
+    assert_same_tensors(loaded.state_dict, sd)
+    assert loaded.notes[0] == f"state_dict taken from checkpoint key {where}"
+
+
+def test_nesting_is_bounded(tmp_path, sd):
+    """A state_dict deeper than the bound is not searched for (the error says how deep)."""
+    path = tmp_path / "deep.ckpt"
+    torch.save({"model": {"model": {"model": {"model": {"state_dict": sd}}}}}, path)
+    with pytest.raises(LoadError, match="followed 4 levels deep"):
+        load_model(path)
+
+
+def test_conv_weight_registered_as_a_buffer_loads(tmp_path):
+    """Issue 14: a conv whose weight is a buffer (a fixed filter bank) loads with the file's
+    filters, still a buffer, and inspect reports its BN."""
+    arch = tmp_path / "bank.py"
+    arch.write_text(FILTER_BANK_SOURCE)
+    spec = f"{arch}:FilterBank"
+    source = build_arch(spec, {})
+    with torch.no_grad():
+        source.conv.weight.copy_(torch.randn(4, 3, 3, 3))
+    trained(source)
+    path = tmp_path / "bank.pt"
+    torch.save(source.state_dict(), path)
+    loaded = load_model(path, arch=spec)
+    assert "conv.weight" in dict(loaded.module.named_buffers())
+    assert torch.equal(loaded.module.conv.weight, source.conv.weight)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded.module(x), source(x), rtol=0, atol=0)
+    assert inspect_json(path, "--arch", spec)["layers"][0]["name"] == "bn"
+
+
+def test_lazy_modules_load_from_a_state_dict(tmp_path):
+    """Issue 14: LazyConv2d/LazyBatchNorm2d/LazyLinear architectures load from a state_dict
+    as the plain modules they become, computing what the original computes; inspect folds
+    the BN into the conv."""
+    arch = tmp_path / "lazy.py"
+    arch.write_text(LAZY_SOURCE)
+    spec = f"{arch}:LazyNet"
+    source = trained(build_arch(spec, {}))
+    path = tmp_path / "lazy.pt"
+    torch.save(source.state_dict(), path)
+    loaded = load_model(path, arch=spec)
+    module = loaded.module
+    assert type(module.conv) is torch.nn.Conv2d and module.conv.in_channels == 3
+    assert type(module.bn) is torch.nn.BatchNorm2d and module.bn.num_features == 6
+    assert type(module.fc) is torch.nn.Linear and module.fc.in_features == 6
+    assert any("lazy module(s) conv, bn, fc" in n for n in loaded.notes)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(module(x), source(x), rtol=0, atol=0)
+    report = inspect_json(path, "--arch", spec, "--input-shape", "1,3,16,16")
+    assert report["layers"][0]["fold_into"] == "conv"
+
+
+# --------------------------------------------------------------------------- no downloads
+
+DOWNLOADING_SOURCE = textwrap.dedent("""
+    import torch
+    import urllib.request
+    from torch import nn
+
+    def from_hub():
+        torch.hub.load_state_dict_from_url("https://download.invalid/weights.pth")
+        return nn.BatchNorm2d(3)
+
+    def from_urllib():
+        urllib.request.urlopen("http://download.invalid/config.json")
+        return nn.BatchNorm2d(3)
+
+    def swallowing():
+        try:
+            urllib.request.urlopen("http://download.invalid/config.json")
+        except OSError:
+            pass
+        return nn.BatchNorm2d(3)
+""")
+
+
+def test_torchvision_builder_gets_no_backbone_weights():
+    """Issue 14: torchvision:deeplabv3_mobilenet_v3_large builds without asking for its
+    backbone's pretrained weights (it downloaded them by default)."""
+    model = build_arch("torchvision:deeplabv3_mobilenet_v3_large", {"num_classes": 3})
+    assert type(model).__name__ == "DeepLabV3"
+
+
+@pytest.mark.parametrize("factory", ["from_hub", "from_urllib", "swallowing"])
+def test_builder_that_downloads_is_refused(tmp_path, factory):
+    """Issue 14: a builder that tries to download (torch.hub, or any network connection,
+    even one it swallows) is an ArchError saying bnfold never downloads; nothing leaves
+    the machine."""
+    arch = tmp_path / "downloads.py"
+    arch.write_text(DOWNLOADING_SOURCE)
+    with pytest.raises(ArchError) as info:
+        build_arch(f"{arch}:{factory}", {})
+    assert "tried to download" in info.value.message
+    assert "bnfold never downloads" in info.value.message
+
+
+def test_download_guard_is_lifted_after_the_build(tmp_path):
+    """The network and torch.hub are blocked only while the builder runs."""
+    import socket
+
+    arch = tmp_path / "downloads.py"
+    arch.write_text(DOWNLOADING_SOURCE)
+    connect, hub = socket.socket.connect, torch.hub.load_state_dict_from_url
+    with pytest.raises(ArchError):
+        build_arch(f"{arch}:from_hub", {})
+    assert socket.socket.connect is connect
+    assert torch.hub.load_state_dict_from_url is hub
+    assert "connect" not in socket.socket.__dict__
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs"),
+    [
+        ("torchvision:resnet18", {"weights": "DEFAULT"}),
+        ("torchvision:deeplabv3_mobilenet_v3_large", {"weights_backbone": "DEFAULT"}),
+        ("timm:resnet18", {"pretrained": True}),
+    ],
+)
+def test_arch_kwargs_asking_for_pretrained_weights_are_refused(spec, kwargs):
+    """Issue 14: --arch-kwargs that would download pretrained weights: ArchError."""
+    with pytest.raises(ArchError, match="bnfold never downloads"):
+        build_arch(spec, kwargs)
+
+
+TRANSFORMERS = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="transformers is not installed (the 'test' extra installs it)",
+)
+HF_CONFIG = {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "num_labels": 3}
+
+
+@TRANSFORMERS
+def test_transformers_builder_fills_a_model(tmp_path):
+    """Issue 14: --arch transformers:ResNetForImageClassification builds the class from its
+    config class with --arch-kwargs, offline, and takes the file's weights."""
+    import transformers
+
+    torch.manual_seed(0)
+    source = trained(
+        transformers.ResNetForImageClassification(transformers.ResNetConfig(**HF_CONFIG)),
+        shape=(2, 3, 32, 32),
+    )
+    path = tmp_path / "hf.pt"
+    torch.save(source.state_dict(), path)
+    spec = "transformers:ResNetForImageClassification"
+    loaded = load_model(path, arch=spec, arch_kwargs=HF_CONFIG)
+    assert type(loaded.module) is transformers.ResNetForImageClassification
+    assert loaded.module.config.hidden_sizes == [8, 16]
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded.module(x).logits, source(x).logits, rtol=0, atol=0)
+
+
+@TRANSFORMERS
+def test_transformers_builder_unknown_class():
+    """transformers:NAME naming no model class: ArchError with an example."""
+    with pytest.raises(ArchError, match="no model class 'NoSuchModel'"):
+        build_arch("transformers:NoSuchModel", {})
+
+
+def test_transformers_builder_without_transformers(monkeypatch):
+    """Without transformers installed, transformers:... says pip install transformers."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError
+    with pytest.raises(ArchError) as info:
+        build_arch("transformers:ResNetForImageClassification", {})
+    assert "pip install transformers" in info.value.one_line()
+
+
+# --------------------------------------------------------------------------- TorchScript statistics
+
+
+@pytest.mark.parametrize("how", ["trace", "script"])
+def test_torchscript_resnet_with_trained_statistics_is_inspected(tmp_path, how):
+    """Issue 14: inspect on a traced or scripted ResNet-18 with trained BN statistics reports
+    every BN (a traced module has no eps attribute: it is read from the graph)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=4)
+    model.bn1.eps = 1e-3  # read from the file, not assumed
+    model = trained(model, shape=(2, 3, 32, 32))
+    x = torch.randn(1, 3, 32, 32)
+    scripted = torch.jit.trace(model, x) if how == "trace" else torch.jit.script(model)
+    path = tmp_path / f"{how}.pt"
+    torch.jit.save(scripted, str(path))
+    report = inspect_json(path)
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert len(layers) == 20
+    assert layers["bn1"]["eps"] == 1e-3 and layers["bn1"]["eps_known"]
+    assert all(layer["eps_known"] for layer in layers.values())
+    assert layers["layer1.0.bn1"]["eps"] == 1e-5
+    assert layers["bn1"]["momentum"] == 0.1 and layers["bn1"]["training"] is False
+    assert layers["bn1"]["num_batches_tracked"] == 3
+    want = model.bn1.running_var.double()
+    assert layers["bn1"]["running_var"]["max"] == pytest.approx(float(want.max()))
+    assert not any("stale_stats" in layer["warnings"] for layer in layers.values())
+
+
+def test_bn_record_without_eps_says_eps_unknown():
+    """A BN-like module whose eps is found nowhere is reported with eps unknown, not a
+    silent default."""
+    from types import SimpleNamespace
+
+    from bnfold.stats import record_from_module
+
+    bn = SimpleNamespace(
+        weight=torch.ones(3), bias=torch.zeros(3), running_mean=torch.zeros(3),
+        running_var=torch.ones(3), training=False,
+    )  # fmt: skip
+    record = record_from_module("bn", bn)
+    assert record.eps_known is False
+    assert record.channels == 3
