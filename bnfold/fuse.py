@@ -570,9 +570,9 @@ def _apply(state: _Pass, plan: _Plan) -> str:
 
 
 def _with_weights(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> nn.Module:
-    """A shallow copy of ``layer`` (same class, settings and hooks) holding new parameters
-    ``weight=w``, ``bias=b``; ``layer`` itself is left as it was.  (What ``copy.copy`` and
-    two ``setattr`` calls do, in a quarter of the time: the pass makes one per fold.)"""
+    """A shallow copy of ``layer`` (same class, settings and hooks) holding new tensors
+    ``weight=w``, ``bias=b``, each a parameter or a buffer as the layer's own was (a fixed
+    filter bank keeps its weight in a buffer); ``layer`` itself is left as it was."""
     requires_grad = bool(layer.weight.requires_grad)  # type: ignore[union-attr]
     cls: type[nn.Module] = type(layer)
     modules = dict(layer._modules)
@@ -584,13 +584,16 @@ def _with_weights(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> nn.Modu
     new = object.__new__(cls)
     state = new.__dict__
     state.update(layer.__dict__)
-    state["_parameters"] = {
-        **layer._parameters,
-        "weight": nn.Parameter(w, requires_grad=requires_grad),
-        "bias": nn.Parameter(b, requires_grad=requires_grad),
-    }
-    state["_buffers"] = dict(layer._buffers)
-    state["_modules"] = modules
+    parameters, buffers = dict(layer._parameters), dict(layer._buffers)
+    for name, value in (("weight", w), ("bias", b)):
+        in_buffers = name in buffers or (name == "bias" and "weight" in buffers)
+        if in_buffers and layer._parameters.get(name) is None:
+            parameters.pop(name, None)
+            buffers[name] = value
+        else:
+            buffers.pop(name, None)
+            parameters[name] = nn.Parameter(value, requires_grad=requires_grad)
+    state["_parameters"], state["_buffers"], state["_modules"] = parameters, buffers, modules
     return new
 
 

@@ -858,27 +858,58 @@ def value_users(node: fx.Node) -> list[fx.Node]:
 
 
 def is_layout_node(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A node that only moves elements (or is the identity in eval)."""
+    """A node a BatchNorm's per-channel affine map passes through exactly: it only moves
+    elements (reshape, permute, identity in eval), or averages within each channel
+    (average pooling without padding, a mean over other axes: ``avg(s*x + t) = s*avg(x) +
+    t``).  ``carry_law`` then checks, with shapes, that the channels really survive it."""
     if node.op == "call_method":
-        return node.target in _RESHAPE_METHODS | _PERMUTE_METHODS | _IDENTITY_METHODS
+        return node.target in _RESHAPE_METHODS | _PERMUTE_METHODS | _IDENTITY_METHODS | {"mean"}
     if node.op == "call_function":
-        return node.target in _RESHAPE_FUNCTIONS | _PERMUTE_FUNCTIONS
+        try:
+            return node.target in _RESHAPE_FUNCTIONS | _PERMUTE_FUNCTIONS | _MEANS | set(_AVERAGES)
+        except TypeError:  # an unhashable target
+            return False
     if node.op == "call_module":
         m = submodule(gm, str(node.target))
         if has_hooks(m) or not is_plain(m):
             return False  # a subclass with its own forward (GeM pooling, ...) or hooks
         if isinstance(m, _DROPOUTS) and m.training and m.p > 0:
             return False  # dropout kept active at inference (MC dropout)
-        return isinstance(m, (*_IDENTITY_MODULES, nn.Flatten)) or _is_global_pool(m)
+        return isinstance(m, (*_IDENTITY_MODULES, nn.Flatten)) or _pooled_axes(m) is not None
     return False
 
 
-def _is_global_pool(m: nn.Module) -> bool:
-    if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
-        size = m.output_size
-        sizes = size if isinstance(size, tuple) else (size,)
-        return all(s == 1 for s in sizes)
-    return False
+_MEANS = {torch.mean, _aten.mean.dim}
+_AVERAGES = {  # adaptive average pooling, by the number of spatial axes it averages
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3,
+    _aten.adaptive_avg_pool1d.default: 1,
+    _aten.adaptive_avg_pool2d.default: 2,
+    _aten.adaptive_avg_pool3d.default: 3,
+    _aten._adaptive_avg_pool2d.default: 2,
+    _aten._adaptive_avg_pool3d.default: 3,
+}
+_AVG_POOLS = (
+    (nn.AdaptiveAvgPool1d, nn.AvgPool1d),
+    (nn.AdaptiveAvgPool2d, nn.AvgPool2d),
+    (nn.AdaptiveAvgPool3d, nn.AvgPool3d),
+)
+
+
+def _pooled_axes(m: nn.Module) -> int | None:
+    """How many trailing (spatial) axes an average-pooling module averages within each
+    channel, or None: adaptive average pooling always; AvgPool when no padded zero counts
+    (no padding, or ``count_include_pad=False``) and no divisor is imposed."""
+    for dims, (adaptive, plain) in enumerate(_AVG_POOLS, start=1):
+        if isinstance(m, adaptive):
+            return dims
+        if isinstance(m, plain):
+            padding = m.padding if isinstance(m.padding, tuple) else (m.padding,)
+            unpadded = all(p == 0 for p in padding) or not m.count_include_pad
+            if unpadded and getattr(m, "divisor_override", None) is None:
+                return dims
+    return None
 
 
 def carry_law(gm: fx.GraphModule, node: fx.Node, law: ChannelLaw, k: int = 0) -> ChannelLaw | None:
@@ -887,13 +918,16 @@ def carry_law(gm: fx.GraphModule, node: fx.Node, law: ChannelLaw, k: int = 0) ->
     src, dst = shape_of(node.args[0], k), shape_of(node, k)  # type: ignore[arg-type]
     if src is None or dst is None:
         return None
-    is_module = node.op == "call_module"
-    module = submodule(gm, str(node.target)) if is_module else None
-    if module is not None and _is_global_pool(module):
+    pooled = _averaged_axes(gm, node)
+    if pooled is not None:  # the channel axis must be the one before the pooled axes
         axis = law.axis_in(src)
-        if axis != 1:
+        if axis is None or axis != len(src) - pooled - 1 or len(dst) != len(src):
             return None
-        return ChannelLaw.at_axis(dst, 1)
+        return ChannelLaw.at_axis(dst, axis)
+    if (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target in _MEANS
+    ):
+        return _after_mean(node, law, src, dst)
     if (node.op == "call_method" and node.target in _PERMUTE_METHODS) or (
         node.op == "call_function" and node.target in _PERMUTE_FUNCTIONS
     ):
@@ -906,6 +940,40 @@ def carry_law(gm: fx.GraphModule, node: fx.Node, law: ChannelLaw, k: int = 0) ->
         return ChannelLaw.at_axis(dst, order.index(axis))
     # reshape, view, flatten, squeeze, identity: row-major order is unchanged
     return law if math.prod(src) == math.prod(dst) else None
+
+
+def _averaged_axes(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    if node.op == "call_module":
+        return _pooled_axes(submodule(gm, str(node.target)))
+    if node.op == "call_function":
+        try:
+            return _AVERAGES.get(node.target)
+        except TypeError:
+            return None
+    return None
+
+
+def _after_mean(
+    node: fx.Node, law: ChannelLaw, src: tuple[int, ...], dst: tuple[int, ...]
+) -> ChannelLaw | None:
+    """The law after a mean over axes that do not hold the channels (else None)."""
+    args = list(node.args[1:])
+    dims = args[0] if args else node.kwargs.get("dim")
+    keepdim = bool(args[1] if len(args) > 1 else node.kwargs.get("keepdim", False))
+    if dims is None or node.kwargs.get("dtype") is not None:
+        return None
+    axis = law.axis_in(src)
+    listed = dims if isinstance(dims, (list, tuple)) else [dims]
+    try:
+        reduced = {int(d) % len(src) for d in listed}
+    except (TypeError, ValueError):
+        return None
+    if axis is None or axis in reduced:
+        return None
+    new_axis = axis if keepdim else axis - sum(d < axis for d in reduced)
+    if len(dst) != (len(src) if keepdim else len(src) - len(reduced)):
+        return None
+    return ChannelLaw.at_axis(dst, new_axis)
 
 
 def _permutation(node: fx.Node, rank: int) -> list[int] | None:

@@ -280,6 +280,15 @@ MODELS = textwrap.dedent('''
             return self.bn(F.conv2d(x, self.filters))
 
 
+    def buffer_weight():
+        """A Conv2d module whose weight is a buffer (a fixed filter bank)."""
+        model = ConvBN()
+        weight = model.conv.weight.detach().clone()
+        del model.conv.weight
+        model.conv.register_buffer("weight", weight)
+        return model
+
+
     class BatchOfTwo(nn.Module):
         """Runs only at batch size 2: the batch is flattened into the features."""
 
@@ -764,10 +773,11 @@ def test_infinite_mask_buffer_is_not_refused(arch_file, tmp_path):
     assert report["folded"]
 
 
-def test_filter_bank_buffer_folds(arch_file, tmp_path):
-    """Issue 13: a conv whose weight is a buffer (a fixed filter bank) folds, and the
-    buffer itself is left as it was."""
-    result, report, model, out = fuse(arch_file, tmp_path, "FilterBank")
+@pytest.mark.parametrize("name", ["FilterBank", "buffer_weight"])
+def test_filter_bank_buffer_folds(arch_file, tmp_path, name):
+    """Issue 13: a conv whose weight is a buffer (a fixed filter bank), functional or a
+    Conv2d module, folds (the folded module failed to export), and verifies."""
+    result, report, model, out = fuse(arch_file, tmp_path, name)
     assert result.exit_code == 0, result.output
     assert report["folded"]
     assert_onnx_matches(model, out, image())
