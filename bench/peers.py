@@ -60,7 +60,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from bnfold.export import export_onnx  # noqa: E402
-from bnfold.fuse import fold_graph  # noqa: E402
+from bnfold.fold_torch import fold_graph  # noqa: E402
 from bnfold.graph import bn_site, capture, is_bn_module, propagate_shapes  # noqa: E402
 
 WRONG = 1e-3

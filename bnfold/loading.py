@@ -57,6 +57,7 @@ __all__ = ["LoadedModel", "ModelFormat", "build_arch", "load_model", "load_onnx"
 
 
 class ModelFormat(str, enum.Enum):
+    MODULE = "module"  # an nn.Module handed over in memory (the Python API)
     STATE_DICT = "state_dict"
     CHECKPOINT = "checkpoint"
     PICKLED_MODULE = "pickled_module"

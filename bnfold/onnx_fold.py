@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.fuse import Decision
+from bnfold.fold_torch import Decision
 from bnfold.rules import Direction, Reason
 
 __all__ = ["OnnxFoldOutcome", "fold_onnx"]

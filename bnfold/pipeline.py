@@ -86,17 +86,31 @@ class Examples:
     notes: list[str] = field(default_factory=list)
 
 
-def run_fuse(opts: FuseOptions, step: Step = _no_progress) -> FuseReport:
-    """Fold, export and verify; return the report (verification may have failed)."""
-    from bnfold.fuse import count_params
+def run_fuse(
+    opts: FuseOptions,
+    step: Step = _no_progress,
+    *,
+    loaded: LoadedModel | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+) -> FuseReport:
+    """Fold, export and verify; return the report (verification may have failed).
+
+    ``loaded`` is a model already in memory (the Python API), else ``opts.model`` is
+    loaded; ``example_inputs`` give the input shape, as ``--input-shape`` does.
+    """
+    from bnfold.fold_torch import count_params
     from bnfold.loading import load_model
 
     _check_outputs(opts)
     clock = _Clock()
-    with step(f"Loading {opts.model.name}"):
-        loaded = load_model(
-            opts.model, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_pickle=opts.trust_pickle
-        )
+    if loaded is None:
+        with step(f"Loading {opts.model.name}"):
+            loaded = load_model(
+                opts.model,
+                arch=opts.arch,
+                arch_kwargs=opts.arch_kwargs,
+                trust_pickle=opts.trust_pickle,
+            )
     if loaded.onnx_model is not None:
         clock.lap("load")
         return _run_fuse_onnx(opts, loaded, step, clock)
@@ -104,7 +118,7 @@ def run_fuse(opts: FuseOptions, step: Step = _no_progress) -> FuseReport:
     model = _model_to_fold(loaded, opts, notes)
     clock.lap("load")
     with step("Capturing the data flow"):
-        examples = _examples(opts, loaded, model)
+        examples = _examples(opts, loaded, model, example_inputs)
         captured = _capture(model, examples)
     notes += examples.notes + ([captured.note] if captured.note else [])
     clock.lap("capture")
@@ -217,7 +231,12 @@ def _in_training_mode(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def _examples(opts: FuseOptions, loaded: LoadedModel, model: torch.nn.Module) -> Examples:
+def _examples(
+    opts: FuseOptions,
+    loaded: LoadedModel,
+    model: torch.nn.Module,
+    given: Sequence[torch.Tensor] | None = None,
+) -> Examples:
     """One example batch and, for a dynamic batch axis, the same at another batch size.
 
     The shape comes from ``--input-shape``, else from ``--inputs``, else from a ``.pt2``'s
@@ -234,7 +253,9 @@ def _examples(opts: FuseOptions, loaded: LoadedModel, model: torch.nn.Module) ->
             "--verify-batches 0 needs --inputs: verification must feed something",
             hint="give --inputs data.npz, or at least one random batch",
         )
-    if opts.input_shapes:
+    if given is not None:
+        example = list(given)
+    elif opts.input_shapes:
         example = random_batches(opts.input_shapes, opts.input_dtype, 1, seed=opts.seed)[0]
     elif real is not None:
         example = list(real[0])  # the real inputs decide the shape
@@ -327,7 +348,7 @@ def _fold(
 ) -> tuple[torch.fx.GraphModule, tuple[FoldedSite, ...], tuple[SkippedSite, ...], tuple[int, int]]:
     """Fold every BN that folds exactly; the folded module, the report rows and the number
     of operations before and after."""
-    from bnfold.fuse import fold_graph, shared_modules
+    from bnfold.fold_torch import fold_graph, shared_modules
 
     gm = captured.module
     protected = shared_modules(gm, model)

@@ -9,10 +9,18 @@ ever gain new fields within one schema version.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 1
+
+
+class _Report:
+    """What every top-level report offers: ``to_dict()``, the CLI's JSON as plain data."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,7 @@ class InspectSummary:
 
 
 @dataclass(frozen=True)
-class InspectReport:
+class InspectReport(_Report):
     model: str
     format: str
     architecture_known: bool
@@ -126,7 +134,7 @@ class Verification:
 
 
 @dataclass(frozen=True)
-class FuseReport:
+class FuseReport(_Report):
     model: str
     format: str
     output: str | None
@@ -154,8 +162,19 @@ class FuseReport:
 
 
 def to_dict(report: Any) -> dict[str, Any]:
-    """A report as JSON-ready plain data (tuples become lists)."""
-    return dataclasses.asdict(report)
+    """A report as JSON-ready plain data, exactly the CLI's ``--format json``: tuples become
+    lists, and NaN or infinite numbers ``None`` (JSON has no such numbers)."""
+    return _clean(dataclasses.asdict(report))  # type: ignore[no-any-return]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -178,7 +197,7 @@ class FileCheck:
 
 
 @dataclass(frozen=True)
-class CheckReport:
+class CheckReport(_Report):
     files: tuple[FileCheck, ...]
     passed: bool
     exit_code: int  # 0 passed, 1 a check failed, 2 a file could not be read

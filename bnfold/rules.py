@@ -6,7 +6,7 @@ captured graph, as ONNX operators), in which direction the BN folds, which axis 
 layer's tensor carries the BN's channels, how the weight is scaled (``FoldKind``) and
 whether zero padding breaks it.  The checks every fold needs (eval mode, running
 statistics, one consumer, channel alignment, shared weights, hooks) are not here: they
-live once per route, in ``fuse.py`` (PyTorch graphs) and ``onnx_fold.py`` (ONNX).
+live once per route, in ``fold_torch.py`` (PyTorch graphs) and ``onnx_fold.py`` (ONNX).
 
 Adding a layer pair is one entry in ``RULES`` (and a test row).  This module imports
 neither torch nor onnx: each route resolves the names below itself.

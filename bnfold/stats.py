@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-    from bnfold.fuse import Decision
+    from bnfold.fold_torch import Decision
     from bnfold.loading import LoadedModel
 
 __all__ = ["CODES", "BNRecord", "Thresholds", "inspect_model", "layer_report"]
@@ -479,7 +479,7 @@ def plan_folds(
     module: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | None
 ) -> tuple[list[Decision], str | None]:
     """Run the fold pass on a throwaway capture: what would fold, and why not."""
-    from bnfold.fuse import fold_graph
+    from bnfold.fold_torch import fold_graph
     from bnfold.graph import capture, propagate_shapes
     from bnfold.inputs import infer_example_inputs
 

@@ -1,4 +1,4 @@
-"""``bnfold check``, the CI gate (bnfold/check.py, bnfold/cli/check.py)."""
+"""``bnfold check``, the CI gate (bnfold/gate.py, bnfold/cli/check.py)."""
 
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def test_symbolic_dimensions_need_input_shape(runner, tmp_path):
 def test_walk_reads_what_onnx_load_reads(name):
     """The zero-copy walk (issue #4) gives the model onnx.load gives, minus raw_data, and
     every initializer as numpy_helper.to_array does."""
-    from bnfold.check import _walk
+    from bnfold.gate import _walk
 
     path = SAMPLES / name
     walked = _walk(path)
@@ -244,7 +244,7 @@ def test_walk_reads_what_onnx_load_reads(name):
 def test_walk_declines_external_data_and_reads_other_fields(tmp_path):
     """External data goes through load_model (its folder checks); a tensor stored in
     float_data is parsed whole and its NaN still fails weights_finite."""
-    from bnfold.check import _walk
+    from bnfold.gate import _walk
 
     proto = onnx.load(str(SAMPLES / "convnet.onnx"))
     onnx.save(proto, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="w.data")

@@ -26,7 +26,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bnfold.cli import app
-from bnfold.fuse import fold_graph
+from bnfold.fold_torch import fold_graph
 from bnfold.graph import capture_model
 from bnfold.rules import Reason
 from tests.helpers import write_arch
@@ -136,7 +136,8 @@ MODELS = textwrap.dedent('''
         """Weight standardisation in _conv_forward (forward itself is torch's)."""
 
         def _conv_forward(self, x, weight, bias):
-            w = (weight - weight.mean((1, 2, 3), keepdim=True)) / (weight.std((1, 2, 3), keepdim=True) + 1e-5)
+            mean = weight.mean((1, 2, 3), keepdim=True)
+            w = (weight - mean) / (weight.std((1, 2, 3), keepdim=True) + 1e-5)
             return super()._conv_forward(x, w, bias)
 
 
@@ -666,7 +667,7 @@ def test_model_that_runs_at_one_batch_size_exports_static(arch_file, tmp_path):
 def test_save_torch_alone_is_verified(arch_file, tmp_path):
     """Issue 13: --save-torch without --out wrote an unverified model; it is verified now."""
     pt2 = tmp_path / "folded.pt2"
-    result, report, model, _ = fuse(
+    result, report, _model, _ = fuse(
         arch_file, tmp_path, "ConvBN", "--save-torch", str(pt2), save=False
     )
     assert result.exit_code == 0, result.output
@@ -768,7 +769,7 @@ def test_float_and_integer_inputs_from_npz(arch_file, tmp_path):
 def test_infinite_mask_buffer_is_not_refused(arch_file, tmp_path):
     """Issue 13: a -inf attention-mask buffer blocked fuse (only parameters and BN statistics
     must be finite)."""
-    result, report, model, out = fuse(arch_file, tmp_path, "Masked", shapes=("2,4,6",))
+    result, report, _model, _out = fuse(arch_file, tmp_path, "Masked", shapes=("2,4,6",))
     assert result.exit_code == 0, result.output
     assert report["folded"]
 

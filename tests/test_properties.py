@@ -12,7 +12,7 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from torch import nn
 
-from bnfold.fuse import fold_graph
+from bnfold.fold_torch import fold_graph
 from bnfold.graph import capture, is_bn_module, propagate_shapes
 from tests.strategies import (
     MUST_STAY,

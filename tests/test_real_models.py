@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnfold.fuse import fold_graph
+from bnfold.fold_torch import fold_graph
 from bnfold.graph import bn_site, capture, is_bn_module, propagate_shapes
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from bnfold.export import export_onnx
-from bnfold.fuse import fold_graph
+from bnfold.fold_torch import fold_graph
 from bnfold.graph import capture, propagate_shapes
 from bnfold.inputs import random_batches
 from bnfold.verify import flatten_outputs, verify_onnx

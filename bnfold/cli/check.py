@@ -58,11 +58,13 @@ def check_command(
     Exit codes: 0 every check passed, 1 a check failed, 2 a file could not be read or the
     arguments are wrong.
     """
-    from bnfold.check import CheckOptions, run_check
+    from bnfold.api import check
     from bnfold.cli import render
     from bnfold.inputs import parse_shape
 
-    opts = CheckOptions(
+    progress = Progress(enabled=None if fmt is CheckFormat.table else False)
+    report = check(
+        models,
         max_bn=max_bn,
         input_shapes=[parse_shape(s) for s in input_shape or []],
         inputs_npz=inputs,
@@ -73,10 +75,8 @@ def check_command(
         atol=atol,
         rtol=rtol,
         batches=batches,
+        progress=progress.step,
     )
-    progress = Progress(enabled=None if fmt is CheckFormat.table else False)
-    with progress.step(f"Checking {len(models)} file(s)"):
-        report = run_check(models, opts)
     render.emit(report, fmt.value, stdout_console() if fmt is CheckFormat.table else None)
     for f in report.files:  # the report says it too; stderr gets the one line per bad file
         if not f.readable:

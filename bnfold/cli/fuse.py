@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -22,34 +22,27 @@ from bnfold.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from bnfold.pipeline import FuseOptions
     from bnfold.reports import FuseReport
 
 
-def _write_html(report: FuseReport, opts: FuseOptions, html: Path) -> None:
+def _write_html(report: FuseReport, model: Path, options: dict[str, Any], html: Path) -> None:
     """The fuse report plus the original model's BatchNorm statistics, as one HTML file.
 
-    The statistics need the model again (the fuse pipeline keeps no loaded model): it is
-    loaded once more and analysed with the same example inputs the fuse run used.
+    The statistics need the model again (the fuse job keeps no loaded model): it is
+    inspected once more with the same options and input shapes the fuse run used.
     """
+    from bnfold.api import inspect
     from bnfold.cli import html as pages
     from bnfold.cli import plot as plotting
     from bnfold.cli.inspect import tell
-    from bnfold.inputs import random_batches, read_npz
-    from bnfold.loading import load_model
-    from bnfold.stats import inspect_model
 
-    loaded = load_model(
-        opts.model, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_pickle=opts.trust_pickle
+    stats = inspect(
+        model,
+        arch=options["arch"],
+        arch_kwargs=options["arch_kwargs"],
+        trust_pickle=options["trust_pickle"],
+        input_shapes=options["input_shapes"],
     )
-    example = None
-    if loaded.onnx_model is None and loaded.module is not None:
-        if opts.input_shapes:
-            example = random_batches(opts.input_shapes, opts.input_dtype, 1, seed=opts.seed)[0]
-        elif opts.inputs_npz is not None:
-            example = [t[:2] for t in read_npz(opts.inputs_npz)[0]]
-    stats = inspect_model(loaded, example_inputs=example)
-    del loaded
     png, missing = plotting.picture_for_html(stats)
     if missing is not None:
         tell(f"note: {html} has no pictures: matplotlib is not installed ({plotting.INSTALL_HINT})")
@@ -127,39 +120,42 @@ def fuse_command(
     debug: bool = DEBUG,
 ) -> None:
     """Fold BatchNorm exactly, export ONNX and prove it in onnxruntime (exit 1 if not)."""
+    from bnfold.api import fuse
     from bnfold.cli import render
     from bnfold.inputs import parse_shape
-    from bnfold.pipeline import FuseOptions, run_fuse
 
-    opts = FuseOptions(
-        model=model,
-        out=out,
-        arch=arch,
-        arch_kwargs=parse_arch_kwargs(arch_kwargs),
-        trust_pickle=trust_pickle,
-        input_shapes=[parse_shape(s) for s in input_shape or []],
-        input_dtype=_dtypes(input_dtype),
-        inputs_npz=inputs,
-        opset=opset,
-        exporter=exporter.value,
-        dynamic_batch=not static_batch,
-        atol=atol,
-        rtol=rtol,
-        save_torch=save_torch,
-        verify_batches=verify_batches,
-        force=force,
-        eval_mode=eval_mode,
-    )
+    options: dict[str, Any] = {
+        "arch": arch,
+        "arch_kwargs": parse_arch_kwargs(arch_kwargs),
+        "trust_pickle": trust_pickle,
+        "input_shapes": [parse_shape(s) for s in input_shape or []],
+        "input_dtype": _dtypes(input_dtype),
+        "inputs_npz": inputs,
+    }
     if html is not None:  # before the expensive work
         from bnfold.cli.html import check_html_path
 
         taken = [out, save_torch, out.with_name(out.name + ".data") if out else None]
         check_html_path(html, model, taken)
     progress = Progress(enabled=None if fmt is OutputFormat.table else False)
-    report = run_fuse(opts, step=progress.step)
+    report = fuse(
+        model,
+        out,
+        **options,
+        opset=opset,
+        exporter=exporter.value,
+        dynamic_batch=not static_batch,
+        atol=atol,
+        rtol=rtol,
+        verify_batches=verify_batches,
+        save_torch=save_torch,
+        force=force,
+        eval_mode=eval_mode,
+        progress=progress.step,
+    )
     render.emit(report, fmt.value, stdout_console())
     if html is not None:
-        _write_html(report, opts, html)
+        _write_html(report, model, options, html)
     checks = (report.verification, report.torch_verification)
     if any(v is not None and not v.passed for v in checks):
         raise typer.Exit(1)

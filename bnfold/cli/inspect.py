@@ -63,8 +63,9 @@ def inspect_command(
     from bnfold.errors import BnfoldError
     from bnfold.stats import Thresholds
 
-    try:
-        thresholds = Thresholds().with_overrides(parse_thresholds(threshold))
+    thresholds = parse_thresholds(threshold)
+    try:  # checked here, before the model loads
+        Thresholds().with_overrides(thresholds)
     except ValueError as e:
         raise BnfoldError(f"--threshold: {e}") from e
     kwargs = parse_arch_kwargs(arch_kwargs)
@@ -79,20 +80,19 @@ def inspect_command(
         from bnfold.cli.html import check_html_path
 
         check_html_path(html, model, [plot])
+    from bnfold.api import inspect
+    from bnfold.inputs import parse_shape
+
     progress = Progress(enabled=None if fmt is OutputFormat.table else False)
-    with progress.step(f"Loading {model.name}"):
-        from bnfold.loading import load_model
-
-        loaded = load_model(model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle)
-    example = None
-    if input_shape:
-        from bnfold.inputs import parse_shape, random_batches
-
-        example = random_batches([parse_shape(s) for s in input_shape], "float32", 1)[0]
-    with progress.step("Analysing BatchNorm layers"):
-        from bnfold.stats import inspect_model
-
-        report = inspect_model(loaded, thresholds, example)
+    report = inspect(
+        model,
+        arch=arch,
+        arch_kwargs=kwargs,
+        trust_pickle=trust_pickle,
+        input_shapes=[parse_shape(s) for s in input_shape or []],
+        thresholds=thresholds,
+        progress=progress.step,
+    )
     render.emit(report, fmt.value, stdout_console())
     picture = None
     if plot_format is not None and plot is not None:

@@ -7,7 +7,6 @@ written as null (the ``nonfinite`` warning says so).
 from __future__ import annotations
 
 import json
-import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -49,18 +48,8 @@ def emit(
     console.file.flush()
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def to_json(report: Any) -> str:
-    return json.dumps(_clean(to_dict(report)), indent=2, allow_nan=False)
+    return json.dumps(to_dict(report), indent=2, allow_nan=False)
 
 
 def _g(x: float | None) -> str:

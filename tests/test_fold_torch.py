@@ -1,4 +1,4 @@
-"""The fold pass (bnfold/fuse.py): every rule folds with the right numbers, every BN that
+"""The fold pass (bnfold/fold_torch.py): every rule folds with the right numbers, every BN that
 must stay stays with its exact reason, and the input model is never modified."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.fuse import fold_graph, shared_modules
+from bnfold.fold_torch import fold_graph, shared_modules
 from bnfold.graph import capture, is_bn_module, propagate_shapes
 from bnfold.rules import Reason
 from tests.models import (

@@ -49,6 +49,7 @@ from bnfold.rules import ChannelAxis, Direction, FoldRule, Reason
 
 __all__ = ["Decision", "FoldOutcome", "fold_graph", "shared_modules"]
 
+
 @dataclass(frozen=True)
 class Decision:
     """What happened to one BN site."""
