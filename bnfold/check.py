@@ -126,9 +126,12 @@ def _parse_mapped(path: Path) -> Any:
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     try:
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            with memoryview(mm) as view:
-                model = onnx.ModelProto.FromString(view)  # the parser copies what it keeps
+        with (
+            path.open("rb") as f,
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm,
+            memoryview(mm) as view,
+        ):
+            model = onnx.ModelProto.FromString(view)  # the parser copies what it keeps
     except (OSError, ValueError, DecodeError, RuntimeError):
         return None
     if model.ir_version <= 0 or not model.opset_import or not model.HasField("graph"):

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.rules import ChannelAxis, Direction, FoldKind, FoldRule, Reason, onnx_rule
+from bnfold.rules import ChannelAxis, Direction, FoldRule, Reason, onnx_rule
 
 if TYPE_CHECKING:
     import onnx
@@ -277,8 +277,10 @@ def _private(value: ir.Value, node: ir.Node) -> bool:
     producer = value.producer()
     if producer is None or producer.op_type == "Constant":
         return True
-    return bool(producer.inputs) and producer.inputs[0] is not None and _private(
-        producer.inputs[0], producer
+    return (
+        bool(producer.inputs)
+        and producer.inputs[0] is not None
+        and _private(producer.inputs[0], producer)
     )
 
 
@@ -330,7 +332,7 @@ def _infer_shapes(model: ir.Model) -> dict[ir.Value, tuple[int | None, ...]]:
                     graph.initializers.add(value)
                 elif not value.is_graph_input():
                     if tensor is not None:
-                        value.shape = value.shape or ir.Shape(tensor.shape)
+                        value.shape = value.shape or ir.Shape(tensor.shape.numpy())
                         value.dtype = value.dtype or tensor.dtype
                     graph.inputs.append(value)
             proto = ir.serde.serialize_model(model)
@@ -379,21 +381,24 @@ def _aligned(
     for node in path:
         if node.op_type != "Transpose":
             continue
-        before, after = shapes(node.inputs[0]), shapes(node.outputs[0])
+        before = shapes(node.inputs[0]) if node.inputs[0] is not None else None
+        after = shapes(node.outputs[0])
         if before is None or after is None:
             return None
         at = _axis_of(before, channels, inner)
         if at is None:
-            return False
+            return None if None in before else False
         perm = _ints_attr(node, "perm") or list(range(len(before)))[::-1]
         new_at = perm.index(at)
         rest = after[new_at + 1 :]
         if None in rest:
             return None
         inner = math.prod(rest)  # type: ignore[arg-type]
-    if None in dst[end_axis % len(dst) + 1 :]:
+    end_axis %= len(dst)
+    rest = dst[end_axis + 1 :]
+    if dst[end_axis] is None or None in rest:
         return None
-    return _axis_of(dst, channels, inner) == end_axis % len(dst)
+    return dst[end_axis] == channels and math.prod(rest) == inner  # type: ignore[arg-type]
 
 
 def _axis_of(shape: tuple[int | None, ...], channels: int, inner: int) -> int | None:
@@ -450,7 +455,9 @@ def _bn_affine(bn: ir.Node, opset: int, shapes: _Shapes) -> _BN:
     for name, value, array in zip(names, inputs, arrays, strict=True):
         if array is None:
             assert value is not None
-            why = "a graph input (overridable at run time)" if value.is_graph_input() else "computed"
+            why = (
+                "a graph input (overridable at run time)" if value.is_graph_input() else "computed"
+            )
             raise _Declined(Reason.NOT_CONSTANT, f"its {name} {value.name!r} is {why}")
     shapes_of = [a.shape for a in arrays if a is not None]
     if any(len(s) != 1 for s in shapes_of) or len(set(shapes_of)) != 1:
@@ -571,6 +578,7 @@ def _layer(node: ir.Node, rule: FoldRule, shapes: _Shapes) -> _Layer:
         raise _Declined(Reason.UNSUPPORTED_LAYER, f"{label}'s weight is {w.dtype}")
     backward = rule.direction is Direction.BACKWARD
     groups = _int_attr(node, "group", 1) if op in ("Conv", "ConvTranspose") else 1
+    rank: int | None
     axis = 1 if rule.channel_axis is ChannelAxis.BEFORE_SPATIAL else -1
     if op in ("Conv", "ConvTranspose"):
         if w.ndim < 3:
@@ -756,43 +764,40 @@ class _Pass:
             raise _Declined(
                 Reason.CHANNEL_MISMATCH, f"{_label(node)} has {layer.channels} outputs, the BN {c}"
             )
-        start = (add or node).outputs[0]
-        rank = layer.rank
-        if rank is None:
-            known = self.shapes(node.outputs[0])
-            rank = len(known) if known else None
-        if path or not (layer.axis == 1 or (rank == 2 and layer.axis == -1)):
-            self.align(start, layer.axis, path, x, 1, node, bn)
-        total = layer.bias
-        plan = _Plan(layer)
-        if add is not None:
+        rank = layer.rank or len(self.shapes(node.outputs[0]) or ()) or None
+        bias = layer.bias
+        if add is not None:  # a constant added per output channel is the layer's bias
             k = 1 - add.inputs.index(node.outputs[0])
             const = constant(add.inputs[k])
             assert const is not None  # bias_add_layer found it
-            if rank is None:
-                raise _Declined(Reason.NEEDS_SHAPES, f"the rank of {_label(node)}'s output")
-            per = _per_channel(const, rank, layer.axis, c)
+            per = None if rank is None else _per_channel(const, rank, layer.axis, c)
             if per is None:
                 raise _Declined(
-                    Reason.CHANNEL_MISMATCH,
+                    Reason.NEEDS_SHAPES if rank is None else Reason.CHANNEL_MISMATCH,
                     f"{_label(add)}'s constant {list(const.shape)} is not one value per output "
-                    "channel",
+                    "channel" + (" (the layer's rank is unknown)" if rank is None else ""),
                 )
-            total = per if total is None else total + per
-        folded = self.fold_backward(layer, total, affine)
-        plan.writes.append(_Write(node, 1, layer.file_weight(folded.weight), _label(node)))
+            bias = per if bias is None else bias + per
+            add_shape = tuple(const.shape)
+        if path or not (layer.axis == 1 or (rank == 2 and layer.axis == -1)):
+            self.align((add or node).outputs[0], layer.axis, path, x, 1, node, bn)
+        folded = self.fold_backward(layer, bias, affine)
+        plan = _Plan(layer, [_Write(node, 1, layer.file_weight(folded.weight), _label(node))])
+        tail: ir.Node | None = None  # the node whose output carries the folded values
         if add is not None:
-            shape = _channel_shape(const.shape, rank, layer.axis, c)  # type: ignore[arg-type]
+            assert rank is not None
+            shape = _channel_shape(add_shape, rank, layer.axis, c)
             plan.writes.append(_Write(add, k, folded.bias.reshape(shape), f"{_label(add)}_bias"))
             plan.drop_bias = layer.bias_input and len(node.inputs) > 2
-            plan.last = (path[-1] if path else add).outputs[0]
+            tail = add
         elif layer.bias_input:
             plan.writes.append(_Write(node, 2, folded.bias, f"{_label(node)}_bnfold_bias"))
             plan.beta_one = node.op_type == "Gemm"
-            plan.last = (path[-1] if path else node).outputs[0]
-        else:  # MatMul: a new Add carries the shift
+            tail = node
+        else:  # MatMul without a bias: a new Add carries the shift
             plan.add_after, plan.add_bias = node, folded.bias
-            plan.last = path[-1].outputs[0] if path else None  # None: the new Add's output
+        tail = path[-1] if path else tail
+        plan.last = tail.outputs[0] if tail is not None else None  # None: the new Add's
         return plan
 
     def bias_add_layer(self, add: ir.Node) -> ir.Node:
@@ -1028,8 +1033,8 @@ class _Pass:
             return
         if value.is_initializer():
             graph = value.graph
-            if graph is not None and value.name in graph.initializers:
-                graph.initializers.pop(value.name)
+            if graph is not None and value.name is not None:
+                graph.initializers.pop(value.name, None)
             return
         node = value.producer()
         if (
@@ -1094,7 +1099,9 @@ def describe(model: onnx.ModelProto) -> list[OnnxBatchNorm]:
     out = []
     for (label, bn), arrays in zip(found, params, strict=True):
         scale, bias, mean, var = (_wide(a) for a in arrays)
-        first = next((a for a in (arrays[3], arrays[2], arrays[0], arrays[1]) if a is not None), None)
+        first = next(
+            (a for a in (arrays[3], arrays[2], arrays[0], arrays[1]) if a is not None), None
+        )
         out.append(
             OnnxBatchNorm(
                 name=label,

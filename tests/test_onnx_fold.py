@@ -313,7 +313,7 @@ def bn_constants(prefix: str, c: int) -> tuple[list[onnx.NodeProto], list[str]]:
         RNG.uniform(0.2, 3.0, c),
     ]
     names = [f"{prefix}.{k}" for k in ("scale", "bias", "mean", "var")]
-    return [const_node(n, a.astype(np.float32)) for n, a in zip(names, arrays)], names
+    return [const_node(n, a.astype(np.float32)) for n, a in zip(names, arrays, strict=True)], names
 
 
 def bn_ops(model: onnx.ModelProto) -> int:
@@ -332,7 +332,9 @@ def if_model(then_nodes, else_nodes, outer_nodes, inits, branch_out="b", c=4):
     else_g = helper.make_graph(
         else_nodes, "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, shape)]
     )
-    node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)
+    node = helper.make_node(
+        "If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g
+    )
     graph = helper.make_graph(
         [*outer_nodes, node],
         "g",
@@ -397,7 +399,11 @@ def test_initializer_read_only_inside_a_subgraph_is_kept_issue_13():
     outer = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), bn]
     then = [helper.make_node("Add", ["n", "branch_only"], ["b"], name="add_then")]
     other = [helper.make_node("Identity", ["n"], ["e"], name="else_id")]
-    inits = [init("w", RNG.normal(size=(4, 4, 1, 1))), init("branch_only", RNG.normal(size=4 * 16).reshape(1, 4, 4, 4)), *bn_inits]
+    inits = [
+        init("w", RNG.normal(size=(4, 4, 1, 1))),
+        init("branch_only", RNG.normal(size=4 * 16).reshape(1, 4, 4, 4)),
+        *bn_inits,
+    ]
     m = if_model(then, other, outer, inits)
     out = fold_onnx(m)
     assert [d.rule for d in out.decisions] == ["conv_bn"]
@@ -486,7 +492,7 @@ def test_odd_batchnorm_nodes_stay_with_a_reason_issue_13(case):
     attrs: dict = {}
     if case == "spatial0_per_activation":
         opset, ir_version = 8, 4
-        sizes = {k: (c, 4, 4) for k in sizes}
+        sizes = dict.fromkeys(sizes, (c, 4, 4))
         attrs = {"spatial": 0}
     elif case == "scalar_scale":
         sizes["scale"] = ()
@@ -510,7 +516,9 @@ def test_odd_batchnorm_nodes_stay_with_a_reason_issue_13(case):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])],
         [i for i in inits if i.name in ("w", *names)],
     )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    m = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version
+    )
     want = {
         "spatial0_per_activation": Reason.BN_PARAMETERS,
         "scalar_scale": Reason.BN_PARAMETERS,
@@ -569,7 +577,19 @@ def _bias_shapes():
     from hypothesis import strategies as st
 
     return st.sampled_from(
-        [(), (1,), (3,), (1, 3), (3, 1), (1, 1), (3, 1, 1), (1, 3, 1, 1), (1, 3, 1), (1, 1, 3), (1, 1, 1, 1)]
+        [
+            (),
+            (1,),
+            (3,),
+            (1, 3),
+            (3, 1),
+            (1, 1),
+            (3, 1, 1),
+            (1, 3, 1, 1),
+            (1, 3, 1),
+            (1, 1, 3),
+            (1, 1, 1, 1),
+        ]
     )
 
 
@@ -602,7 +622,9 @@ def test_layer_then_add_of_a_constant_folds_only_when_per_channel(layer):
                 node = helper.make_node("ConvTranspose", ["x", "w"], ["l"], name="layer")
         if len(shape) > rank:
             return
-        out_shape = list(np.broadcast_shapes(tuple(x_shape[:-1]) + (c,) if layer == "MatMul" else (1, c, 3, 3), shape))
+        out_shape = list(
+            np.broadcast_shapes((*x_shape[:-1], c) if layer == "MatMul" else (1, c, 3, 3), shape)
+        )
         bn, bn_inits = bn_node("h", "y", c)
         nodes = [node, helper.make_node("Add", ["l", "k"], ["h"], name="add"), bn]
         inits = [init("w", weight), init("k", RNG.normal(size=shape)), *bn_inits]
@@ -640,12 +662,16 @@ def paddle_like() -> onnx.ModelProto:
     bn("c1", "b1", 8, "bn1")
     nodes.append(helper.make_node("Relu", ["b1"], ["r1"], name="relu1"))
     nodes.append(const_node("w2", RNG.normal(size=(8, 4, 2, 2)).astype(np.float32)))
-    nodes.append(helper.make_node("ConvTranspose", ["r1", "w2"], ["t2"], name="convt2", strides=[2, 2]))
+    nodes.append(
+        helper.make_node("ConvTranspose", ["r1", "w2"], ["t2"], name="convt2", strides=[2, 2])
+    )
     nodes.append(const_node("bias2", RNG.normal(size=(4, 1, 1)).astype(np.float32)))
     nodes.append(helper.make_node("Add", ["t2", "bias2"], ["a2"], name="add2"))
     bn("a2", "b2", 4, "bn2")
     nodes.append(const_node("w3_64", RNG.normal(size=24).astype(np.float64)))
-    nodes.append(helper.make_node("Cast", ["w3_64"], ["w3_flat"], name="cast3", to=TensorProto.FLOAT))
+    nodes.append(
+        helper.make_node("Cast", ["w3_64"], ["w3_flat"], name="cast3", to=TensorProto.FLOAT)
+    )
     nodes.append(const_node("w3_shape", np.array([6, 4, 1, 1], np.int64)))
     nodes.append(helper.make_node("Reshape", ["w3_flat", "w3_shape"], ["w3"], name="reshape3"))
     nodes.append(helper.make_node("Conv", ["b2", "w3"], ["c3"], name="conv3"))
@@ -690,7 +716,9 @@ def test_paddle_style_inspect_reads_channels_and_statistics_issue_14():
     from bnfold.loading import LoadedModel, ModelFormat
     from bnfold.stats import inspect_model
 
-    report = inspect_model(LoadedModel(Path("paddle.onnx"), ModelFormat.ONNX, onnx_model=paddle_like()))
+    report = inspect_model(
+        LoadedModel(Path("paddle.onnx"), ModelFormat.ONNX, onnx_model=paddle_like())
+    )
     assert [(r.name, r.channels, r.fold_into) for r in report.layers] == [
         ("bn1", 8, "conv1"),
         ("bn2", 4, "convt2"),
@@ -805,7 +833,9 @@ def test_shape_reader_of_the_bn_output_in_a_forward_fold_issue_18():
         helper.make_node("Shape", ["n"], ["s"], name="shape"),
         helper.make_node("Reshape", ["c", "s"], ["y"], name="reshape"),
     ]
-    m = model(nodes, [init("w", RNG.normal(size=(4, 4, 1, 1))), *bn_inits], [1, 4, 3, 3], [1, 4, 3, 3])
+    m = model(
+        nodes, [init("w", RNG.normal(size=(4, 4, 1, 1))), *bn_inits], [1, 4, 3, 3], [1, 4, 3, 3]
+    )
     out = fold_onnx(m)
     (d,) = out.decisions
     assert d.rule == "bn_conv", d
@@ -831,3 +861,214 @@ def test_cli_fuse_verifies_the_legacy_reshape_as_export_issue_18(tmp_path):
     report = json.loads(result.stdout)
     assert len(report["folded"]) == 1 and report["skipped"] == []
     assert report["onnx_bn_nodes"] == 0 and report["verification"]["passed"]
+
+
+# --------------------------------------------------------------------------- more shapes
+
+
+def test_input_model_is_not_modified():
+    """fold_onnx works on its own copy: the ModelProto it is given keeps its bytes."""
+    m = paddle_like()
+    before = m.SerializeToString()
+    fold_onnx(m)
+    assert m.SerializeToString() == before
+
+
+@pytest.mark.parametrize("with_add", [True, False])
+def test_bn_before_matmul_folds_forward(with_add):
+    """BN over features -> MatMul (+ Add of a per-feature bias) folds into the MatMul's
+    weight and the bias (an Add is created when there is none)."""
+    bn, bn_inits = bn_node("x", "n", 5)
+    nodes = [bn, helper.make_node("MatMul", ["n", "w"], ["mm" if with_add else "y"], name="matmul")]
+    inits = [init("w", RNG.normal(size=(5, 3))), *bn_inits]
+    if with_add:
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["y"], name="add"))
+        inits.append(init("b", RNG.normal(size=3)))
+    m = model(nodes, inits, [4, 5], [4, 3])
+    out = check_folded(
+        m,
+        RNG.normal(size=(4, 5)).astype(np.float32),
+        "bn_linear",
+        "matmul",
+        extra_nodes=0 if with_add else 1,
+    )
+    assert out.decisions[0].direction.value == "forward"
+
+
+def test_bn_before_gemm_with_alpha_beta_folds_forward():
+    """BN -> Gemm(alpha, beta, transB=0): the shift goes into C scaled by alpha/beta."""
+    bn, bn_inits = bn_node("x", "n", 5)
+    gemm = helper.make_node("Gemm", ["n", "w", "c"], ["y"], name="fc", alpha=0.5, beta=3.0)
+    m = model(
+        [bn, gemm],
+        [init("w", RNG.normal(size=(5, 3))), init("c", RNG.normal(size=(1, 3))), *bn_inits],
+        [4, 5],
+        [4, 3],
+    )
+    check_folded(m, RNG.normal(size=(4, 5)).astype(np.float32), "bn_linear", "fc")
+
+
+def test_bn_before_gemm_with_trans_a_stays():
+    """Gemm with transA=1 reads features along axis 0, not the BN's channel axis:
+    channel_mismatch (sizes chosen equal so only the axis tells)."""
+    bn, bn_inits = bn_node("x", "n", 4)
+    gemm = helper.make_node("Gemm", ["n", "w"], ["y"], name="fc", transA=1)
+    m = model([bn, gemm], [init("w", RNG.normal(size=(4, 3))), *bn_inits], [4, 4], [4, 3])
+    out = fold_onnx(m)
+    assert out.decisions[0].reason is Reason.CHANNEL_MISMATCH
+    assert_same_outputs(m, out.model, {"x": RNG.normal(size=(4, 4)).astype(np.float32)})
+
+
+def test_matmul_on_tokens_straight_into_bn_stays():
+    """MatMul on (B, N, C) -> BN normalises axis 1 (tokens), not the features, even with
+    N == C: channel_mismatch."""
+    bn, bn_inits = bn_node("h", "y", 4)
+    mm = helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul")
+    m = model([mm, bn], [init("w", RNG.normal(size=(3, 4))), *bn_inits], [2, 4, 3], [2, 4, 4])
+    out = fold_onnx(m)
+    assert out.decisions[0].reason is Reason.CHANNEL_MISMATCH
+    assert_same_outputs(m, out.model, {"x": RNG.normal(size=(2, 4, 3)).astype(np.float32)})
+
+
+def test_transpose_that_moves_the_wrong_axis_stays():
+    """Conv (1, C, H, W) -> Transpose(0, 2, 1, 3) -> BN over H with H == C: the channels do
+    not land on the BN's axis: channel_mismatch."""
+    bn, bn_inits = bn_node("t", "y", 4)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Transpose", ["c"], ["t"], name="transpose", perm=[0, 2, 1, 3]),
+        bn,
+    ]
+    m = model(
+        nodes, [init("w", RNG.normal(size=(4, 2, 1, 1))), *bn_inits], [1, 2, 4, 5], [1, 4, 4, 5]
+    )
+    out = fold_onnx(m)
+    assert out.decisions[0].reason is Reason.CHANNEL_MISMATCH
+    assert_same_outputs(m, out.model, {"x": RNG.normal(size=(1, 2, 4, 5)).astype(np.float32)})
+
+
+def test_reshape_of_unknown_sizes_needs_shapes():
+    """MatMul -> Reshape to a shape computed at run time -> BN: the alignment cannot be
+    proven: needs_shapes."""
+    bn, bn_inits = bn_node("r", "y", 6)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+        helper.make_node("Reshape", ["h", "shape"], ["r"], name="reshape"),
+        bn,
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "n", 8]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [init("w", RNG.normal(size=(8, 6))), *bn_inits],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert fold_onnx(m).decisions[0].reason is Reason.NEEDS_SHAPES
+
+
+def test_float16_model_folds_in_float16():
+    """A float16 Conv + BN folds; the folded weights stay float16 (rounded once)."""
+    bn, bn_inits = bn_node("h", "y", 4)
+    for t in bn_inits:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    w = numpy_helper.from_array(RNG.normal(size=(4, 3, 1, 1)).astype(np.float16), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), bn],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 2, 2])],
+        [w, *bn_inits],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    out = fold_onnx(m)
+    assert out.decisions[0].rule == "conv_bn"
+    inits = {t.name: t for t in out.model.graph.initializer}
+    assert inits["w"].data_type == TensorProto.FLOAT16
+    x = RNG.normal(size=(1, 3, 2, 2)).astype(np.float16)
+    ref, got = run_all(m, {"x": x})[0], run_all(out.model, {"x": x})[0]
+    assert np.abs(got.astype(np.float64) - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+def test_fold_that_overflows_stays():
+    """A float16 weight scaled past 65504 keeps the BN (overflow), nothing is written."""
+    bn, bn_inits = bn_node("h", "y", 2)
+    bn_inits[3].CopyFrom(numpy_helper.from_array(np.full(2, 1e-12, np.float16), "bn.var"))
+    w = numpy_helper.from_array(np.full((2, 2, 1, 1), 60000, np.float16), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), bn],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 2, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 2, 2, 2])],
+        [w, *bn_inits],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    out = fold_onnx(m)
+    assert out.decisions[0].reason is Reason.OVERFLOW
+    assert out.model.graph.initializer[0] == m.graph.initializer[0]
+
+
+def test_convtranspose_whose_channels_do_not_split_into_groups_stays():
+    """ConvTranspose with in_channels not divisible by group (onnxscript declines it too):
+    unsupported_layer, not a crash."""
+    bn, bn_inits = bn_node("h", "y", 6)
+    convt = helper.make_node("ConvTranspose", ["x", "w"], ["h"], name="convt", group=2)
+    graph = helper.make_graph(
+        [convt, bn],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [init("w", RNG.normal(size=(5, 3, 1, 1))), *bn_inits],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert fold_onnx(m).decisions[0].reason is Reason.UNSUPPORTED_LAYER
+
+
+def test_unnamed_bn_gets_its_decision_in_inspect():
+    """A BatchNormalization without a name is reported under its output's name, with its
+    fold target (inspect and fuse name it alike)."""
+    from bnfold.stats import records_from_onnx
+
+    bn, bn_inits = bn_node("h", "y", 4)
+    bn.name = ""
+    conv = helper.make_node("Conv", ["x", "w"], ["h"], name="conv")
+    m = model(
+        [conv, bn],
+        [init("w", RNG.normal(size=(4, 3, 1, 1))), *bn_inits],
+        [1, 3, 2, 2],
+        [1, 4, 2, 2],
+    )
+    (d,) = fold_onnx(m).decisions
+    (rec,) = records_from_onnx(m)
+    assert (d.bn, d.into) == ("y", "conv")
+    assert (rec.name, rec.fold_into, rec.channels) == ("y", "conv", 4)
+
+
+def test_bn_in_a_function_stays():
+    """A BN inside a model-local function is reported (subgraph) and named function:..."""
+    bn, bn_inits = bn_node("fx", "fy", 3)
+    params = [i.name for i in bn_inits]
+    fn = helper.make_function(
+        "custom", "Norm", ["fx", *params], ["fy"], [bn], [helper.make_opsetid("", 17)]
+    )
+    call = helper.make_node("Norm", ["x", *params], ["y"], name="call", domain="custom")
+    graph = helper.make_graph(
+        [call],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])],
+        bn_inits,
+    )
+    m = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)],
+        ir_version=8,
+        functions=[fn],
+    )
+    out = fold_onnx(m)
+    (d,) = out.decisions
+    assert (d.bn, d.reason) == ("function:Norm/bn", Reason.SUBGRAPH)
+    assert_same_outputs(m, out.model, {"x": RNG.normal(size=(1, 3, 2, 2)).astype(np.float32)})
