@@ -33,7 +33,7 @@ metadata and opsets: a backward fold gives the BN's output name to the tensor th
 carries its values, so everything downstream is untouched; only the constants that folds
 orphaned (the BN's parameters, replaced weights and the Constant nodes that made them) go.
 
-Module level imports stay torch-free: ``bnfold check`` reads the BN list from here.
+torch is imported only when a fold computes (``folding.py``), not with this module.
 """
 
 from __future__ import annotations
@@ -62,20 +62,18 @@ __all__ = [
     "OnnxBatchNorm",
     "OnnxFoldOutcome",
     "batchnorm_nodes",
-    "constant",
     "describe",
     "fold_model",
     "fold_onnx",
-    "quiet_ir",
 ]
 
 BN_KIND = "ONNX BatchNormalization"
 _ONNX_DOMAINS = ("", "ai.onnx")
 _LAYOUT = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 _SHAPE_READERS = frozenset({"Shape", "Size"})  # they read a tensor's shape, not its values
-_CONSTANT_OPS = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}) | {
-    "Transpose"
-}
+_CONSTANT_OPS = frozenset(
+    {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
+)
 _CAST_TO = {
     ir.DataType.FLOAT: np.float32,
     ir.DataType.FLOAT16: np.float16,
@@ -99,7 +97,7 @@ class _Declined(Exception):
 
 
 @contextlib.contextmanager
-def quiet_ir() -> Iterator[None]:
+def _quiet_ir() -> Iterator[None]:
     """Keep onnx-ir's log quiet: it warns about what it repairs while reading an invalid
     file (an input no node produces), and bnfold's stderr carries one line per error."""
     logger = logging.getLogger("onnx_ir")
@@ -114,7 +112,7 @@ def quiet_ir() -> Iterator[None]:
 def _to_ir(model: onnx.ModelProto | ir.Model) -> ir.Model:
     if isinstance(model, ir.Model):
         return model
-    with quiet_ir():
+    with _quiet_ir():
         # the IR wraps the proto's tensors without copying them, and never writes to them
         return ir.serde.deserialize_model(model)
 
@@ -167,7 +165,7 @@ def _walk(graph: ir.Graph | ir.Function, prefix: str) -> Iterator[tuple[str, ir.
 # --------------------------------------------------------------------------- constants
 
 
-def constant(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
+def _constant(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
     """The value of a tensor the file fixes, or None.
 
     Initializers that are not graph inputs (a graph input overrides its initializer at
@@ -225,7 +223,7 @@ def _ints_attr(node: ir.Node, name: str) -> list[int] | None:
 
 def _evaluate(node: ir.Node, depth: int) -> np.ndarray | None:
     """One constant op on constant inputs, as the ONNX operator defines it."""
-    x = constant(node.inputs[0] if node.inputs else None, depth + 1)
+    x = _constant(node.inputs[0] if node.inputs else None, depth + 1)
     if x is None:
         return None
     op = node.op_type
@@ -246,7 +244,7 @@ def _evaluate(node: ir.Node, depth: int) -> np.ndarray | None:
         axis = axis + x.ndim if axis < 0 else axis
         return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
     axes = _ints_attr(node, "axes") if op != "Reshape" else None
-    operand = constant(node.inputs[1], depth + 1) if len(node.inputs) > 1 else None
+    operand = _constant(node.inputs[1], depth + 1) if len(node.inputs) > 1 else None
     if op == "Reshape":
         shape = operand if operand is not None else _ints_attr(node, "shape")
         if shape is None:
@@ -324,7 +322,7 @@ def _infer_shapes(model: ir.Model) -> dict[ir.Value, tuple[int | None, ...]]:
     inits = list(graph.initializers.values())
     n_inputs = len(graph.inputs)
     try:
-        with quiet_ir():
+        with _quiet_ir():
             graph.initializers.clear()
             for value in inits:
                 tensor = value.const_value
@@ -421,7 +419,7 @@ class _BN:
 
 def _bn_params(bn: ir.Node) -> list[np.ndarray | None]:
     inputs = list(bn.inputs[1:5]) + [None] * max(0, 5 - len(bn.inputs))
-    return [constant(v) for v in inputs[:4]]
+    return [_constant(v) for v in inputs[:4]]
 
 
 def _training(bn: ir.Node, opset: int) -> str | None:
@@ -451,7 +449,7 @@ def _bn_affine(bn: ir.Node, opset: int, shapes: _Shapes) -> _BN:
             f"{len([v for v in inputs if v is not None])} of its 4 parameters and statistics "
             "are given",
         )
-    arrays = [constant(v) for v in inputs]
+    arrays = [_constant(v) for v in inputs]
     for name, value, array in zip(names, inputs, arrays, strict=True):
         if array is None:
             assert value is not None
@@ -568,7 +566,7 @@ def _layer(node: ir.Node, rule: FoldRule, shapes: _Shapes) -> _Layer:
     """The layer's weight and bias, checked; _Declined when it cannot be folded into."""
     op, label = node.op_type, _label(node)
     value = node.inputs[1] if len(node.inputs) > 1 else None
-    w = constant(value)
+    w = _constant(value)
     if value is None or w is None:
         why = " (a graph input)" if value is not None and value.is_graph_input() else ""
         raise _Declined(Reason.NOT_CONSTANT, f"{label}'s weight is not a constant{why}")
@@ -607,7 +605,7 @@ def _layer(node: ir.Node, rule: FoldRule, shapes: _Shapes) -> _Layer:
             rank = len(a) if a else None
     bias = None
     if op != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        b = constant(node.inputs[2])
+        b = _constant(node.inputs[2])
         if b is None:
             raise _Declined(Reason.NOT_CONSTANT, f"{label}'s bias is not a constant")
         if op == "Gemm":
@@ -692,6 +690,8 @@ class _Pass:
         try:
             if bn.graph is not self.graph:
                 raise _Declined(Reason.SUBGRAPH, f"{label} is inside a subgraph or a function")
+            if not bn.inputs or bn.inputs[0] is None or not bn.outputs:
+                raise _Declined(Reason.NO_NEIGHBOUR, "it has no input or no output")
             affine = _bn_affine(bn, self.opset, self.shapes)
             try:
                 plan = self.backward(bn, affine)
@@ -735,7 +735,7 @@ class _Pass:
 
     def backward(self, bn: ir.Node, affine: _BN) -> _Plan:
         x = bn.inputs[0]
-        assert x is not None  # X is required; onnx-ir gives a missing input a value
+        assert x is not None  # fold() checked
         path: list[ir.Node] = []
         node = x.producer()
         while self.layout(node) and node is not None and node.inputs[0] is not None:
@@ -768,7 +768,7 @@ class _Pass:
         bias = layer.bias
         if add is not None:  # a constant added per output channel is the layer's bias
             k = 1 - add.inputs.index(node.outputs[0])
-            const = constant(add.inputs[k])
+            const = _constant(add.inputs[k])
             assert const is not None  # bias_add_layer found it
             per = None if rank is None else _per_channel(const, rank, layer.axis, c)
             if per is None:
@@ -803,7 +803,7 @@ class _Pass:
     def bias_add_layer(self, add: ir.Node) -> ir.Node:
         """The layer whose output ``add`` adds a constant to (that constant is its bias)."""
         inputs = list(add.inputs)
-        consts = [constant(v) is not None for v in inputs]
+        consts = [_constant(v) is not None for v in inputs]
         if len(inputs) != 2 or None in inputs or consts.count(True) != 1:
             raise _Declined(Reason.NO_NEIGHBOUR, f"input comes from Add {_label(add)}")
         layer = inputs[consts.index(False)].producer()  # type: ignore[union-attr]
@@ -863,7 +863,7 @@ class _Pass:
                 plan.add_after, plan.add_bias = node, folded.bias
             else:
                 k = 1 - add.inputs.index(node.outputs[0])
-                const = constant(add.inputs[k])
+                const = _constant(add.inputs[k])
                 assert const is not None and layer.rank is not None
                 shape = _channel_shape(const.shape, layer.rank, -1, folded.bias.shape[0])
                 plan.writes.append(
@@ -885,7 +885,7 @@ class _Pass:
         if add.op_type != "Add" or add.domain not in _ONNX_DOMAINS or len(add.inputs) != 2:
             return None, None
         other = add.inputs[1 - readers[0][1]]
-        const = constant(other)
+        const = _constant(other)
         if const is None:
             return None, None
         per = _per_channel(const, layer.rank, -1, layer.w.shape[0])
@@ -1057,7 +1057,7 @@ class _Pass:
 def fold_model(model: ir.Model) -> list[Decision]:
     """Fold every BatchNormalization of ``model`` that folds exactly, in place; one
     decision per BatchNormalization node (subgraphs' and functions' included)."""
-    with quiet_ir():
+    with _quiet_ir():
         work = _Pass(model)
         return [work.fold(label, bn) for label, bn in batchnorm_nodes(model)]
 
@@ -1067,7 +1067,7 @@ def fold_onnx(model: onnx.ModelProto | ir.Model) -> OnnxFoldOutcome:
     (the fold works on an onnx-ir copy that shares its untouched tensors)."""
     ir_model = _to_ir(model)
     decisions = fold_model(ir_model)
-    with quiet_ir():
+    with _quiet_ir():
         proto = ir.serde.serialize_model(ir_model)
     return OnnxFoldOutcome(proto, decisions)
 
@@ -1091,7 +1091,7 @@ class OnnxBatchNorm:
 def describe(model: onnx.ModelProto) -> list[OnnxBatchNorm]:
     """Every BatchNormalization node of ``model`` with its constants and fold decision."""
     ir_model = _to_ir(model)
-    with quiet_ir():
+    with _quiet_ir():
         found = batchnorm_nodes(ir_model)
         params = [_bn_params(bn) for _, bn in found]
     decisions = {d.bn: d for d in fold_model(ir_model)}

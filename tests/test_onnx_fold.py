@@ -1072,3 +1072,50 @@ def test_bn_in_a_function_stays():
     (d,) = out.decisions
     assert (d.bn, d.reason) == ("function:Norm/bn", Reason.SUBGRAPH)
     assert_same_outputs(m, out.model, {"x": RNG.normal(size=(1, 3, 2, 2)).astype(np.float32)})
+
+
+def test_damaged_graphs_never_crash_the_fold():
+    """Inputs emptied or dangling, attributes dropped, initializers removed, odd dtypes
+    (hypothesis over damage to a paddle-style graph): fold_onnx and inspect's records
+    return a decision per BN, never raise."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from bnfold.stats import records_from_onnx
+
+    base = paddle_like()
+    n_nodes = len(base.graph.node)
+
+    damage = st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["empty_input", "dangling_input", "drop_attrs", "drop_output", "int_const"]
+            ),
+            st.integers(0, n_nodes - 1),
+            st.integers(0, 5),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+
+    @given(damage)
+    def check(steps):
+        m = onnx.ModelProto()
+        m.CopyFrom(base)
+        for kind, i, j in steps:
+            node = m.graph.node[i]
+            if kind in ("empty_input", "dangling_input") and node.input:
+                node.input[j % len(node.input)] = "" if kind == "empty_input" else "nowhere"
+            elif kind == "drop_attrs":
+                del node.attribute[:]
+            elif kind == "drop_output" and node.output:
+                node.output[0] = ""
+            elif kind == "int_const" and node.op_type == "Constant" and node.attribute:
+                node.attribute[0].t.CopyFrom(
+                    numpy_helper.from_array(np.arange(j + 1, dtype=np.int64), node.output[0])
+                )
+        bns = sum(n.op_type == "BatchNormalization" for n in m.graph.node)
+        assert len(fold_onnx(m).decisions) == bns
+        assert len(records_from_onnx(m)) == bns
+
+    check()
