@@ -109,9 +109,7 @@ def _quiet_ir() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _to_ir(model: onnx.ModelProto | ir.Model) -> ir.Model:
-    if isinstance(model, ir.Model):
-        return model
+def _to_ir(model: onnx.ModelProto) -> ir.Model:
     with _quiet_ir():
         # the IR wraps the proto's tensors without copying them, and never writes to them
         return ir.serde.deserialize_model(model)
@@ -1062,11 +1060,14 @@ def fold_model(model: ir.Model) -> list[Decision]:
         return [work.fold(label, bn) for label, bn in batchnorm_nodes(model)]
 
 
-def fold_onnx(model: onnx.ModelProto | ir.Model) -> OnnxFoldOutcome:
-    """Fold every BatchNormalization that folds exactly; a ModelProto given is not modified
-    (the fold works on an onnx-ir copy that shares its untouched tensors)."""
+def fold_onnx(model: onnx.ModelProto) -> OnnxFoldOutcome:
+    """Fold every BatchNormalization that folds exactly; ``model`` is not modified (the fold
+    works on an onnx-ir view that shares its tensors and never writes to them).  When
+    nothing folds, the outcome's model is ``model`` itself: the file comes out untouched."""
     ir_model = _to_ir(model)
     decisions = fold_model(ir_model)
+    if not any(d.folded for d in decisions):
+        return OnnxFoldOutcome(model, decisions)
     with _quiet_ir():
         proto = ir.serde.serialize_model(ir_model)
     return OnnxFoldOutcome(proto, decisions)
