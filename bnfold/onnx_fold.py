@@ -367,8 +367,10 @@ def _aligned(
     the same size whose following sizes multiply to ``inner``.  Transpose moves that axis.
     """
     src, dst = shapes(start), shapes(end)
-    if src is None or dst is None or not src or not dst:
+    if src is None or dst is None:
         return None
+    if not (-len(src) <= axis < len(src) and -len(dst) <= end_axis < len(dst)):
+        return False  # a tensor without that axis
     axis %= len(src)
     channels, tail = src[axis], src[axis + 1 :]
     if channels is None or None in tail:
