@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from bnfold.errors import ExportError, OutputError
-from bnfold.protowire import key, varint
 
 __all__ = ["EXPORTERS", "ExportResult", "atomic_output", "export_onnx", "onnx_counts"]
 
@@ -304,97 +303,11 @@ def _export_legacy(
 
 
 def save_single_file(model: Any, path: Path) -> None:
-    """Write an onnx_ir model as one ``.onnx`` file, streaming the weights.
-
-    ``ir.save`` (and ``onnx.save``) build the whole serialized model in memory: the
-    weights twice more (in the protobuf message, then in its bytes).  Here the weights
-    go to a scratch file first, one tensor at a time, and the ``.onnx`` file is then
-    written field by field in protobuf's canonical order (``_write_inline``), copying
-    each tensor's bytes from the scratch file in small pieces.  The file is byte for byte
-    what ``ir.save(model, path)`` writes (tests/test_export.py).
-    """
-    import onnx
+    """Write an onnx_ir model as one ``.onnx`` file (``ir.save``; under protobuf's 2 GB
+    limit: bigger models are written with external data by ``program.save``)."""
     import onnx_ir as ir
 
-    scratch_name = path.name + ".bnfold-weights"
-    scratch = path.with_name(scratch_name)
-    try:
-        ir.save(model, path, external_data=scratch_name, max_in_flight_bytes=2**24)
-        proto = onnx.load(str(path), load_external_data=False)
-        if not _write_inline(proto, path, scratch):
-            # external tensors outside the main graph's initializers (subgraphs): let onnx
-            # put them back in memory
-            onnx.load_external_data_for_model(proto, str(path.parent))
-            onnx.save(proto, str(path))
-    finally:
-        scratch.unlink(missing_ok=True)
-
-
-def _write_inline(model: Any, path: Path, scratch: Path) -> bool:
-    """Write ``model`` to ``path`` with its external initializers' bytes read from
-    ``scratch`` and written inline; False (nothing written) if some external tensor is
-    not an initializer of the main graph."""
-    from onnx import TensorProto
-    from onnx.external_data_helper import _get_all_tensors
-
-    graph = model.graph
-    inits = list(graph.initializer)
-    external = {id(t) for t in inits if t.data_location == TensorProto.EXTERNAL}
-    if any(
-        t.data_location == TensorProto.EXTERNAL and id(t) not in external
-        for t in _get_all_tensors(model)
-    ):
-        return False
-    pieces: list[tuple[bytes, tuple[int, int] | None, bytes]] = []  # head, (offset, n), tail
-    for t in inits:
-        if id(t) not in external:
-            pieces.append((t.SerializeToString(), None, b""))
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        offset, n = int(info.get("offset", 0)), int(info["length"])
-        inline = TensorProto()
-        inline.CopyFrom(t)
-        inline.ClearField("external_data")
-        inline.ClearField("data_location")
-        head = _fields(inline, lambda k: k < 9) + key(9) + varint(n)  # 9: raw_data
-        pieces.append((head, (offset, n), _fields(inline, lambda k: k > 9)))
-    sizes = [len(h) + (span[1] if span else 0) + len(tail) for h, span, tail in pieces]
-    graph_head = _fields(graph, lambda k: k < 5)  # 5: initializer
-    graph_tail = _fields(graph, lambda k: k > 5)
-    graph_size = (
-        len(graph_head) + sum(len(key(5)) + len(varint(n)) + n for n in sizes) + len(graph_tail)
-    )
-    with path.open("wb") as out, scratch.open("rb") as src:
-        out.write(_fields(model, lambda k: k < 7))  # 7: graph
-        out.write(key(7) + varint(graph_size) + graph_head)
-        for (head, span, tail), size in zip(pieces, sizes, strict=True):
-            out.write(key(5) + varint(size) + head)
-            if span is not None:
-                src.seek(span[0])
-                _copy(src, out, span[1])
-            out.write(tail)
-        out.write(graph_tail)
-        out.write(_fields(model, lambda k: k > 7))
-    return True
-
-
-def _fields(message: Any, keep: Any) -> bytes:
-    """The serialized fields of ``message`` whose numbers pass ``keep``, in order."""
-    part = type(message)()
-    part.CopyFrom(message)
-    for field, _ in part.ListFields():
-        if not keep(field.number):
-            part.ClearField(field.name)
-    return part.SerializeToString()
-
-
-def _copy(src: Any, dst: Any, n: int, piece: int = 1 << 20) -> None:
-    while n > 0:
-        chunk = src.read(min(piece, n))
-        if not chunk:
-            raise ExportError("the exported weights file is shorter than its index says")
-        dst.write(chunk)
-        n -= len(chunk)
+    ir.save(model, path)
 
 
 class _Plain(torch.nn.Module):

@@ -230,7 +230,8 @@ def onnx_batches(
 
     Dimensions come from ``shapes`` (one per input, in order) or from the graph; a
     symbolic first dimension is taken as a batch of 1, any other symbolic dimension needs
-    ``--input-shape``. Arrays are numpy: checking an ONNX file never needs torch.
+    ``--input-shape``. Arrays are numpy: checking an ONNX file never needs torch. An input
+    that is not a numeric tensor (a sequence, a map, strings) needs ``--inputs``.
     """
     import onnx
 
@@ -242,7 +243,18 @@ def onnx_batches(
     specs: list[tuple[list[int], np.dtype]] = []
     for k, value in enumerate(inputs):
         t = value.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        try:
+            if not value.type.HasField("tensor_type"):
+                raise KeyError(value.type.WhichOneof("value"))
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+            if dtype.kind not in "fiub" and dtype.name != "bfloat16":
+                raise KeyError(dtype.name)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BnfoldError(
+                f"input {value.name!r} is not a numeric tensor ({e}): bnfold cannot make "
+                "random values for it",
+                hint="pass real inputs with --inputs data.npz",
+            ) from None
         dims: list[int | None]
         if shapes:
             dims = list(shapes[k])
@@ -261,7 +273,7 @@ def onnx_batches(
     for _ in range(count):
         batch = []
         for size, dtype in specs:
-            if np.issubdtype(dtype, np.floating):
+            if dtype.kind == "f" or dtype.name == "bfloat16":
                 array = gen.standard_normal(size).astype(dtype)
             elif dtype == np.bool_:
                 array = gen.integers(0, 2, size).astype(bool)

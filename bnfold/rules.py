@@ -225,5 +225,18 @@ class Reason(str, enum.Enum):
     )
     SUBGRAPH = (
         "subgraph",
-        "the BN sits inside an If/Loop/Scan subgraph; bnfold folds only the main graph",
+        "the BN sits inside an If/Loop/Scan subgraph or a model-local function; bnfold "
+        "folds only the main graph",
+    )
+    BN_PARAMETERS = (
+        "bn_parameters",
+        "the BN's parameters are not one floating-point value per channel, all of one size "
+        "(spatial=0 over spatial axes, a scalar scale, mismatched sizes): not a plain "
+        "per-channel BatchNorm",
+    )
+    UNSUPPORTED_LAYER = (
+        "unsupported_layer",
+        "the neighbouring layer has a form bnfold does not fold (a weight of another dtype "
+        "or rank, groups that do not divide its channels, a bias that is not one value per "
+        "output channel)",
     )

@@ -318,45 +318,39 @@ def records_from_state_dict(sd: dict[str, torch.Tensor]) -> list[BNRecord]:
 
 
 def records_from_onnx(model: onnx.ModelProto) -> list[BNRecord]:
-    """Every BatchNormalization node, in graph (topological) order."""
-    from onnx import numpy_helper
+    """Every BatchNormalization node (subgraphs' too, named with their place), in graph
+    order, with its constants (Constant nodes included) and fold decision."""
+    from bnfold.onnx_fold import describe
 
-    from bnfold.onnx_fold import fold_onnx
-
-    inits = {t.name: t for t in model.graph.initializer}
-    decisions = {d.bn: d for d in fold_onnx(model).decisions}
     records = []
-    for i, node in enumerate(model.graph.node):
-        if node.op_type != "BatchNormalization":
-            continue
-        attrs = {a.name: a for a in node.attribute}
-        arrays = []
-        for name in node.input[1:5]:
-            init = inits.get(name)
-            arrays.append(numpy_helper.to_array(init).astype(np.float64) if init else None)
-        gamma, beta, mean, var = arrays
-        training = bool(attrs["training_mode"].i) if "training_mode" in attrs else False
-        rec = BNRecord(
-            name=node.name or f"BatchNormalization_{i}",
-            kind="ONNX BatchNormalization",
-            channels=int(next((a.size for a in arrays if a is not None), 0)),
-            eps=float(attrs["epsilon"].f) if "epsilon" in attrs else DEFAULT_EPS,
-            momentum=float(attrs["momentum"].f) if "momentum" in attrs else 0.9,
-            affine=True,
-            track_running_stats=mean is not None,
-            training=training,
-            mean=mean,
-            var=var,
-            gamma=gamma,
-            beta=beta,
+    for bn in describe(model):
+        arrays = [bn.scale, bn.bias, bn.mean, bn.var]
+        sizes = {a.size for a in arrays if a is not None} - {1}
+        gamma = bn.scale
+        if len(sizes) > 1 and gamma is not None and bn.var is not None:
+            # mismatched sizes (the decision says bn_parameters): no fold scale to show
+            gamma = None
+        d = bn.decision
+        records.append(
+            BNRecord(
+                name=bn.name,
+                kind=d.kind,
+                channels=bn.channels,
+                eps=bn.epsilon,
+                momentum=bn.momentum,
+                affine=True,
+                track_running_stats=bn.mean is not None and bn.var is not None,
+                training=bn.training,
+                mean=bn.mean,
+                var=bn.var,
+                gamma=gamma,
+                beta=bn.bias,
+                fold_into=d.into,
+                fold_direction=d.direction.value if d.direction is not None else None,
+                reason=d.reason.value if d.reason is not None else None,
+                reason_detail=d.detail or None,
+            )
         )
-        d = decisions.get(rec.name)
-        if d is not None:
-            rec.fold_into = d.into
-            rec.fold_direction = d.direction.value if d.direction is not None else None
-            rec.reason = d.reason.value if d.reason is not None else None
-            rec.reason_detail = d.detail or None
-        records.append(rec)
     return records
 
 

@@ -220,50 +220,22 @@ def test_symbolic_dimensions_need_input_shape(runner, tmp_path):
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("name", ["convnet.onnx", "mlp.onnx", "tokennet.onnx"])
-def test_walk_reads_what_onnx_load_reads(name):
-    """The zero-copy walk (issue #4) gives the model onnx.load gives, minus raw_data, and
-    every initializer as numpy_helper.to_array does."""
-    from bnfold.gate import _walk
-
-    path = SAMPLES / name
-    walked = _walk(path)
-    assert walked is not None
-    model, arrays = walked
-    proto = onnx.load(str(path))
-    for tensor in proto.graph.initializer:
-        tensor.ClearField("raw_data")
-    assert model == proto
-    got = dict(arrays)
-    want = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
-    assert got.keys() == want.keys()
-    for key, array in want.items():
-        np.testing.assert_array_equal(got[key].reshape(array.shape), array)
-
-
-def test_walk_declines_external_data_and_reads_other_fields(tmp_path):
-    """External data goes through load_model (its folder checks); a tensor stored in
-    float_data is parsed whole and its NaN still fails weights_finite."""
-    from bnfold.gate import _walk
-
-    proto = onnx.load(str(SAMPLES / "convnet.onnx"))
-    onnx.save(proto, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="w.data")
-    assert _walk(tmp_path / "ext.onnx") is None
+def test_nan_stored_in_float_data_fails_weights_finite(tmp_path):
+    """A tensor stored in float_data (not raw_data) is read like any other: its NaN fails
+    weights_finite."""
     from onnx import helper
 
-    proto = onnx.load(str(SAMPLES / "convnet.onnx"))  # saving moved its data out
+    proto = onnx.load(str(SAMPLES / "convnet.onnx"))
     init = proto.graph.initializer[0]
     w = numpy_helper.to_array(init).copy()
     w.flat[1] = np.nan
     init.CopyFrom(helper.make_tensor(init.name, init.data_type, w.shape, w.ravel().tolist()))
     path = tmp_path / "float_data.onnx"
     onnx.save(proto, str(path))
-    walked = _walk(path)
-    assert walked is not None
-    assert np.isnan(dict(walked[1])[init.name]).sum() == 1
     result = CliRunner().invoke(app, ["check", str(path), "--format", "json"])
-    checks = {c["name"]: c["passed"] for c in json.loads(result.stdout)["files"][0]["checks"]}
-    assert checks["weights_finite"] is False
+    checks = {c["name"]: c for c in json.loads(result.stdout)["files"][0]["checks"]}
+    assert checks["weights_finite"]["passed"] is False
+    assert init.name in checks["weights_finite"]["message"]
 
 
 def test_external_data_model_passes(runner, folded, tmp_path):
@@ -274,3 +246,108 @@ def test_external_data_model_passes(runner, folded, tmp_path):
     assert (tmp_path / "w.data").stat().st_size > 0
     result = runner.invoke(app, ["check", str(path), "--format", "json"])
     assert result.exit_code == 0, result.output
+
+
+def _if_with_bn_inside(path: Path) -> None:
+    """An ONNX file whose only BatchNormalization sits in an If branch (unnamed, as some
+    exporters leave it)."""
+    from onnx import TensorProto, helper
+
+    c = 3
+    inits = [
+        numpy_helper.from_array(np.full(c, v, np.float32), n)
+        for n, v in (("scale", 1.5), ("bias", 0.1), ("mean", 0.2), ("var", 2.0))
+    ]
+    bn = helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["t"])
+    shape = [1, c, 2, 2]
+    then_g = helper.make_graph(
+        [bn], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, shape)]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, shape)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g
+            )
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def test_bn_inside_a_subgraph_fails_max_bn_issue_13(runner, tmp_path):
+    """Issue 13: check sees a BatchNormalization inside an If branch: --max-bn 0 fails and
+    names it with its place, the name inspect and fuse give it."""
+    from bnfold.loading import load_model
+    from bnfold.stats import inspect_model
+
+    path = tmp_path / "branch.onnx"
+    _if_with_bn_inside(path)
+    result = runner.invoke(app, ["check", str(path), "--format", "json"])
+    assert result.exit_code == 1, result.output
+    (f,) = json.loads(result.stdout)["files"]
+    checks = {c["name"]: c for c in f["checks"]}
+    assert checks["batchnorm"]["passed"] is False
+    assert "branch/then_branch/t" in checks["batchnorm"]["message"]
+    (layer,) = inspect_model(load_model(path)).layers
+    assert (layer.name, layer.reason, layer.channels) == ("branch/then_branch/t", "subgraph", 3)
+    assert runner.invoke(app, ["check", str(path), "--max-bn", "1"]).exit_code == 0
+
+
+def test_nan_in_a_constant_node_fails_weights_finite(runner, tmp_path):
+    """Weights kept in Constant nodes (paddle2onnx) are weights too: a NaN there fails."""
+    from onnx import TensorProto, helper
+
+    w = np.ones((2, 2, 1, 1), np.float32)
+    w[0, 0, 0, 0] = np.nan
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+            helper.make_node("Conv", ["x", "w"], ["y"], name="conv"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])],
+    )
+    path = tmp_path / "const.onnx"
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+        str(path),
+    )
+    result = runner.invoke(app, ["check", str(path), "--format", "json"])
+    checks = {c["name"]: c for c in json.loads(result.stdout)["files"][0]["checks"]}
+    assert checks["weights_finite"]["passed"] is False
+    assert "w" in checks["weights_finite"]["message"]
+
+
+def test_sequence_input_asks_for_real_inputs(runner, tmp_path):
+    """A graph input that is not a tensor (a sequence) cannot get random values: exit 2
+    with one line pointing at --inputs, not a traceback."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("SequenceLength", ["s"], ["n"], name="len")],
+        "g",
+        [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+    )
+    path = tmp_path / "seq.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(path))
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "--inputs" in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
