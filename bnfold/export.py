@@ -79,8 +79,12 @@ def export_onnx(
     exporter: str = "dynamo",
     opset: int | None = None,
     dynamic_batch: bool = True,
+    output_names: Sequence[str] | None = None,
 ) -> ExportResult:
     """Write ``folder/name`` (plus ``name.data`` for big models); return what was written.
+
+    ``output_names`` name the graph's outputs (``verify.onnx_output_names``: the model's
+    output structure flattened in pytree order), else the exporter names them.
 
     With ``dynamic_batch`` the batch axis is dynamic where the exporter manages it; when
     it does not, the file gets a static batch and the result says so (a note, and
@@ -102,11 +106,11 @@ def export_onnx(
         try:
             if exporter == "dynamo":
                 counts, dynamic = _export_dynamo(
-                    module, inputs, path, opset, dynamic_batch, external, notes
+                    module, inputs, path, opset, dynamic_batch, external, notes, output_names
                 )
             elif exporter == "legacy":
                 dynamic = _export_legacy(
-                    module, inputs, path, opset, dynamic_batch, names, external, notes
+                    module, inputs, path, opset, dynamic_batch, names, external, output_names
                 )
             else:
                 raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
@@ -230,10 +234,13 @@ def _export_dynamo(
     dynamic_batch: bool,
     external: bool,
     notes: list[str],
+    output_names: Sequence[str] | None,
 ) -> tuple[tuple[int, int, int], bool]:
     from bnfold.graph import dynamic_shapes
 
     kwargs: dict[str, Any] = {"dynamo": True, "external_data": external}
+    if output_names:
+        kwargs["output_names"] = list(output_names)
     if opset is not None:
         kwargs["opset_version"] = opset
     dynamic = dynamic_batch
@@ -271,7 +278,7 @@ def _export_legacy(
     dynamic_batch: bool,
     names: list[str],
     external: bool,
-    notes: list[str],
+    output_names: Sequence[str] | None,
 ) -> bool:
     if isinstance(module, torch.fx.GraphModule):
         # the legacy exporter reads a ``.graph`` attribute as a TorchScript graph (and fails
@@ -285,6 +292,7 @@ def _export_legacy(
         str(path),
         dynamo=False,
         input_names=names,
+        output_names=list(output_names) if output_names else None,
         dynamic_axes=dynamic_axes,
         opset_version=opset or 17,
     )

@@ -14,6 +14,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -127,10 +128,15 @@ def run_fuse(
         with step("Running the original model (float32 and float64)"):
             reference = _reference(model, captured, examples, opts)
         clock.lap("reference")
+    from bnfold.fold_torch import shared_modules
+
     params_before, model_format = count_params(model), loaded.format.value
+    protected = shared_modules(captured.module, model)
+    # from here the graph alone holds the model: each layer folded away is freed as soon
+    # as its folded copy goes in, so the fold needs no second copy of the weights
+    del model, loaded
     with step("Folding BatchNorm layers"):
-        folded_model, folded, skipped, ops = _fold(captured, model)
-    del model, loaded  # the graph holds what is left of the model: folded layers are freed
+        folded_model, folded, skipped, ops = _fold(captured, protected)
     clock.lap("fold")
     params_after = count_params(folded_model)
     kwargs: dict[str, Any] = {}
@@ -344,14 +350,14 @@ def _reference(
 
 
 def _fold(
-    captured: Captured, model: torch.nn.Module
+    captured: Captured, protected: AbstractSet[int]
 ) -> tuple[torch.fx.GraphModule, tuple[FoldedSite, ...], tuple[SkippedSite, ...], tuple[int, int]]:
-    """Fold every BN that folds exactly; the folded module, the report rows and the number
-    of operations before and after."""
-    from bnfold.fold_torch import fold_graph, shared_modules
+    """Fold every BN that folds exactly, leaving the modules in ``protected`` (the model's
+    own) untouched; the folded module, the report rows and the operations before and
+    after."""
+    from bnfold.fold_torch import fold_graph
 
     gm = captured.module
-    protected = shared_modules(gm, model)
     before = _ops(gm)
     outcome = fold_graph(gm, protected, shapes_known=True)
     gc.collect()  # modules kept alive only by reference cycles
@@ -369,10 +375,15 @@ def _export_and_verify(
     notes: list[str],
 ) -> dict[str, Any]:
     """Export the folded model to ``--out`` and verify the file in onnxruntime."""
+    import torch
+
     from bnfold.export import atomic_output, export_onnx
-    from bnfold.verify import verify_onnx
+    from bnfold.verify import flatten_outputs, onnx_output_names, verify_onnx
 
     assert opts.out is not None
+    folded_first = _outputs_of(folded_model, reference.batches[0])
+    with torch.no_grad():
+        names = onnx_output_names(flatten_outputs(folded_model(*examples.example)))
     with atomic_output(opts.out, force=opts.force) as tmp:
         with step(f"Exporting ONNX ({opts.exporter})"):
             result = export_onnx(
@@ -383,6 +394,7 @@ def _export_and_verify(
                 exporter=opts.exporter,
                 opset=opts.opset,
                 dynamic_batch=captured.dynamic_batch,
+                output_names=names,
             )
             notes.extend(result.notes)
         if captured.dynamic_batch and not result.dynamic_batch:
@@ -394,7 +406,7 @@ def _export_and_verify(
                 atol=opts.atol,
                 rtol=opts.rtol,
                 input_source=", ".join(reference.fed),
-                folded_outputs=_outputs_of(folded_model, reference.batches[0]),
+                folded_outputs=folded_first,
             )
     return {
         "exporter": f"torch.onnx.export(dynamo={opts.exporter == 'dynamo'})",

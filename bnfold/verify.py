@@ -37,6 +37,7 @@ __all__ = [
     "Reference",
     "compute_reference",
     "flatten_outputs",
+    "onnx_output_names",
     "verify_onnx",
     "verify_onnx_pair",
     "verify_torch",
@@ -63,6 +64,23 @@ def flatten_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
         if isinstance(leaf, torch.Tensor):
             named.append((keystr(path) or "output", leaf))
     return named
+
+
+def onnx_output_names(named: list[tuple[str, Any]]) -> list[str]:
+    """ONNX names for ``flatten_outputs``'s outputs, in the same (pytree) order: the path
+    with every run of other characters made one ``_`` (``['boxes']`` -> ``boxes``,
+    ``[1][0]`` -> ``output_1_0``, ``.logits`` -> ``logits``); a lone tensor is ``output``."""
+    import re
+
+    names: list[str] = []
+    for path, _ in named:
+        name = re.sub(r"[^0-9A-Za-z]+", "_", path).strip("_") or "output"
+        if name[0].isdigit():
+            name = f"output_{name}"
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
 
 
 def _session(path: Path, what: str) -> Any:

@@ -48,3 +48,34 @@ def test_exported_weights_are_freed_after_export(tmp_path, opset):
     del model
     gc.collect()
     assert [ref() is None for ref in alive] == [True] * len(alive)
+
+
+class Structured(nn.Module):
+    """Outputs of several kinds at once: a dict holding a tensor and a tuple with a list
+    (YOLO returns a tensor plus a list of feature maps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return {"boxes": y.mean((2, 3)), "maps": (y, [y[:, :2], y.sum(1)])}
+
+
+def test_outputs_of_any_structure_are_named_and_each_verified(tmp_path):
+    """Issue 14: nested dict/tuple/list outputs become ONNX outputs named after their place,
+    in pytree order (documented in the README), and every one is verified."""
+    import onnx
+
+    import bnfold
+    from tests.models import randomize_all
+
+    model = randomize_all(Structured())
+    report = bnfold.fuse(model, tmp_path / "s.onnx", example_inputs=torch.randn(2, 3, 8, 8))
+    names = [o.name for o in onnx.load(str(tmp_path / "s.onnx")).graph.output]
+    assert names == ["boxes", "maps_0", "maps_1_0", "maps_1_1"]
+    assert [o.name for o in report.verification.outputs] == [
+        "['boxes']", "['maps'][0]", "['maps'][1][0]", "['maps'][1][1]"
+    ]  # fmt: skip
+    assert report.verification.passed and len(report.folded) == 1
