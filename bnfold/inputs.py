@@ -184,20 +184,28 @@ def verification_batches(
         values = [None if t.is_floating_point() else np.unique(t.detach().numpy()) for t in real[0]]
     batches: list[list[torch.Tensor]] = []
     fed: list[str] = []
-    if count:
-        batches += random_batches(shapes, dtypes, count, seed=seed, values=values)
-        fed.append(f"{count} seeded random batch(es) of shape {_shapes(shapes)}")
+    size = batch_size(example)
+    other = other_batch if other_batch is not None and size not in (None, other_batch) else None
+    # with a dynamic batch axis, the last random batch is of the other batch size
+    same = count - 1 if other is not None and count >= 2 else count
+    if same:
+        batches += random_batches(shapes, dtypes, same, seed=seed, values=values)
+        fed.append(f"{same} seeded random batch(es) of shape {_shapes(shapes)}")
     if real is not None:
         batches += real
         fed.append(f"{real_name} ({_shapes([tuple(t.shape) for t in real[0]])})")
-    base = batches[0]
+    base = batches[0] if batches else list(example)
     if any(t.is_floating_point() for t in base):
         batches.append([t * SCALE if t.is_floating_point() else t for t in base])
         fed.append(f"1 batch scaled by {SCALE:g}")
-    size = batch_size(base)
-    if other_batch is not None and size is not None and other_batch != size:
-        batches.append(with_batch(base, other_batch, size))
-        fed.append(f"1 batch of batch size {other_batch} (the batch axis is dynamic)")
+    if other is not None:
+        assert size is not None
+        if same < count:
+            moved = [tuple(t.shape) for t in with_batch(example, other, size)]
+            batches += random_batches(moved, dtypes, 1, seed=seed + 1, values=values)
+        else:
+            batches.append(with_batch(base, other, batch_size(base) or size))
+        fed.append(f"1 batch of batch size {other} (the batch axis is dynamic)")
     return batches, tuple(fed)
 
 
