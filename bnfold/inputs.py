@@ -232,14 +232,21 @@ def read_npz(path: Path, as_numpy: bool = False) -> list[list[Any]]:
 
 
 def onnx_batches(
-    model: object, shapes: Sequence[tuple[int, ...]], count: int, seed: int = 0
+    model: object,
+    shapes: Sequence[tuple[int, ...]],
+    count: int,
+    seed: int = 0,
+    values: Sequence[np.ndarray | None] | None = None,
+    batch: int = 1,
 ) -> list[list[np.ndarray]]:
     """Seeded random batches for an ONNX model's graph inputs (initializers excluded).
 
     Dimensions come from ``shapes`` (one per input, in order) or from the graph; a
-    symbolic first dimension is taken as a batch of 1, any other symbolic dimension needs
-    ``--input-shape``. Arrays are numpy: checking an ONNX file never needs torch. An input
-    that is not a numeric tensor (a sequence, a map, strings) needs ``--inputs``.
+    symbolic first dimension is taken as a batch of ``batch`` (1), any other symbolic
+    dimension needs ``--input-shape``. Integer inputs take values from ``values[i]`` when
+    given (those of the user's data), else 0..9. Arrays are numpy: checking an ONNX file
+    never needs torch. An input that is not a numeric tensor (a sequence, a map, strings)
+    needs ``--inputs``.
     """
     import onnx
 
@@ -269,7 +276,7 @@ def onnx_batches(
         else:
             dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
             if dims and dims[0] is None:
-                dims[0] = 1
+                dims[0] = batch
             if any(d is None for d in dims):
                 raise BnfoldError(
                     f"input {value.name!r} has symbolic dimensions besides the batch",
@@ -279,14 +286,69 @@ def onnx_batches(
     gen = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        batch = []
-        for size, dtype in specs:
+        arrays = []
+        for i, (size, dtype) in enumerate(specs):
+            seen = values[i] if values is not None and i < len(values) else None
             if dtype.kind == "f" or dtype.name == "bfloat16":
                 array = gen.standard_normal(size).astype(dtype)
+            elif seen is not None and seen.size:
+                array = gen.choice(seen.reshape(-1), size).astype(dtype)
             elif dtype == np.bool_:
                 array = gen.integers(0, 2, size).astype(bool)
             else:
                 array = gen.integers(0, 10, size).astype(dtype)
-            batch.append(array)
-        out.append(batch)
+            arrays.append(array)
+        out.append(arrays)
     return out
+
+
+def onnx_verification_batches(
+    model: Any,
+    shapes: Sequence[tuple[int, ...]],
+    count: int,
+    *,
+    seed: int,
+    real: list[list[np.ndarray]] | None = None,
+    real_name: str = "--inputs",
+) -> tuple[list[list[np.ndarray]], tuple[str, ...]]:
+    """What verification of an ONNX route feeds, as for PyTorch models
+    (``verification_batches``): ``count`` random batches (integer inputs take the values
+    of the user's data), the user's data, one batch with floating inputs scaled by
+    ``SCALE``, and one with a batch of 3 when the graph's batch axis is symbolic."""
+    values = None
+    if real is not None:
+        values = [None if a.dtype.kind == "f" else np.unique(a) for a in real[0]]
+    batches: list[list[np.ndarray]] = []
+    fed: list[str] = []
+    if count:
+        batches += onnx_batches(model, shapes, count, seed=seed, values=values)
+        fed.append(f"{count} seeded random batch(es)")
+    if real is not None:
+        batches += real
+        fed.append(f"{real_name}")
+    if not batches:
+        raise BnfoldError(
+            "--verify-batches 0 needs --inputs: verification must feed something",
+            hint="give --inputs data.npz, or at least one random batch",
+        )
+    base = batches[0]
+    if any(a.dtype.kind == "f" for a in base):
+        batches.append([a * np.asarray(SCALE, a.dtype) if a.dtype.kind == "f" else a for a in base])
+        fed.append(f"1 batch scaled by {SCALE:g}")
+    if not shapes and _symbolic_batch(model):
+        batches += onnx_batches(model, shapes, 1, seed=seed + 1, values=values, batch=3)
+        fed.append("1 batch of batch size 3 (the batch axis is symbolic)")
+    return batches, tuple(fed)
+
+
+def _symbolic_batch(model: Any) -> bool:
+    """Whether every graph input with a first axis has a symbolic one."""
+    inits = {t.name for t in model.graph.initializer}
+    dims = [
+        i.type.tensor_type.shape.dim[0]
+        for i in model.graph.input
+        if i.name not in inits
+        and i.type.HasField("tensor_type")
+        and len(i.type.tensor_type.shape.dim) > 0
+    ]
+    return bool(dims) and all(not d.HasField("dim_value") for d in dims)

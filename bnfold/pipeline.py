@@ -222,7 +222,28 @@ def _model_to_fold(loaded: LoadedModel, opts: FuseOptions, notes: list[str]) -> 
         model.eval()
         notes.append(f"--eval: switched {len(training)} modules from training to eval mode")
     _check_finite(model, path)
+    if opts.out is not None:
+        _check_runs_in_onnxruntime(model, path)
     return model
+
+
+def _check_runs_in_onnxruntime(model: torch.nn.Module, path: Path) -> None:
+    """Refuse, before any export, a model whose ONNX file onnxruntime could not run, so
+    that nothing unverified is ever written: float64 (the CPU provider has no float64
+    convolution) and bfloat16 (no kernels for most operators)."""
+    import torch
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    bad = sorted(str(d).removeprefix("torch.") for d in dtypes & {torch.float64, torch.bfloat16})
+    if bad:
+        raise BnfoldError(
+            f"the model's weights are {', '.join(bad)}: onnxruntime's CPU provider has no "
+            "kernels for it (float64 convolutions, most bfloat16 operators), so an ONNX "
+            "export could not be verified",
+            path=path,
+            hint="cast the model to float32 or float16 first, or leave out --out and keep "
+            "--save-torch (verified in PyTorch)",
+        )
 
 
 def _in_training_mode(model: torch.nn.Module) -> list[str]:
@@ -494,7 +515,7 @@ def _run_fuse_onnx(opts: FuseOptions, loaded: LoadedModel, step: Step, clock: _C
     import onnx
 
     from bnfold.export import atomic_output, onnx_counts
-    from bnfold.inputs import onnx_batches, read_npz
+    from bnfold.inputs import onnx_verification_batches, read_npz
     from bnfold.onnx_fold import fold_onnx
     from bnfold.verify import verify_onnx_pair
 
@@ -527,15 +548,27 @@ def _run_fuse_onnx(opts: FuseOptions, loaded: LoadedModel, step: Step, clock: _C
             )
             clock.lap("export")
             with step("Verifying in onnxruntime"):
-                batches = onnx_batches(
-                    original, opts.input_shapes, opts.verify_batches, seed=opts.seed + 1
-                )
-                source = f"{opts.verify_batches} random (seeded)"
+                real = None
                 if opts.inputs_npz is not None:
-                    batches = read_npz(opts.inputs_npz) + batches
-                    source = f"{opts.inputs_npz} + {source}"
+                    real = read_npz(opts.inputs_npz, as_numpy=True)
+                batches, fed = onnx_verification_batches(
+                    original,
+                    opts.input_shapes,
+                    opts.verify_batches,
+                    seed=opts.seed + 1,
+                    real=real,
+                    real_name=str(opts.inputs_npz),
+                )
                 verification = verify_onnx_pair(
-                    opts.model, path, batches, atol=opts.atol, rtol=opts.rtol, input_source=source
+                    opts.model,
+                    path,
+                    batches,
+                    atol=opts.atol,
+                    rtol=opts.rtol,
+                    input_source=", ".join(fed),
+                )
+                verification = replace(
+                    verification, fed=fed, reference="the original ONNX graph in onnxruntime"
                 )
             clock.lap("verify")
             nodes, bn_nodes, opset = onnx_counts(path)

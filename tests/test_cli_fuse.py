@@ -330,3 +330,63 @@ def test_submodule_named_like_a_graphmodule_attribute_is_a_clear_error(runner, t
     result = fuse_two_inputs(runner, weights, arch, tmp_path / "o.onnx")
     assert result.exit_code == 2, result.output
     assert "renamed" in result.stderr
+
+
+def _sample_rate_model(path):
+    """An ONNX model whose int64 input ``sr`` must be 16000 (a reshape needs sr // 16000 ==
+    1), as silero-vad's must be 8000 or 16000, with a MatMul+Add+BN to fold."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "scale"),
+        numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "shift"),
+        numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, 4).astype(np.float32), "var"),
+        numpy_helper.from_array(np.array([16000], dtype=np.int64), "rate"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "minus_one"),
+        numpy_helper.from_array(np.array([4], dtype=np.int64), "four"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], ["lin"]),
+        helper.make_node("BatchNormalization", ["lin", "scale", "shift", "mean", "var"], ["bn"]),
+        helper.make_node("Div", ["sr", "rate"], ["k"]),
+        helper.make_node("Mul", ["k", "four"], ["width"]),
+        helper.make_node("Concat", ["minus_one", "width"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["bn", "shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sr",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_onnx_integer_inputs_take_the_values_of_the_users_data(runner, tmp_path):
+    """Issue 13: random verification batches gave silero-vad's ``sr`` values the model does
+    not accept, and --inputs could not replace them; with --inputs, integer inputs take
+    the data's values, and --verify-batches 0 feeds the data alone (plus its scaled copy)."""
+    model = tmp_path / "sr.onnx"
+    _sample_rate_model(model)
+    npz = tmp_path / "in.npz"
+    np.savez(npz, x=np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32),
+             sr=np.array([16000], dtype=np.int64))  # fmt: skip
+    base = ["fuse", str(model), "--inputs", str(npz), "--force", "--format", "json"]
+    for extra in ([], ["--verify-batches", "0"]):
+        result = runner.invoke(app, [*base, "--out", str(tmp_path / "f.onnx"), *extra])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["verification"]["passed"] and len(report["folded"]) == 1
+        assert any("scaled by 100" in f for f in report["verification"]["fed"])
+    refused = runner.invoke(app, ["fuse", str(model), "--verify-batches", "0",
+                                  "--out", str(tmp_path / "g.onnx")])  # fmt: skip
+    assert refused.exit_code == 2 and "--inputs" in refused.stderr

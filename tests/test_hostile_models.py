@@ -858,3 +858,23 @@ def test_uncapturable_model_is_one_clean_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "\x1b[" not in proc.stderr and "Traceback" not in proc.stderr
     assert "torch.fx" in lines[0] and "torch.export" in lines[0]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_dtypes_onnxruntime_cannot_run_are_refused_before_exporting(tmp_path, dtype):
+    """Issue 13: float64 and bfloat16 models exported, then failed verification after the
+    long export; they are refused first (exit 2, nothing written), and --save-torch alone
+    is verified in PyTorch."""
+    model = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).to(
+        getattr(torch, dtype)
+    )
+    weights = tmp_path / "m.pt"
+    torch.save(model, weights)
+    base = ["fuse", str(weights), "--trust-pickle", "--input-shape", "2,3,8,8"]
+    refused = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "m.onnx")])
+    assert refused.exit_code == 2 and dtype in refused.stderr, refused.output
+    assert not (tmp_path / "m.onnx").exists()
+    saved = CliRunner().invoke(app, [*base, "--save-torch", str(tmp_path / "m.pt2"),
+                                     "--input-dtype", dtype, "--format", "json"])  # fmt: skip
+    assert saved.exit_code == 0, saved.output
+    assert json.loads(saved.stdout)["torch_verification"]["passed"]
