@@ -118,8 +118,8 @@ def export_onnx(
             raise
         except Exception as e:
             raise ExportError(
-                f"torch.onnx.export ({exporter}) failed: {_first(e)}",
-                hint=_hint(exporter, dynamic_batch),
+                f"torch.onnx.export ({exporter}) failed: {_why(e)}",
+                hint=_hint(e, exporter),
             ) from e
         finally:
             if exporter == "dynamo":
@@ -148,12 +148,28 @@ def check_opset(opset: int | None, exporter: str) -> None:
         )
 
 
-def _hint(exporter: str, dynamic_batch: bool) -> str:
-    """The next step that may work after a failed export."""
-    if dynamic_batch:
-        return "try --static-batch"
+_NO_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
+
+
+def _why(e: BaseException) -> str:
+    """The failure in a few words: the operator the exporter cannot translate, when that is
+    it (the dynamo exporter buries it in a page of advice), else the first line."""
+    missing = _NO_FUNCTION.search(str(e))
+    if missing:
+        return f"the ONNX exporter has no translation for the operator {missing.group(1)}"
+    return _first(e)
+
+
+def _hint(e: BaseException, exporter: str) -> str:
+    """The next step after a failed export (a static batch was tried already, when a
+    dynamic one failed)."""
+    if _NO_FUNCTION.search(str(e)):
+        return (
+            "torch.onnx.export cannot export this model either: replace that operator, or "
+            "register an ONNX function for it (torch.onnx's custom_translation_table)"
+        )
     other = "legacy" if exporter == "dynamo" else "dynamo"
-    return f"torch cannot export this model as it is; --exporter {other} may"
+    return f"--exporter {other} may export it (a static batch was tried already)"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

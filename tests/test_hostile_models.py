@@ -878,3 +878,37 @@ def test_dtypes_onnxruntime_cannot_run_are_refused_before_exporting(tmp_path, dt
                                      "--input-dtype", dtype, "--format", "json"])  # fmt: skip
     assert saved.exit_code == 0, saved.output
     assert json.loads(saved.stdout)["torch_verification"]["passed"]
+
+
+def test_failing_exporter_is_one_clean_line(tmp_path):
+    """Issue 13/14: an operator the ONNX exporter cannot translate (eigvalsh) printed 244
+    lines of traceback with colour codes; now one line, exit 2, no colour, nothing written,
+    and a hint that names a next step."""
+    source = textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Eig(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+            def forward(self, x):
+                y = self.bn(self.conv(x))[..., :4, :4]
+                return torch.linalg.eigvalsh(y @ y.transpose(-1, -2))
+    """)
+    arch, namespace = write_arch(tmp_path, source, "eig")
+    weights = tmp_path / "e.pt"
+    torch.save(randomize_all(namespace["Eig"]()).state_dict(), weights)
+    out = tmp_path / "e.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnfold", "fuse", str(weights), "--arch", f"{arch}:Eig",
+         "--input-shape", "2,3,8,8", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "\x1b[" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "aten._linalg_eigh" in lines[0] and "custom_translation_table" in lines[0]
+    assert not out.exists() and list(tmp_path.glob(".e.onnx*")) == []
