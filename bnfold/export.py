@@ -80,8 +80,14 @@ def export_onnx(
     opset: int | None = None,
     dynamic_batch: bool = True,
     output_names: Sequence[str] | None = None,
+    one_file: bool = True,
 ) -> ExportResult:
     """Write ``folder/name`` (plus ``name.data`` for big models); return what was written.
+
+    ``one_file=False`` (dynamo exporter) writes a small model's weights to ``name.data``
+    as well, one tensor at a time, for a caller that lets the model go before
+    ``join_weights`` puts them into ``name``: the model's weights are then never held
+    three times at once (the model's, the protobuf message's, its bytes').
 
     ``output_names`` name the graph's outputs (``verify.onnx_output_names``: the model's
     output structure flattened in pytree order), else the exporter names them.
@@ -95,7 +101,8 @@ def export_onnx(
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
         b.numel() * b.element_size() for b in module.buffers()
     )
-    external = n_bytes > _TWO_GB
+    big = n_bytes > _TWO_GB
+    external = big or (not one_file and exporter == "dynamo")
     notes: list[str] = []
     inputs = tuple(example_inputs)
     names = [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
@@ -110,7 +117,7 @@ def export_onnx(
                 )
             elif exporter == "legacy":
                 dynamic = _export_legacy(
-                    module, inputs, path, opset, dynamic_batch, names, external, output_names
+                    module, inputs, path, opset, dynamic_batch, names, big, output_names
                 )
             else:
                 raise ExportError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
@@ -126,9 +133,22 @@ def export_onnx(
                 release_rewriter_state()
     # counting from the in-memory program avoids parsing the whole file (weights and all)
     nodes, bn_nodes, used_opset = counts if counts is not None else onnx_counts(path)
-    return ExportResult(
-        path, exporter, used_opset, nodes, bn_nodes, external, tuple(notes), dynamic
-    )
+    return ExportResult(path, exporter, used_opset, nodes, bn_nodes, big, tuple(notes), dynamic)
+
+
+def join_weights(result: ExportResult) -> None:
+    """Put the weights ``export_onnx(one_file=False)`` left in ``<name>.data`` into the
+    ``.onnx`` file itself (a model over protobuf's 2 GB keeps them beside it), with onnx's
+    own reader and writer; nothing to do when they are in the file already."""
+    import onnx
+
+    data = result.path.with_name(result.path.name + ".data")
+    if result.external_data or not data.exists():
+        return
+    model = onnx.load(str(result.path))  # reads the external data, inside its folder
+    onnx.save(model, str(result.path))
+    del model
+    data.unlink()
 
 
 def check_opset(opset: int | None, exporter: str) -> None:

@@ -26,6 +26,7 @@ from bnfold.reports import FoldedSite, FuseReport, SkippedSite, Verification
 if TYPE_CHECKING:
     import torch
 
+    from bnfold.export import ExportResult
     from bnfold.graph import Captured
     from bnfold.loading import LoadedModel
     from bnfold.verify import Reference
@@ -85,6 +86,22 @@ class Examples:
     other: list[torch.Tensor] | None
     real: list[list[torch.Tensor]] | None
     notes: list[str] = field(default_factory=list)
+    given: list[torch.Tensor] | None = None  # the example at the batch size it was given
+
+    def other_batch(self, dynamic: bool) -> int | None:
+        """With a dynamic batch axis, the size of verification's batch of another size
+        than the one given: the export's example size (a batch of 1 is exported at 2),
+        else one more.  Verification's other batches keep the size given, the cheapest.
+        (The shape proofs were made at the export's size and one more.)"""
+        from bnfold.inputs import batch_size
+
+        if not dynamic or self.other is None:
+            return None
+        size = batch_size(self.given if self.given is not None else self.example)
+        export_size = batch_size(self.example)
+        if export_size is None:
+            return None
+        return export_size if size is not None and size != export_size else export_size + 1
 
 
 def run_fuse(
@@ -99,8 +116,10 @@ def run_fuse(
     ``loaded`` is a model already in memory (the Python API), else ``opts.model`` is
     loaded; ``example_inputs`` give the input shape, as ``--input-shape`` does.
     """
-    from bnfold.fold_torch import count_params
+    from bnfold.export import atomic_output, join_weights
+    from bnfold.fold_torch import count_params, shared_modules
     from bnfold.loading import load_model
+    from bnfold.verify import verify_onnx
 
     _check_outputs(opts)
     clock = _Clock()
@@ -122,63 +141,87 @@ def run_fuse(
         examples = _examples(opts, loaded, model, example_inputs)
         captured = _capture(model, examples)
     notes += examples.notes + ([captured.note] if captured.note else [])
+    gm, dynamic = captured.module, captured.dynamic_batch
+    capture, capture_detail = captured.how, captured.why
+    del captured
     clock.lap("capture")
     reference = None
     if opts.out is not None or opts.save_torch is not None:
-        with step("Running the original model (float32 and float64)"):
-            reference = _reference(model, captured, examples, opts)
+        with step("Running the original model in float64"):
+            reference = _reference(model, gm, dynamic, examples, opts)
         clock.lap("reference")
-    from bnfold.fold_torch import shared_modules
-
+        if not reference.how.startswith("float64"):
+            notes.append(f"the reference is {reference.how}")
     params_before, model_format = count_params(model), loaded.format.value
-    protected = shared_modules(captured.module, model)
+    protected = shared_modules(gm, model)
     # from here the graph alone holds the model: each layer folded away is freed as soon
     # as its folded copy goes in, so the fold needs no second copy of the weights
     del model, loaded
     with step("Folding BatchNorm layers"):
-        folded_model, folded, skipped, ops = _fold(captured, protected)
+        folded_model, folded, skipped, ops = _fold(gm, protected)
+    del gm
     clock.lap("fold")
     params_after = count_params(folded_model)
-    kwargs: dict[str, Any] = {}
-    if opts.out is not None:
-        assert reference is not None
-        kwargs = _export_and_verify(folded_model, captured, examples, reference, opts, step, notes)
-        clock.lap("export_verify")
-        if kwargs["onnx_bn_nodes"] < len(skipped):
-            notes.append(
-                f"the exporter removed {len(skipped) - kwargs['onnx_bn_nodes']} more "
-                "BatchNormalization nodes on its own; the table shows what bnfold folded"
-            )
-    torch_out, torch_verification = None, None
-    if opts.save_torch is not None:
-        assert reference is not None
-        with step("Saving and verifying the folded PyTorch model"):
-            torch_verification = _save_torch(folded_model, captured, examples, reference, opts)
-        torch_out = str(opts.save_torch)
-        clock.lap("save_torch")
-    if reference is not None and not reference.how.startswith("float64"):
-        notes.append(f"the reference is {reference.how}")
+    written: dict[str, Any] = {"exporter": "none", "dynamic_batch": dynamic}
+    torch_verification = None
+    with contextlib.ExitStack() as outputs:
+        tmp = outputs.enter_context(atomic_output(opts.out, force=opts.force)) if opts.out else None
+        if tmp is not None:
+            assert reference is not None
+            with step(f"Exporting ONNX ({opts.exporter})"):
+                result = _export(folded_model, dynamic, examples, opts, tmp, notes)
+            written = _written(result, opts)
+            file_reference = reference
+            if dynamic and not result.dynamic_batch:
+                file_reference = _at_batch_of(reference, examples.example)
+            folded_first = _outputs_of(folded_model, file_reference.batches[0])
+            clock.lap("export")
+        if opts.save_torch is not None:
+            assert reference is not None
+            with step("Saving and verifying the folded PyTorch model"):
+                torch_verification = _save_torch(folded_model, dynamic, examples, reference, opts)
+            clock.lap("save_torch")
+        del folded_model  # let the folded weights go before they are written again
+        gc.collect()
+        if tmp is not None:
+            with step("Writing the ONNX file"):
+                join_weights(result)
+            with step("Verifying in onnxruntime"):
+                written["verification"] = verify_onnx(
+                    file_reference,
+                    result.path,
+                    atol=opts.atol,
+                    rtol=opts.rtol,
+                    input_source=", ".join(file_reference.fed),
+                    folded_outputs=folded_first,
+                )
+            clock.lap("verify")
+            if result.bn_nodes < len(skipped):
+                notes.append(
+                    f"the exporter removed {len(skipped) - result.bn_nodes} more "
+                    "BatchNormalization nodes on its own; the table shows what bnfold folded"
+                )
     return FuseReport(
         model=str(opts.model),
         format=model_format,
-        output=kwargs.get("output"),
-        exporter=kwargs.get("exporter", "none"),
-        opset=kwargs.get("opset"),
+        output=written.get("output"),
+        exporter=written["exporter"],
+        opset=written.get("opset"),
         folded=folded,
         skipped=skipped,
         params_before=params_before,
         params_after=params_after,
-        onnx_nodes=kwargs.get("onnx_nodes"),
-        onnx_bn_nodes=kwargs.get("onnx_bn_nodes"),
-        verification=kwargs.get("verification"),
-        torch_output=torch_out,
+        onnx_nodes=written.get("onnx_nodes"),
+        onnx_bn_nodes=written.get("onnx_bn_nodes"),
+        verification=written.get("verification"),
+        torch_output=str(opts.save_torch) if opts.save_torch is not None else None,
         ops_before=ops[0],
         ops_after=ops[1],
         timings=clock.timings,
         notes=tuple(notes),
-        capture=captured.how,
-        capture_detail=captured.why,
-        dynamic_batch=kwargs.get("dynamic_batch", captured.dynamic_batch),
+        capture=capture,
+        capture_detail=capture_detail,
+        dynamic_batch=written["dynamic_batch"],
         torch_verification=torch_verification,
     )
 
@@ -296,14 +339,14 @@ def _examples(
             "size you deploy"
         )
     size = batch_size(example)
-    other = None
+    given, other = example, None
     if opts.dynamic_batch and size is not None:
         export_size = max(2, size)
         example = with_batch(example, export_size, size)
         other = with_batch(example, export_size + 1, export_size)
     elif opts.dynamic_batch:
         notes.append("the inputs share no batch axis: exported with static shapes")
-    return Examples(example, other, real, notes)
+    return Examples(example, other, real, notes, given)
 
 
 def _inferred_example(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -348,37 +391,39 @@ def _capture(model: torch.nn.Module, examples: Examples) -> Captured:
 
 
 def _reference(
-    model: torch.nn.Module, captured: Captured, examples: Examples, opts: FuseOptions
+    model: torch.nn.Module,
+    gm: torch.fx.GraphModule,
+    dynamic: bool,
+    examples: Examples,
+    opts: FuseOptions,
 ) -> Reference:
-    """The original model's outputs, in float64, on every batch verification feeds."""
-    from bnfold.inputs import batch_size, verification_batches
+    """The original model's outputs, in float64, on every batch verification feeds
+    (computed on the captured graph, one layer widened at a time, and checked against
+    the model itself: ``verify.compute_reference``)."""
+    from bnfold.inputs import verification_batches
     from bnfold.verify import compute_reference
 
-    other = batch_size(examples.other) if captured.dynamic_batch and examples.other else None
     batches, fed = verification_batches(
-        examples.example,
+        examples.given if examples.given is not None else examples.example,
         opts.verify_batches,
         seed=opts.seed + 1,
         real=examples.real,
         real_name=str(opts.inputs_npz),
-        other_batch=other,
+        other_batch=examples.other_batch(dynamic),
     )
-    # before folding, on the still unfolded graph: the reference needs no copy of the
-    # weights, and the original can be freed before the fold
-    reference = compute_reference(model, batches, graph=captured.module)
+    reference = compute_reference(model, batches, graph=gm)
     reference.fed = fed
     return reference
 
 
 def _fold(
-    captured: Captured, protected: AbstractSet[int]
+    gm: torch.fx.GraphModule, protected: AbstractSet[int]
 ) -> tuple[torch.fx.GraphModule, tuple[FoldedSite, ...], tuple[SkippedSite, ...], tuple[int, int]]:
     """Fold every BN that folds exactly, leaving the modules in ``protected`` (the model's
     own) untouched; the folded module, the report rows and the operations before and
     after."""
     from bnfold.fold_torch import fold_graph
 
-    gm = captured.module
     before = _ops(gm)
     outcome = fold_graph(gm, protected, shapes_known=True)
     gc.collect()  # modules kept alive only by reference cycles
@@ -386,55 +431,46 @@ def _fold(
     return outcome.module, folded, skipped, (before, _ops(outcome.module))
 
 
-def _export_and_verify(
+def _export(
     folded_model: torch.fx.GraphModule,
-    captured: Captured,
+    dynamic: bool,
     examples: Examples,
-    reference: Reference,
     opts: FuseOptions,
-    step: Step,
+    folder: Path,
     notes: list[str],
-) -> dict[str, Any]:
-    """Export the folded model to ``--out`` and verify the file in onnxruntime."""
+) -> ExportResult:
+    """Export the folded model into ``folder`` (``opts.out``'s name), its outputs named
+    after their place in the model's output structure."""
     import torch
 
-    from bnfold.export import atomic_output, export_onnx
-    from bnfold.verify import flatten_outputs, onnx_output_names, verify_onnx
+    from bnfold.export import export_onnx
+    from bnfold.verify import flatten_outputs, onnx_output_names
 
     assert opts.out is not None
-    folded_first = _outputs_of(folded_model, reference.batches[0])
     with torch.no_grad():
         names = onnx_output_names(flatten_outputs(folded_model(*examples.example)))
-    with atomic_output(opts.out, force=opts.force) as tmp:
-        with step(f"Exporting ONNX ({opts.exporter})"):
-            result = export_onnx(
-                folded_model,
-                examples.example,
-                tmp,
-                opts.out.name,
-                exporter=opts.exporter,
-                opset=opts.opset,
-                dynamic_batch=captured.dynamic_batch,
-                output_names=names,
-            )
-            notes.extend(result.notes)
-        if captured.dynamic_batch and not result.dynamic_batch:
-            reference = _at_batch_of(reference, examples.example)
-        with step("Verifying in onnxruntime"):
-            verification = verify_onnx(
-                reference,
-                result.path,
-                atol=opts.atol,
-                rtol=opts.rtol,
-                input_source=", ".join(reference.fed),
-                folded_outputs=folded_first,
-            )
+    result = export_onnx(
+        folded_model,
+        examples.example,
+        folder,
+        opts.out.name,
+        exporter=opts.exporter,
+        opset=opts.opset,
+        dynamic_batch=dynamic,
+        output_names=names,
+        one_file=False,  # joined by join_weights once the folded model is let go
+    )
+    notes.extend(result.notes)
+    return result
+
+
+def _written(result: ExportResult, opts: FuseOptions) -> dict[str, Any]:
+    """The report's fields about the ONNX file."""
     return {
         "exporter": f"torch.onnx.export(dynamo={opts.exporter == 'dynamo'})",
         "opset": result.opset,
         "onnx_nodes": result.nodes,
         "onnx_bn_nodes": result.bn_nodes,
-        "verification": verification,
         "output": str(opts.out),
         "dynamic_batch": result.dynamic_batch,
     }
@@ -466,7 +502,7 @@ def _outputs_of(module: torch.nn.Module, batch: Sequence[torch.Tensor]) -> list[
 
 def _save_torch(
     folded_model: torch.fx.GraphModule,
-    captured: Captured,
+    dynamic: bool,
     examples: Examples,
     reference: Reference,
     opts: FuseOptions,
@@ -480,7 +516,7 @@ def _save_torch(
     from bnfold.verify import verify_torch
 
     assert opts.save_torch is not None
-    dynamic = captured.dynamic_batch
+    wanted = dynamic
     with atomic_output(opts.save_torch, force=opts.force) as tmp:
         try:
             try:
@@ -500,7 +536,7 @@ def _save_torch(
         path = tmp / opts.save_torch.name
         torch.export.save(program, path)
         saved = torch.export.load(path).module()
-        if captured.dynamic_batch and not dynamic:
+        if wanted and not dynamic:
             reference = _at_batch_of(reference, examples.example)
         return verify_torch(
             reference, saved, atol=opts.atol, rtol=opts.rtol, input_source=", ".join(reference.fed)
