@@ -314,6 +314,7 @@ def capture_model(
     model: nn.Module,
     example: Sequence[torch.Tensor],
     other: Sequence[torch.Tensor] | None = None,
+    static: Sequence[torch.Tensor] | None = None,
 ) -> Captured:
     """Capture ``model``'s data flow and record its shapes on ``example`` (and ``other``,
     the same inputs at another batch size, when the batch axis is to be dynamic).
@@ -321,47 +322,81 @@ def capture_model(
     torch.fx first, which keeps modules whole; when it cannot trace the model, or could
     not faithfully (hooks on the model itself), or its graph does not run on the inputs,
     torch.export, non-strict then strict, as ``torch.onnx.export`` itself tries them.
-    Each capture is tried with the batch axis dynamic, then static; a model that only
-    runs at its example's batch size is captured static and says why.  CaptureError when
-    nothing works, quoting each failure.
+    A capture whose batch axis is dynamic is preferred; failing that, each is tried again
+    with a static batch, on ``static`` (the inputs at the batch size the user gave,
+    ``example`` by default), so that a model that only runs at that batch size (a ``.pt2``
+    exported at batch 1) is captured static, and the ``Captured`` says why.  CaptureError
+    when nothing works, quoting each failure.
     """
     failures: list[str] = []
     hints: list[str] = []
-    wanted = [list(example), list(other)] if other is not None else [list(example)]
+    dynamic_sets = [list(example), list(other)] if other is not None else None
+    static_set = list(static if static is not None else example)
+    traced: fx.GraphModule | None = None
     try:
-        gm = capture(model)
+        traced = capture(model)
     except CaptureError as e:
         failures.append(f"torch.fx: {e.message}")
         hints += [e.hint] if e.hint else []
-    else:
-        found = _with_shapes(gm, wanted, failures, "torch.fx")
-        if found is not None:
-            return Captured(gm, "fx", None, *found)
-    for strict in (False, True):
-        label = f"torch.export(strict={strict})"
-        for dynamic in [True, False] if other is not None else [False]:
-            try:
-                program = export_program(model, example, dynamic, strict)
-            except Exception as e:  # noqa: BLE001 - every capture failure is quoted below
-                failures.append(f"{label}{' with a dynamic batch' if dynamic else ''}: {_first(e)}")
+    attempts: list[tuple[str, bool | None]] = [("fx", None)] if traced is not None else []
+    attempts += [("export", False), ("export", True)]
+    for batch in ("dynamic", "static") if dynamic_sets is not None else ("static",):
+        sets = dynamic_sets if batch == "dynamic" else [static_set]
+        assert sets is not None
+        for how, strict in attempts:
+            label = "torch.fx" if how == "fx" else f"torch.export(strict={strict})"
+            if how == "fx":
+                gm = traced
+            else:
+                gm = _exported(
+                    model, sets[0], batch == "dynamic", bool(strict), label, failures, hints
+                )
+            if gm is None:
                 continue
             try:
-                gm = capture(_unlifted(program))
-            except CaptureError as e:
-                failures.append(f"{label}: {e.message}")
-                hints += [e.hint] if e.hint and e.hint not in hints else []
+                propagate_shapes(gm, *sets)
+            except Exception as e:  # noqa: BLE001 - data-dependent shapes, a guard on the batch
+                sizes = " and ".join(str(_batch_of(s)) for s in sets)
+                failures.append(
+                    f"{label}: the graph does not run at batch size {sizes}: {_first(e)}"
+                )
                 continue
-            found = _with_shapes(gm, wanted if dynamic else wanted[:1], failures, label)
-            if found is not None:
-                note = None
-                if other is not None and not dynamic:
-                    note = failures[-1] if failures else "the batch axis could not be dynamic"
-                return Captured(gm, "export", failures[0], found[0], note or found[1])
+            dynamic = batch == "dynamic"
+            note = None
+            if dynamic_sets is not None and not dynamic:
+                note = "the batch axis cannot be dynamic: " + "; ".join(failures[-2:])
+            why = failures[0] if how == "export" and traced is None else None
+            if how == "export" and traced is not None:
+                why = next((f for f in failures if f.startswith("torch.fx")), None)
+            return Captured(gm, how, why, dynamic, note)
     raise CaptureError(
         "the model's data flow could not be captured: " + "; ".join(failures),
         hint="; ".join(hints)
         or "check --input-shape: torch.onnx.export cannot export the model on these inputs either",
     )
+
+
+def _exported(
+    model: nn.Module,
+    inputs: list[torch.Tensor],
+    dynamic: bool,
+    strict: bool,
+    label: str,
+    failures: list[str],
+    hints: list[str],
+) -> fx.GraphModule | None:
+    """The graph torch.export captures, or None with the failure noted."""
+    try:  # fresh tensors: a failed export leaves its marks on the ones it was given
+        program = export_program(model, [t.clone() for t in inputs], dynamic, strict)
+    except Exception as e:  # noqa: BLE001 - every capture failure is quoted in the end
+        failures.append(f"{label}{' with a dynamic batch' if dynamic else ''}: {_first(e)}")
+        return None
+    try:
+        return capture(_unlifted(program))
+    except CaptureError as e:
+        failures.append(f"{label}: {e.message}")
+        hints += [e.hint] if e.hint and e.hint not in hints else []
+        return None
 
 
 def _unlifted(program: torch.export.ExportedProgram) -> nn.Module:
@@ -374,27 +409,6 @@ def _unlifted(program: torch.export.ExportedProgram) -> nn.Module:
             hint="a submodule named like a GraphModule attribute (meta, graph, code) must be "
             "renamed",
         ) from e
-
-
-def _with_shapes(
-    gm: fx.GraphModule, wanted: list[list[torch.Tensor]], failures: list[str], label: str
-) -> tuple[bool, str | None] | None:
-    """Record shapes for every input set in ``wanted``, else for the first alone; (dynamic,
-    why not dynamic), or None (with the failure noted) when the graph does not run."""
-    try:
-        propagate_shapes(gm, *wanted)
-        return len(wanted) > 1, None
-    except Exception as e:  # noqa: BLE001 - data-dependent shapes, a guard on the batch, ...
-        why = f"{label}: the graph does not run at batch size {_batch_of(wanted[-1])}: {_first(e)}"
-        if len(wanted) == 1:
-            failures.append(why)
-            return None
-    try:
-        propagate_shapes(gm, wanted[0])
-    except Exception as e:  # noqa: BLE001
-        failures.append(f"{label}: the graph does not run on the inputs: {_first(e)}")
-        return None
-    return False, why
 
 
 def dynamic_shapes(example: Sequence[torch.Tensor]) -> tuple[dict[int, Any] | None, ...]:

@@ -367,20 +367,24 @@ def _inferred_example(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def _capture(model: torch.nn.Module, examples: Examples) -> Captured:
-    """The data flow (``graph.capture_model``); when nothing captures it, first find out
-    whether the model runs on the inputs at all, which is the error to show then."""
+    """The data flow (``graph.capture_model``).  A capture with a static batch uses the
+    inputs as given (``examples`` is updated: the export takes them too).  When nothing
+    captures the model, first find out whether it runs on the inputs at all, which is the
+    error to show then."""
     import torch
 
     from bnfold.graph import capture_model
+    from bnfold.inputs import batch_size
 
+    given = examples.given if examples.given is not None else examples.example
     try:
-        return capture_model(model, examples.example, examples.other)
+        captured = capture_model(model, examples.example, examples.other, static=given)
     except CaptureError as e:
         try:
             with torch.no_grad():
-                model(*examples.example)
+                model(*given)
         except Exception as run:
-            shapes = ", ".join(str(list(t.shape)) for t in examples.example)
+            shapes = ", ".join(str(list(t.shape)) for t in given)
             first = (str(run).strip().splitlines() or [""])[0][:200]
             raise BnfoldError(
                 f"the model does not run on inputs of shape {shapes}: "
@@ -388,6 +392,28 @@ def _capture(model: torch.nn.Module, examples: Examples) -> Captured:
                 hint="pass the right --input-shape (and --input-dtype)",
             ) from run
         raise e from None
+    if captured.dynamic_batch and not _runs_on(model, examples.example):
+        # the graph runs at other batch sizes, the model itself does not (a .pt2 whose
+        # input constraints fix the batch): the model decides
+        captured = capture_model(model, given, None)
+        captured.note = (
+            f"the model does not run at batch size {batch_size(examples.example)}: the "
+            "batch axis cannot be dynamic"
+        )
+    if not captured.dynamic_batch:
+        examples.example, examples.other = list(given), None
+    return captured
+
+
+def _runs_on(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> bool:
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception:  # noqa: BLE001 - any failure means no
+        return False
+    return True
 
 
 def _reference(

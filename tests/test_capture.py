@@ -85,3 +85,20 @@ def test_torchscript_fuse_says_it_cannot(tmp_path):
     assert result.exit_code == 2, result.output
     assert len(result.stderr.splitlines()) == 1
     assert "TorchScript" in result.stderr and "--arch" in result.stderr
+
+
+def test_pt2_exported_at_batch_1_falls_back_to_a_static_batch(tmp_path):
+    """Issue 13/14: a .pt2 saved by torch.export at batch 1 (its graph holds the batch
+    fixed) failed; it is folded and exported with a static batch, and the report says so."""
+    model = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()))
+    program = torch.export.export(model, (torch.randn(1, 3, 8, 8),))
+    path = tmp_path / "m.pt2"
+    torch.export.save(program, path)
+    result = CliRunner().invoke(
+        app, ["fuse", str(path), "--out", str(tmp_path / "m.onnx"), "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dynamic_batch"] is False and report["verification"]["passed"]
+    assert len(report["folded"]) == 1
+    assert any("batch axis cannot be dynamic" in n for n in report["notes"])
