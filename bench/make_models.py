@@ -36,8 +36,28 @@ def tiny() -> torch.nn.Module:
     return model.eval()
 
 
+# the models the fuse benchmark times against a bare export: name -> (arch spec for
+# ``bnfold fuse --arch``, input shape); built by tests/shipped.py, random weights, statistics
+# from two train-mode passes
+SHIPPED = {
+    "yolov8n": ("tests/shipped.py:yolo", (1, 3, 320, 320)),
+    "unet": ("tests/shipped.py:smp_model", (1, 3, 256, 256)),
+}
+
+
+def shipped(name: str) -> torch.nn.Module:
+    sys.path.insert(0, str(DATA.parents[1]))
+    from tests.shipped import populate, smp_model, yolo
+
+    model = yolo() if name == "yolov8n" else smp_model()
+    return populate(model, SHIPPED[name][1])
+
+
 def main() -> None:
     DATA.mkdir(exist_ok=True)
+    for name in SHIPPED:
+        if not (DATA / f"{name}.pth").exists():
+            torch.save(shipped(name).state_dict(), DATA / f"{name}.pth")
     if not (DATA / "tiny.pth").exists():
         torch.save(tiny().state_dict(), DATA / "tiny.pth")
     target = DATA / "resnet50.pth"

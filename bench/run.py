@@ -1,15 +1,17 @@
 """Run every benchmark of bnfold against its peer, side by side, and write bench/results.json.
 
-    python bench/run.py [--runs N]
+    python bench/run.py [--runs N] [--only fuse check ...]
 
-1. inspect: ``bnfold inspect resnet50.pth`` vs ``python -c "import torch; torch.load(...)"``
+1. import: ``python -c "import bnfold"`` vs ``python -c "pass"`` (issue 16: under 0.3 s).
+2. inspect: ``bnfold inspect resnet50.pth`` vs ``python -c "import torch; torch.load(...)"``
    (target: at most 1.5x).
-2. fuse end to end: ``bnfold fuse resnet50.pth --arch torchvision:resnet50 --out ...`` vs a
-   bare ``torch.onnx.export(dynamo=True)`` of the same weights (target: at most 1.2x).
-3. check: ``bnfold check`` on the folded ResNet-50 ONNX vs loading it in onnxruntime and
+3. fuse end to end: ``bnfold fuse MODEL --arch ... --out ...`` vs a bare
+   ``torch.onnx.export(dynamo=True)`` of the same weights (``peer_export.py``), on ResNet-50,
+   YOLOv8n and smp Unet (issue 14: at most 1.0x); the fuse report's step timings.
+4. check: ``bnfold check`` on the folded ResNet-50 ONNX vs loading it in onnxruntime and
    running one inference (target: at most 1.3x).
-4. the fold step as ``bnfold fuse`` times it (its report's ``timings.fold``; no target).
-5. peak memory of fuse against the model's size (target: at most 3x).
+5. peak memory of fuse (and of the bare export) against the model's size, above a process
+   that only imports the libraries (target: at most 3x).
 6. onnxruntime latency of bnfold's ONNX vs the peers' exports, optimisations on and off,
    with a byte copy of bnfold's file as a control for the run's noise.
 """
@@ -24,11 +26,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from harness import Run, compare, run_once  # noqa: E402
+from make_models import SHIPPED  # noqa: E402
 
 DATA = HERE / "data"
 PY = sys.executable
@@ -82,101 +86,137 @@ def ort_latencies(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def fuse_command(name: str, weights: Path, out: Path) -> list[str]:
+    arch, shape = ("torchvision:resnet50", (1, 3, 224, 224))
+    if name in SHIPPED:
+        arch, shape = SHIPPED[name]
+    return bnfold(
+        "fuse", str(weights), "--arch", arch, "--input-shape", ",".join(map(str, shape)),
+        "--out", str(out), "--force", "--format", "json",
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="benchmarks to run (inspect, fuse, check, memory, import, latency); all by default",
+    )
     args = parser.parse_args()
+    wanted = set(args.only or ["inspect", "fuse", "check", "memory", "import", "latency"])
     subprocess.run([PY, str(HERE / "make_models.py")], check=True)
     weights = DATA / "resnet50.pth"
     out = DATA / "out"
     out.mkdir(exist_ok=True)
-    results: dict[str, object] = {"model_mb": weights.stat().st_size / 2**20}
+    path = HERE / "results.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    results["model_mb"] = weights.stat().st_size / 2**20
 
-    results["inspect"] = compare(
-        bnfold("inspect", str(weights), "--format", "json"),
-        [PY, "-c", f"import torch; torch.load({str(weights)!r}, weights_only=True)"],
-        runs=args.runs,
-    )
-    fuse_cmd = bnfold(
-        "fuse",
-        str(weights),
-        "--arch",
-        "torchvision:resnet50",
-        "--input-shape",
-        "1,3,224,224",
-        "--out",
-        str(out / "bnfold.onnx"),
-        "--force",
-        "--format",
-        "json",
-    )
-    fuse_runs: list[Run] = []
-    results["fuse"] = compare(
-        fuse_cmd,
-        [PY, str(HERE / "peer_export.py"), str(weights), str(out / "peer.onnx")],
-        runs=args.runs,
-        keep=fuse_runs,
-    )
-    in_command = [json.loads(r.stdout)["timings"]["fold"] * 1000 for r in fuse_runs]
-    folded = out / "bnfold.onnx"
-    ort_once = (
-        "import numpy as np, onnxruntime as ort; "
-        f"s = ort.InferenceSession({str(folded)!r}, providers=['CPUExecutionProvider']); "
-        "s.run(None, {s.get_inputs()[0].name: np.random.default_rng(0)"
-        ".standard_normal((1, 3, 224, 224)).astype(np.float32)})"
-    )
-    results["check"] = compare(
-        bnfold("check", str(folded), "--format", "json"), [PY, "-c", ort_once], runs=args.runs
-    )
-    # the libraries' own memory, without the ~130 MB their teardown adds at exit, which
-    # bnfold's CLI skips (bnfold/cli/__init__.py: _leave)
-    baseline = run_once(
-        [PY, "-c", "import os, torch, torchvision, onnx, onnxruntime, onnxscript; os._exit(0)"]
-    )
-    tiny = DATA / "tiny.pth"
-    tiny_cmd = bnfold(
-        "fuse", str(tiny), "--arch", "torchvision:mobilenet_v3_small", "--arch-kwargs",
-        '{"width_mult": 0.1}', "--input-shape", "1,3,224,224", "--out", str(out / "tiny.onnx"),
-        "--force", "--format", "json",
-    )  # fmt: skip
-    tiny_peak = min(run_once(tiny_cmd).peak_rss_mb for _ in range(3))
-    fuse_peak = results["fuse"]["a_peak_mb"]  # type: ignore[index]
-    model_mb = results["model_mb"]
-    tiny_mb = tiny.stat().st_size / 2**20
-    results["memory"] = {
-        "fuse_peak_mb": fuse_peak,
-        "imports_only_peak_mb": baseline.peak_rss_mb,
-        "tiny_fuse_peak_mb": tiny_peak,
-        "tiny_model_mb": tiny_mb,
-        "peak_over_model": fuse_peak / model_mb,  # type: ignore[operator]
-        "above_imports_over_model": (fuse_peak - baseline.peak_rss_mb) / model_mb,  # type: ignore[operator]
-        # the same command on a ~100x smaller model: what the run costs besides the model
-        "above_tiny_fuse_over_model": (fuse_peak - tiny_peak) / (model_mb - tiny_mb),  # type: ignore[operator]
-    }
-    results["fold_step"] = {
-        "in_command_median_ms": statistics.median(in_command),
-        "in_command_min_ms": min(in_command),
-        "in_command_max_ms": max(in_command),
-    }
-    subprocess.run(
-        [PY, str(HERE / "peer_export.py"), str(weights), str(out / "legacy.onnx"), "legacy"],
-        check=True,
-        capture_output=True,
-    )
-    # a byte copy of bnfold's file, timed like the others: how far two sessions of the
-    # very same model drift apart in this run, the noise floor for the comparison
-    shutil.copyfile(out / "bnfold.onnx", out / "bnfold-copy.onnx")
-    paths = {
-        "bnfold": out / "bnfold.onnx",
-        "dynamo export": out / "peer.onnx",
-        "legacy export": out / "legacy.onnx",
-        "bnfold, byte copy (noise control)": out / "bnfold-copy.onnx",
-    }
-    results["ort_latency_ms"] = {
-        "optimized": ort_latencies(paths, True),
-        "unoptimized": ort_latencies(paths, False),
-    }
-    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    if "import" in wanted:
+        # issue 16: import bnfold stays light (torch and onnx load when a function runs)
+        results["import"] = compare(
+            [PY, "-c", "import bnfold"], [PY, "-c", "pass"], runs=max(args.runs, 9)
+        )
+    if "inspect" in wanted:
+        results["inspect"] = compare(
+            bnfold("inspect", str(weights), "--format", "json"),
+            [PY, "-c", f"import torch; torch.load({str(weights)!r}, weights_only=True)"],
+            runs=args.runs,
+        )
+    if "fuse" in wanted:
+        # issue 14: fuse end to end against a bare dynamo export of the same model, side by
+        # side (A B A B ...), on ResNet-50, YOLOv8n and smp Unet
+        for name in ("resnet50", *SHIPPED):
+            model_weights = DATA / f"{name}.pth"
+            runs: list[Run] = []
+            results[f"fuse_{name}"] = compare(
+                fuse_command(name, model_weights, out / f"{name}.onnx"),
+                [
+                    PY,
+                    str(HERE / "peer_export.py"),
+                    name,
+                    str(model_weights),
+                    str(out / f"{name}-peer.onnx"),
+                ],
+                runs=args.runs,
+                keep=runs,
+            )
+            timings = [json.loads(r.stdout)["timings"] for r in runs if r.code == 0]
+            results[f"fuse_{name}"]["steps_median_s"] = {
+                k: statistics.median(t[k] for t in timings) for k in (timings[0] if timings else {})
+            }
+    folded = out / "resnet50.onnx"
+    if "check" in wanted:
+        if not folded.exists():
+            run_once(fuse_command("resnet50", weights, folded))
+        ort_once = (
+            "import numpy as np, onnxruntime as ort; "
+            f"s = ort.InferenceSession({str(folded)!r}, providers=['CPUExecutionProvider']); "
+            "s.run(None, {s.get_inputs()[0].name: np.random.default_rng(0)"
+            ".standard_normal((1, 3, 224, 224)).astype(np.float32)})"
+        )
+        results["check"] = compare(
+            bnfold("check", str(folded), "--format", "json"), [PY, "-c", ort_once], runs=args.runs
+        )
+    if "memory" in wanted:
+        # peak memory of fuse against the model's size above a process that imports the
+        # libraries and nothing else (its own teardown skipped, as bnfold's CLI skips it)
+        baseline = min(
+            run_once(
+                [PY, "-c",
+                 "import os, torch, torchvision, onnx, onnxruntime, onnxscript; os._exit(0)"]
+            ).peak_rss_mb
+            for _ in range(3)
+        )  # fmt: skip
+        peaks = [run_once(fuse_command("resnet50", weights, folded)).peak_rss_mb for _ in range(3)]
+        bare = [
+            run_once(
+                [
+                    PY,
+                    str(HERE / "peer_export.py"),
+                    "resnet50",
+                    str(weights),
+                    str(out / "resnet50-peer.onnx"),
+                ]
+            ).peak_rss_mb
+            for _ in range(3)
+        ]
+        model_mb = results["model_mb"]
+        results["memory"] = {
+            "imports_only_peak_mb": baseline,
+            "fuse_peak_mb": min(peaks),
+            "bare_export_peak_mb": min(bare),
+            "fuse_above_imports_over_model": (min(peaks) - baseline) / model_mb,
+            "bare_above_imports_over_model": (min(bare) - baseline) / model_mb,
+        }
+    if "latency" in wanted:
+        if not folded.exists():
+            run_once(fuse_command("resnet50", weights, folded))
+        peer = out / "resnet50-peer.onnx"
+        if not peer.exists():
+            run_once([PY, str(HERE / "peer_export.py"), "resnet50", str(weights), str(peer)])
+        subprocess.run(
+            [PY, str(HERE / "peer_export.py"), "resnet50", str(weights), str(out / "legacy.onnx"),
+             "legacy"],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        # a byte copy of bnfold's file, timed like the others: how far two sessions of the
+        # very same model drift apart in this run, the noise floor for the comparison
+        shutil.copyfile(folded, out / "bnfold-copy.onnx")
+        paths = {
+            "bnfold": folded,
+            "dynamo export": peer,
+            "legacy export": out / "legacy.onnx",
+            "bnfold, byte copy (noise control)": out / "bnfold-copy.onnx",
+        }
+        results["ort_latency_ms"] = {
+            "optimized": ort_latencies(paths, True),
+            "unoptimized": ort_latencies(paths, False),
+        }
+    path.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

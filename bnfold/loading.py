@@ -30,6 +30,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import logging
@@ -729,7 +730,9 @@ def build_arch(spec: str, kwargs: Mapping[str, Any]) -> torch.nn.Module:
             f"--arch {spec!r} is not of the form package.module:callable, "
             "path/file.py:callable, torchvision:NAME, timm:NAME or transformers:CLASS"
         )
-    with _no_downloads() as attempts:
+    # what a builder prints (ultralytics' model summary) is not bnfold's output: stdout
+    # carries the report alone (--format json must parse)
+    with _no_downloads() as attempts, contextlib.redirect_stdout(io.StringIO()):
         try:
             model = _call_builder(source, name, spec, dict(kwargs))
         except ArchError:

@@ -318,9 +318,7 @@ def verify_onnx(
         if batches is None:
             raise ValueError("verify_onnx needs batches with a module")
         reference = compute_reference(original, batches)
-    d_atol, d_rtol = DEFAULT_TOLERANCES.get(reference.dtype, DEFAULT_TOLERANCES[torch.float32])
-    atol = d_atol if atol is None else atol
-    rtol = d_rtol if rtol is None else rtol
+    atol, rtol = _tolerances(reference.dtype, atol, rtol)
     session = _session(onnx_path, "exported model")
     worst = _Worst()
     for batch, expected in zip(reference.batches, reference.expected, strict=True):
@@ -347,6 +345,14 @@ def verify_onnx(
     )
 
 
+def _tolerances(
+    dtype: torch.dtype, atol: float | None, rtol: float | None
+) -> tuple[float, float]:
+    """The tolerances asked for, else the defaults for ``dtype``'s models."""
+    d_atol, d_rtol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
+    return (d_atol if atol is None else atol, d_rtol if rtol is None else rtol)
+
+
 def verify_torch(
     reference: Reference,
     module: Any,
@@ -357,9 +363,7 @@ def verify_torch(
 ) -> Verification:
     """Run a PyTorch model (the folded module, or a saved .pt2's) on the reference's batches
     and compare with its float64 outputs, as ``verify_onnx`` does for an ONNX file."""
-    d_atol, d_rtol = DEFAULT_TOLERANCES.get(reference.dtype, DEFAULT_TOLERANCES[torch.float32])
-    atol = d_atol if atol is None else atol
-    rtol = d_rtol if rtol is None else rtol
+    atol, rtol = _tolerances(reference.dtype, atol, rtol)
     worst = _Worst()
     with torch.no_grad():
         for batch, expected in zip(reference.batches, reference.expected, strict=True):
@@ -397,9 +401,7 @@ def verify_onnx_pair(
 
     An ONNX reference runs in its own precision, so the errors include its rounding too.
     """
-    d_atol, d_rtol = DEFAULT_TOLERANCES[torch.float32]
-    atol = d_atol if atol is None else atol
-    rtol = d_rtol if rtol is None else rtol
+    atol, rtol = _tolerances(torch.float32, atol, rtol)
     reference = _session(reference_path, "original model")
     session = _session(onnx_path, "folded model")
     names = [o.name for o in reference.get_outputs()]

@@ -384,3 +384,25 @@ def test_subprocess_corrupt_export_archive_one_line(tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ")
+
+
+def test_builder_output_never_reaches_stdout(tmp_path):
+    """Issue 14: what an --arch builder prints (ultralytics' model summary) stays off stdout,
+    which carries the report alone: --format json parses."""
+    arch = tmp_path / "noisy.py"
+    arch.write_text(
+        "from torch import nn\n"
+        "def Net():\n"
+        "    print('Net summary: 2 layers')\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+    )
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save(
+        randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).state_dict(), weights
+    )
+    result = CliRunner().invoke(
+        app, ["inspect", str(weights), "--arch", f"{arch}:Net", "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["summary"]["bn_layers"] == 1

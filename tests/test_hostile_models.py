@@ -404,6 +404,16 @@ def assert_onnx_matches(model, path, make_inputs, sizes=(1, 5), scales=(1.0, 100
                 assert err <= tol * float(np.abs(r).max()) + 1e-6, (size, scale, err)
 
 
+def assert_folded_matches(folded, model, make_inputs, cases, tol=2e-5):
+    """The folded module equals a float64 copy of ``model`` on each (batch size, scale)."""
+    for size, scale in cases:
+        x = make_inputs(size, scale)
+        with torch.no_grad():
+            got = folded(*x).double().numpy()
+        ref = float64_outputs(model, x)[0]
+        assert np.abs(got - ref).max() <= tol * np.abs(ref).max() + 1e-6, (size, scale)
+
+
 def image(channels: int = 3, side: int = 8):
     def make(size: int, scale: float) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(size)
@@ -520,12 +530,7 @@ def test_hooks_anywhere_never_give_a_wrong_fold(hooks):
     make = image()
     captured = capture_model(model, make(2, 1.0), make(3, 1.0))
     outcome = fold_graph(captured.module, model, shapes_known=True)
-    for size, scale in ((2, 1.0), (5, 100.0)):
-        x = make(size, scale)
-        with torch.no_grad():
-            got = outcome.module(*x).double().numpy()
-        ref = float64_outputs(model, x)[0]
-        assert np.abs(got - ref).max() <= 2e-5 * np.abs(ref).max() + 1e-6
+    assert_folded_matches(outcome.module, model, make, [(2, 1.0), (5, 100.0)])
 
 
 # --------------------------------------------------------------------------- subclasses
@@ -589,12 +594,7 @@ def test_subclasses_with_their_own_behaviour_never_give_a_wrong_fold(where, how)
     make = image()
     captured = capture_model(model, make(2, 1.0), make(3, 1.0))
     outcome = fold_graph(captured.module, model, shapes_known=True)
-    for size, scale in ((2, 1.0), (4, 100.0)):
-        x = make(size, scale)
-        with torch.no_grad():
-            got = outcome.module(*x).double().numpy()
-        ref = float64_outputs(model, x)[0]
-        assert np.abs(got - ref).max() <= 2e-5 * np.abs(ref).max() + 1e-6
+    assert_folded_matches(outcome.module, model, make, [(2, 1.0), (4, 100.0)])
 
 
 # --------------------------------------------------------------------------- batch axis
@@ -643,12 +643,7 @@ def test_reshape_chains_fold_only_when_exact_at_every_batch_size(perm, merge, ex
     base = max(2, example)
     captured = capture_model(model, make(base, 1.0), make(base + 1, 1.0))
     outcome = fold_graph(captured.module, model, shapes_known=True)
-    for size in range(1, 6):
-        x = make(size, 1.0)
-        with torch.no_grad():
-            got = outcome.module(*x).double().numpy()
-        ref = float64_outputs(model, x)[0]
-        assert np.abs(got - ref).max() <= 2e-5 * np.abs(ref).max() + 1e-6
+    assert_folded_matches(outcome.module, model, make, [(size, 1.0) for size in range(1, 6)])
 
 
 def test_model_that_runs_at_one_batch_size_exports_static(arch_file, tmp_path):

@@ -38,13 +38,25 @@ CHECK_BATCH = 3  # not the batch bnfold is given (1) nor the one it exports with
 TIMEOUT = 900  # seconds for one subprocess run: a hang fails the test
 ROOT = Path(__file__).resolve().parent.parent
 # Which models go through which route, besides the trusted pickle (every model). Each route
-# is a whole fuse run (15-40 s a model here): narrow these sets to shorten the module.
-# --arch: every model with an importable builder (YOLO's task classes, torchvision:NAME,
-# smp's classes, tests/shipped.py for Hugging Face and the FrozenBN detector).
-ARCH = {c.name for c in CASES if c.arch}
-# .pt2: the models whose outputs torch.export must unflatten (YOLO's tuple of a tensor and a
-# dict of tensors and lists, Hugging Face's ModelOutput dataclasses)
-PT2 = {"yolov8n", *(c.name for c in CASES if c.name.startswith("hf "))}
+# is a whole fuse run (5-15 s a model on a quiet 2-core machine), so each route takes one
+# model of each kind of builder, chosen for what it exercises:
+# --arch: ultralytics' task class (its ClassificationModel prints a summary to stdout even
+# with verbose=False), torchvision:NAME with no kwargs (its backbone weights must not be
+# downloaded), smp's class, and tests/shipped.py for Hugging Face.
+ARCH = [
+    "yolov8n-cls",
+    "deeplabv3_mobilenet_v3_large",
+    "smp DeepLabV3Plus mobilenet_v2",
+    "hf ResNet",
+]
+# .pt2: outputs torch.export must unflatten (YOLO's tuple of a tensor and a dict of tensors
+# and lists, Hugging Face's ModelOutput dataclass, registered by a package not yet imported)
+PT2 = ["yolov8n", "hf ResNet"]
+EXPORTABLE = [c.name for c in CASES if c.exportable]
+
+
+def _ids(name: str) -> str:
+    return re.sub(r"\W+", "_", name).strip("_")
 
 
 @dataclass
@@ -82,15 +94,29 @@ def dynamo_bn_count(model: torch.nn.Module, x: torch.Tensor, path: Path) -> int:
     return bn_nodes(path)
 
 
-@pytest.fixture(
-    scope="module",
-    params=[c.name for c in CASES if c.exportable],
-    ids=lambda name: re.sub(r"\W+", "_", name).strip("_"),
-)
-def built(request, tmp_path_factory) -> Built:
-    """The model built once per module, with its references and the exporter's BN count."""
-    case = BY_NAME[request.param]
-    pytest.importorskip(case.package, reason="the [test] extra installs it")
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Each model built once for the module, whatever order its tests run in."""
+    cache: dict[str, Built] = {}
+
+    def get(name: str) -> Built:
+        if name not in cache:
+            cache[name] = build(BY_NAME[name], tmp_path_factory)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def built(request, models) -> Built:
+    """The model a test names (``indirect``)."""
+    return models(request.param)
+
+
+def build(case: Shipped, tmp_path_factory) -> Built:
+    """The model saved the ways a user saves it, with its float64 references and the
+    exporter's BN count.  The [test] extra installs every package: a missing one fails
+    here, it is never skipped."""
     folder = tmp_path_factory.mktemp(re.sub(r"\W+", "_", case.name))
     model = case.make()
     batch1 = torch.randn(case.shape, generator=torch.Generator().manual_seed(1))
@@ -195,6 +221,7 @@ def check_fused(
         assert_equal_to_reference(out, b.batch3, b.reference3)
 
 
+@pytest.mark.parametrize("built", EXPORTABLE, ids=_ids, indirect=True)
 def test_fuse_a_trusted_pickle(built, tmp_path):
     """A pickled module with only --trust-pickle and --input-shape: exit 0, no more BN than
     the dynamo exporter, every output equal to float64 at another batch size."""
@@ -204,6 +231,7 @@ def test_fuse_a_trusted_pickle(built, tmp_path):
     check_fused(built, out, *result)
 
 
+@pytest.mark.parametrize("built", ARCH, ids=_ids, indirect=True)
 def test_fuse_a_state_dict_with_its_arch(built, tmp_path):
     """A state_dict with the builder a user would name (torchvision:NAME with no kwargs must
     not download), in a fresh process (the builder's imports and prints are part of the run:
@@ -211,8 +239,6 @@ def test_fuse_a_state_dict_with_its_arch(built, tmp_path):
     exit 0, JSON alone on stdout, no more BN than the dynamo exporter, outputs equal at
     batch 3."""
     case = built.case
-    if case.name not in ARCH:
-        pytest.skip("the --arch route is not run on this model (see ARCH)")
     out = tmp_path / "folded.onnx"
     args = [str(built.state_dict), "--arch", str(case.arch)]
     if case.arch_kwargs:
@@ -221,12 +247,12 @@ def test_fuse_a_state_dict_with_its_arch(built, tmp_path):
     check_fused(built, out, *fuse(*args, fresh_process=True))
 
 
+@pytest.mark.parametrize("built", PT2, ids=_ids, indirect=True)
 def test_fuse_a_pt2(built, tmp_path):
     """The default ``torch.export.export(model, (x,))`` saved as .pt2, with no flags at all
     (its batch is static: bnfold falls back to it by itself): exit 0, no more BN than the
     dynamo exporter, every output equal (at batch 3 if the ONNX batch is dynamic)."""
-    if built.pt2 is None:
-        pytest.skip("the .pt2 route is not run on this model (see PT2)")
+    assert built.pt2 is not None
     out = tmp_path / "folded.onnx"
     check_fused(
         built, out, *fuse(str(built.pt2), "--out", str(out), fresh_process=True), static_ok=True
