@@ -186,7 +186,7 @@ def run_fuse(
         if tmp is not None:
             with step("Writing the ONNX file"):
                 join_weights(result)
-            with step("Verifying in onnxruntime"):
+            with step("Verifying in onnxruntime"), _named_as(result.path, opts.out):
                 written["verification"] = verify_onnx(
                     file_reference,
                     result.path,
@@ -405,6 +405,19 @@ def _capture(model: torch.nn.Module, examples: Examples) -> Captured:
     return captured
 
 
+@contextlib.contextmanager
+def _named_as(written: Path, out: Path | None) -> Iterator[None]:
+    """Errors about the file being written name ``--out``, not the temporary folder it is
+    written in until it is verified."""
+    from bnfold.errors import VerifyError
+
+    try:
+        yield
+    except VerifyError as e:
+        message = e.message.replace(str(written), str(out)).replace(str(written.parent), ".")
+        raise VerifyError(message, hint=e.hint, path=e.path) from e
+
+
 def _runs_on(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> bool:
     import torch
 
@@ -609,7 +622,7 @@ def _run_fuse_onnx(opts: FuseOptions, loaded: LoadedModel, step: Step, clock: _C
                 location=opts.out.name + ".data",
             )
             clock.lap("export")
-            with step("Verifying in onnxruntime"):
+            with step("Verifying in onnxruntime"), _named_as(path, opts.out):
                 real = None
                 if opts.inputs_npz is not None:
                     real = read_npz(opts.inputs_npz, as_numpy=True)

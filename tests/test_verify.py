@@ -144,3 +144,15 @@ def test_a_graph_that_disagrees_with_the_model_is_not_trusted():
     assert ref.how == "float64 copy of the model"
     with torch.no_grad():
         assert torch.allclose(ref.expected[0][0].float(), model(batches[0][0]), atol=1e-5)
+
+
+def test_verification_errors_name_the_output_not_the_temporary_folder(tmp_path):
+    """Issue 13: onnxruntime refusing the written file named bnfold's temporary folder;
+    the error names --out."""
+    from bnfold.errors import VerifyError
+    from bnfold.pipeline import _named_as
+
+    written = tmp_path / ".m.onnx.x.bnfold-tmp" / "m.onnx"
+    with pytest.raises(VerifyError) as info, _named_as(written, tmp_path / "m.onnx"):
+        raise VerifyError(f"onnxruntime cannot load the exported model: Load model from {written}")
+    assert str(tmp_path / "m.onnx") in info.value.message and "bnfold-tmp" not in info.value.message
