@@ -340,7 +340,9 @@ class DataSource:
         if self.kind == "images":
             arrays = [np.stack([self._image(p) for p in self._files[start:stop]])]
         else:
-            arrays = [np.ascontiguousarray(a[start:stop]) for a in self._arrays]
+            # a copy: a model that writes into its input must not change the data (and a
+            # memory-mapped .npy is read-only)
+            arrays = [np.array(a[start:stop]) for a in self._arrays]
         out = []
         for i, a in enumerate(arrays):
             t = torch.from_numpy(a)
@@ -1021,7 +1023,7 @@ def _run_onnx(session: Any, names: list[str], feeds: dict[str, np.ndarray]) -> d
 
     wanted = [n for n in names if n not in feeds]
     try:
-        values = session.run(wanted, feeds)
+        values = session.run(wanted, feeds) if wanted else []  # [] would ask for every output
     except Exception as e:
         raise BnfoldError(
             f"onnxruntime cannot run the model on the data: {(str(e).splitlines() or [''])[0]}",
