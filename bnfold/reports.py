@@ -165,6 +165,8 @@ class FuseReport:
     timings: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION
+    # fuse --recalibrate-data: the statistics were re-estimated before folding
+    recalibration: RecalibrationReport | None = None
 
 
 def to_dict(report: Any) -> dict[str, Any]:

@@ -182,3 +182,23 @@ def test_html_has_the_data_and_escapes_its_source():
     assert "imgs/&lt;script&gt;|x" in page and "<script>" not in page
     assert "<th>values/ch</th>" in page and "<th>var ratio</th>" in page
     assert "drift_mean (0.75)" in page and "below 1/3" in page
+
+
+def test_fuse_report_says_the_statistics_were_re_estimated_first():
+    """issue 17: a fuse report carrying a recalibration says so in table, markdown, HTML
+    and JSON, naming the layers that kept their statistics."""
+    from bnfold.cli.html import fuse_html
+    from bnfold.reports import FuseReport
+
+    fuse = FuseReport(
+        model="m.pt", format="state_dict", output="m.onnx", exporter="dynamo", opset=18,
+        folded=(), skipped=(), params_before=10, params_after=8, onnx_nodes=3,
+        onnx_bn_nodes=0, verification=None, recalibration=recalibration(),
+    )  # fmt: skip
+    sentence = "BatchNorm statistics re-estimated first on 512 samples"
+    assert sentence in " ".join(table(fuse).split())
+    assert sentence in render.to_markdown(fuse)
+    assert sentence in fuse_html(fuse, None, None, "no picture")
+    assert json.loads(render.to_json(fuse))["recalibration"]["updated"] == 2
+    plain = dataclasses.replace(fuse, recalibration=None)
+    assert "re-estimated" not in table(plain) + render.to_markdown(plain)

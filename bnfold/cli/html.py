@@ -381,6 +381,10 @@ def fuse_html(
         )
     if r.torch_output:
         items.append(("folded PyTorch model", f"<code>{_e(r.torch_output)}</code>"))
+    if r.recalibration is not None:
+        from bnfold.cli.render import recalibration_line
+
+        items.append(("statistics", _e(recalibration_line(r.recalibration))))
     if r.timings:
         items.append(("timings", ", ".join(f"{_e(k)} {v:.2f} s" for k, v in r.timings.items())))
     folded = [

@@ -282,6 +282,8 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
     for sk in r.skipped:
         table.add_row(Text(sk.bn), Text(f"stays: {sk.reason} — {sk.detail}", style="yellow"))
     console.print(table)
+    if r.recalibration is not None:
+        console.print(Text(recalibration_line(r.recalibration)))
     console.print(
         Text(
             f"folded {len(r.folded)}, kept {len(r.skipped)}; stored values {r.params_before} → "
@@ -345,6 +347,8 @@ def _fuse_markdown(r: FuseReport) -> str:
         ),
         "",
     ]
+    if r.recalibration is not None:
+        lines += [_md_escape(recalibration_line(r.recalibration)), ""]
     if r.folded:
         lines += ["| BN | folded into | direction | rule |", "|---|---|---|---|"]
         lines += [
@@ -451,6 +455,16 @@ def to_junit(r: CheckReport) -> str:
 
 
 # --------------------------------------------------------------------------- recalibrate
+
+
+def recalibration_line(r: RecalibrationReport) -> str:
+    """One sentence for a report that re-estimated the statistics first (fuse)."""
+    kept = [layer.name for layer in r.layers if not layer.updated]
+    data = f" on {r.data.samples} samples of {r.data.source}" if r.data is not None else ""
+    return (
+        f"BatchNorm statistics re-estimated first{data} ({r.method}): {r.updated} of "
+        f"{len(r.layers)} layers" + (f"; kept: {', '.join(kept)}" if kept else "")
+    )
 
 
 def _recalibration_head(r: RecalibrationReport) -> str:
