@@ -7,8 +7,10 @@ Expected statistics are computed independently, in float64 numpy, from the same 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -753,3 +755,49 @@ def test_write_refuses_the_input_and_an_existing_file(tmp_path):
     assert (tmp_path / "x.pt2").read_bytes() == b"keep"
     write_model(loaded, report, tmp_path / "x.pt2", force=True)
     assert load_model(tmp_path / "x.pt2").format is ModelFormat.EXPORTED_PROGRAM
+
+
+class RandomStack(nn.Module):
+    """conv/linear + BN blocks with ReLUs, sizes drawn by hypothesis."""
+
+    def __init__(self, widths: list[int], dims: int, eps: float, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d}.get(dims)
+        bn = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(widths):
+            layers.append(conv(a, b, 3, padding=1) if conv else nn.Linear(a, b))
+            layers += [bn(b, eps=eps), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@settings(max_examples=20)
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=2, max_size=5),
+    dims=st.sampled_from([0, 1, 2]),
+    eps=st.sampled_from([1e-5, 1e-3, 0.1]),
+    batch=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_sequential_statistics_are_what_each_bn_receives(widths, dims, eps, batch, seed):
+    """issue 17: on random conv/linear + BN stacks, after the sequential method every BN's
+    running statistics equal the mean and variance of its inputs at inference (measured
+    again in eval mode), whatever the batch size."""
+    model = randomize_all(RandomStack(widths, dims, eps, seed), seed)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((11, widths[0], *[5] * dims)) * 2 + 1).astype(np.float32)
+    report = recalibrate_module(model, _batches(x, batch), method="sequential")
+    assert report.complete and report.passes == len(widths) - 1
+    with tempfile.TemporaryDirectory() as folder:
+        src = source(save_npz(Path(folder) / "d.npz", x), batch_size=batch)
+        moments = measure(loaded_module(model), src).moments
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            got = moments[name]
+            scale = np.sqrt(got.var) + 1e-6 + np.abs(got.mean) * 1e-6
+            assert np.all(np.abs(m.running_mean.numpy() - got.mean) <= 1e-5 * scale), name
+            assert np.all(np.abs(m.running_var.numpy() - got.var) <= 1e-4 * got.var + 1e-9), name
