@@ -194,12 +194,9 @@ class DataSource:
     # ---- arrays
 
     def _open_npz(self) -> None:
-        try:
-            with np.load(self.path, allow_pickle=False) as data:
-                arrays = [data[k] for k in data.files]
-        except (OSError, ValueError, EOFError) as e:
-            raise LoadError(f"cannot read the data: {e}", path=self.path) from e
-        self._set_arrays(arrays)
+        from bnfold.inputs import read_npz  # the reader of --inputs: the same file layout
+
+        self._set_arrays(read_npz(self.path, as_numpy=True)[0])
 
     def _open_npy(self) -> None:
         try:

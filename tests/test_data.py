@@ -237,7 +237,7 @@ def test_images_without_pillow_say_how_to_install(tmp_path, monkeypatch):
     ("arrays", "kwargs", "needle"),
     [
         ([np.zeros((3, 2)), np.zeros((4, 2))], {}, "different numbers of samples"),
-        ([np.float32(1.0)], {}, "scalar"),
+        ([], {}, "holds no arrays"),
         ([np.zeros((0, 2))], {}, "no samples"),
         ([np.zeros((3, 2))], {"mean": (0.0,), "std": (1.0,)}, "channel axis"),
         ([np.zeros((3, 2))], {"mean": (0.0, 1.0)}, "--mean and --std go together"),
@@ -252,6 +252,13 @@ def test_bad_data_is_one_clear_error(tmp_path, arrays, kwargs, needle):
     with pytest.raises(BnfoldError) as info:
         source(path, **kwargs)
     assert needle in info.value.one_line()
+
+
+def test_a_scalar_npy_is_refused(tmp_path):
+    """issue 17: a .npy holding one number has no sample axis: refused, saying so."""
+    np.save(tmp_path / "s.npy", np.float32(1.0))
+    with pytest.raises(LoadError, match="the first axis must be the sample"):
+        source(tmp_path / "s.npy")
 
 
 @pytest.mark.parametrize(("name", "needle"), [("d.csv", "unsupported"), ("nope", "no such")])
