@@ -832,6 +832,9 @@ def recalibrate_module(
             passes = 1
             for t in watch:
                 _store(t, count)
+            # the pass overwrote the buffers of every watched BN: one that got no new
+            # statistics (never reached, not finite) gets its old ones back
+            _restore([t for t in watch if not t.values], before)
         else:
             kept = list(batches)
             count = len(kept)

@@ -581,9 +581,14 @@ class Mixed(nn.Module):
 def test_layers_that_keep_their_statistics_say_why():
     """issue 17: frozen (batch method only), no_running_stats and not_called layers keep
     their statistics with a reason; a layer never reached makes the run incomplete."""
-    model = Mixed().eval()
+    model = randomize_all(Mixed())
+    before = state_fingerprint(model)
     x = images(8, h=4, w=4)
     report = recalibrate_module(model, _batches(x, 4))
+    after = model.state_dict()
+    for key in ("frozen.running_mean", "frozen.running_var", "unused.running_mean",
+                "unused.running_var", "unused.num_batches_tracked"):  # fmt: skip
+        assert torch.equal(after[key], before[key]), key  # kept means kept
     reasons = {layer.name: layer.reason for layer in report.layers}
     assert reasons == {
         "frozen": "frozen",
@@ -609,15 +614,18 @@ def test_timm_bn_act_is_re_estimated_on_its_input():
     np.testing.assert_allclose(model[0].running_var.numpy(), var, rtol=1e-5)
 
 
-def test_nonfinite_data_keeps_the_old_statistics():
-    """issue 17: NaN in the data gives no NaN statistics: the layer is kept, reason nonfinite."""
+@pytest.mark.parametrize("method", ["batch", "sequential"])
+def test_nonfinite_data_keeps_the_old_statistics(method):
+    """issue 17: NaN in the data gives no NaN statistics: the layer keeps its old ones
+    (all three buffers), reason nonfinite."""
     model = randomize_all(Lone(3))
-    before = model.bn.running_mean.clone()
+    before = state_fingerprint(model)
     x = images(8, h=2, w=2)
     x[3, 1, 0, 0] = np.nan
-    report = recalibrate_module(model, _batches(x, 4), method="sequential")
+    report = recalibrate_module(model, _batches(x, 4), method=method)
     assert report.layers[0].reason == "nonfinite" and not report.complete
-    assert torch.equal(model.bn.running_mean, before)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_batch_method_refuses_a_single_sample_batch():
