@@ -51,8 +51,10 @@ def data_options(
     image_size: str | None,
     mean: str | None,
     std: str | None,
+    option: str = "--data",
 ) -> DataOptions | None:
-    """The parsed options; None without ``--data`` (then no data option may be given)."""
+    """The parsed options; None without ``option`` (``--data``, or ``fuse``'s
+    ``--recalibrate-data``), and then no other data option may be given."""
     from bnfold.data import DataOptions, parse_floats, parse_size
 
     if spec is None:
@@ -67,7 +69,7 @@ def data_options(
             if value is not None
         ]
         if given:
-            raise BnfoldError(f"{', '.join(given)} only applies with --data")
+            raise BnfoldError(f"{', '.join(given)} only applies with {option}")
         return None
     return DataOptions(
         spec=spec,
