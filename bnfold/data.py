@@ -65,7 +65,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnfold.errors import BnfoldError, LoadError, OutputError
-from bnfold.reports import DataSummary, RecalibratedLayer, RecalibrationReport, Spread
+from bnfold.reports import DataSummary, RecalibratedLayer, RecalibrationReport
+from bnfold.stats import _spread  # the min / median / max of every report
 
 if TYPE_CHECKING:
     import onnx
@@ -461,16 +462,6 @@ def drift(
         shift = np.abs(mean - running_mean) / np.sqrt(running_var + eps)
         ratio = (var + eps) / (running_var + eps)
     return shift, ratio
-
-
-def spread(a: np.ndarray | None) -> Spread | None:
-    """min / median / max of the finite values (NaN when none is finite)."""
-    if a is None or a.size == 0:
-        return None
-    finite = a[np.isfinite(a)]
-    if finite.size == 0:
-        return Spread(math.nan, math.nan, math.nan)
-    return Spread(float(finite.min()), float(np.median(finite)), float(finite.max()))
 
 
 # --------------------------------------------------------------------------- BN targets
@@ -944,9 +935,9 @@ def _layer_result(t: _Target, old: tuple[Any, Any, Any]) -> RecalibratedLayer:
         detail=detail,
         calls=t.calls,
         values=t.values,
-        mean_shift=spread(shift),
-        var_ratio=spread(ratio),
-        running_var=spread(_numpy(t.var)) if t.var is not None else None,
+        mean_shift=_spread(shift),
+        var_ratio=_spread(ratio),
+        running_var=_spread(_numpy(t.var)) if t.var is not None else None,
     )
 
 
@@ -1196,9 +1187,9 @@ def _onnx_recalibrate(
                 detail=detail,
                 calls=1 if m is not None and m.count else 0,
                 values=m.count if updated and m is not None else 0,
-                mean_shift=spread(shift),
-                var_ratio=spread(ratio),
-                running_var=spread(current[bn.var].astype(np.float64)) if bn.var else None,
+                mean_shift=_spread(shift),
+                var_ratio=_spread(ratio),
+                running_var=_spread(current[bn.var].astype(np.float64)) if bn.var else None,
             )
         )
     return layers, passes
