@@ -561,6 +561,32 @@ def test_failure_mid_pass_restores_every_statistic():
         assert model.bn1.momentum == 0.1 and not model.training
 
 
+class Interrupted(Chain):
+    """Ctrl-C arrives during the second forward pass."""
+
+    calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("method", ["batch", "sequential"])
+def test_ctrl_c_mid_pass_restores_everything_and_stops(method):
+    """issue 17: a KeyboardInterrupt inside a pass is not swallowed; the statistics, flags
+    and momenta are as they were."""
+    torch.manual_seed(0)
+    model = randomize_all(Interrupted())
+    before = state_fingerprint(model)
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate_module(model, _batches(images(12, h=4, w=4), 4), method=method)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(m.training for m in model.modules()) and model.bn1.momentum == 0.1
+
+
 class Mixed(nn.Module):
     """A frozen BN, a BN without running statistics, one never called, a timm BNAct."""
 
