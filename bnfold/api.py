@@ -32,6 +32,7 @@ from bnfold.reports import (
 if TYPE_CHECKING:
     import torch
 
+    from bnfold.data import DataOptions
     from bnfold.loading import LoadedModel
 
 __all__ = ["FoldReport", "FoldResult", "check", "fold", "fuse", "inspect"]
@@ -170,6 +171,7 @@ def inspect(
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     input_shapes: Sequence[Sequence[int]] = (),
     thresholds: Mapping[str, float] | None = None,
+    data: DataOptions | None = None,
     progress: Step | None = None,
 ) -> InspectReport:
     """Every BatchNorm layer of ``model``: statistics, fold target or reason, diagnostics.
@@ -178,7 +180,9 @@ def inspect(
     architecture), an ``nn.Module``, a ``torch.export.ExportedProgram`` or an
     ``onnx.ModelProto``.  ``thresholds`` override the diagnostics' (``dead_gamma``,
     ``tiny_variance``, ``scale_spread``); ``example_inputs`` or ``input_shapes`` (random
-    inputs of those shapes) let the fold analysis prove folds that need shapes.
+    inputs of those shapes) let the fold analysis prove folds that need shapes.  ``data``
+    (``bnfold.data.DataOptions``) runs the model on real inputs and reports, per layer,
+    what its BatchNorm receives against its running statistics (drift).
 
     >>> import torch, bnfold
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
@@ -193,6 +197,11 @@ def inspect(
     except ValueError as e:
         raise BnfoldError(f"thresholds: {e}") from e
     step = progress or _no_progress
+    source = None
+    if data is not None:  # a wrong --data is refused before the model is loaded
+        from bnfold.data import open_data
+
+        source = open_data(data)
     name = Path(model).name if isinstance(model, (str, Path)) else type(model).__name__
     with step(f"Loading {name}"):
         loaded = _load(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
@@ -201,8 +210,15 @@ def inspect(
         from bnfold.inputs import random_batches
 
         example = random_batches([tuple(int(d) for d in s) for s in input_shapes], "float32", 1)[0]
+    measured = None
+    if source is not None:
+        from bnfold.data import measure
+
+        measured = measure(loaded, source, step=step)
+        if example is None and loaded.onnx_model is None:
+            example = source.example()  # the real input shape, for the fold analysis
     with step("Analysing BatchNorm layers"):
-        return inspect_model(loaded, chosen, example)
+        return inspect_model(loaded, chosen, example, data=measured)
 
 
 def fuse(

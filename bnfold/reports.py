@@ -65,6 +65,26 @@ class BNLayerReport:
     reason_detail: str | None
     warnings: tuple[str, ...]
     diagnostics: tuple[Diagnostic, ...]
+    # with --data: the BN's inputs on the data (eval mode), per channel, and how far the
+    # running statistics are from them (bnfold/data.py: drift)
+    data_values: int | None = None  # values per channel the data gave (samples x positions)
+    data_mean: Spread | None = None
+    data_var: Spread | None = None  # unbiased, like running_var
+    mean_shift: Spread | None = None  # |data mean - running_mean| / sqrt(running_var + eps)
+    var_ratio: Spread | None = None  # (data var + eps) / (running_var + eps)
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """The real inputs a run used (``--data``)."""
+
+    source: str
+    kind: str  # "npz", "npy" or "images"
+    samples: int
+    batches: int
+    batch_size: int
+    input_shapes: tuple[tuple[int, ...], ...]  # per sample, one per model input
+    preprocessing: str
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,7 @@ class InspectReport(_Report):
     thresholds: dict[str, float]
     notes: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION
+    data: DataSummary | None = None  # --data: the inputs the data_* fields come from
 
 
 @dataclass(frozen=True)
@@ -159,6 +180,8 @@ class FuseReport(_Report):
     capture_detail: str | None = None  # why torch.fx was not used, when it was not
     dynamic_batch: bool | None = None  # whether the output's batch axis is dynamic
     torch_verification: Verification | None = None  # the --save-torch archive, verified
+    # fuse --recalibrate-data: the statistics were re-estimated before folding
+    recalibration: RecalibrationReport | None = None
 
 
 def to_dict(report: Any) -> dict[str, Any]:
@@ -202,4 +225,40 @@ class CheckReport(_Report):
     passed: bool
     exit_code: int  # 0 passed, 1 a check failed, 2 a file could not be read
     max_bn: int
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class RecalibratedLayer:
+    """One BatchNorm after re-estimation: whether its statistics changed, and how much."""
+
+    name: str
+    kind: str
+    channels: int
+    updated: bool
+    reason: str | None  # why not: not_called, no_running_stats, frozen, nonfinite, not_constant
+    detail: str | None
+    calls: int  # calls per forward pass
+    values: int  # values per channel the new statistics come from (samples x positions)
+    mean_shift: Spread | None  # |new mean - old mean| / sqrt(old var + eps)
+    var_ratio: Spread | None  # (new var + eps) / (old var + eps)
+    running_var: Spread | None  # the new running_var
+
+
+@dataclass(frozen=True)
+class RecalibrationReport:
+    """``bnfold recalibrate``: the new running statistics, per layer."""
+
+    model: str | None  # None when called as a library on a module
+    format: str | None
+    output: str | None
+    method: str  # "batch" or "sequential"
+    data: DataSummary | None
+    layers: tuple[RecalibratedLayer, ...]
+    updated: int
+    complete: bool  # every BN with running statistics was re-estimated
+    batches: int
+    passes: int  # passes over the data
+    seconds: float
+    notes: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION

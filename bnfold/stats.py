@@ -20,7 +20,14 @@ nonfinite           NaN or Inf in any parameter or statistic
 negative_variance   running_var < 0 in some channel
 train_mode          the module is in training mode
 no_running_stats    track_running_stats=False or no running buffers
+mean_drift          (with --data) |data mean - running_mean| / sqrt(running_var + eps) >
+                    ``drift_mean`` (default 0.5) in some channel
+var_drift           (with --data) (data var + eps) / (running_var + eps) > ``drift_var``
+                    (default 2) or < 1 / ``drift_var`` in some channel
 ==================  ==================================================================
+
+The data statistics are those of each BN's inputs with the model in eval mode, over every
+sample and position (``bnfold/data.py``): what the layer receives at inference.
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
+    from bnfold.data import Measurement
     from bnfold.fold_torch import Decision
     from bnfold.loading import LoadedModel
 
-__all__ = ["CODES", "BNRecord", "Thresholds", "inspect_model", "layer_report"]
+__all__ = ["CODES", "DATA_CODES", "BNRecord", "Thresholds", "inspect_model", "layer_report"]
 
 CODES = (
     "stale_stats",
@@ -54,6 +62,8 @@ CODES = (
     "train_mode",
     "no_running_stats",
 )
+DATA_CODES = ("mean_drift", "var_drift")  # only with --data: the BN's inputs were measured
+DRIFT_THRESHOLDS = ("drift_mean", "drift_var")  # reported only when data was measured
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 DEFAULT_EPS = 1e-5
 
@@ -63,6 +73,8 @@ class Thresholds:
     dead_gamma: float = 1e-3
     tiny_variance: float = 1e-4
     scale_spread: float = 100.0
+    drift_mean: float = 0.5  # running standard deviations
+    drift_var: float = 2.0  # a factor either way
 
     def with_overrides(self, overrides: dict[str, float]) -> Thresholds:
         names = {f.name for f in fields(self)}
@@ -74,6 +86,8 @@ class Thresholds:
         bad = [k for k, v in overrides.items() if not (math.isfinite(v) and v > 0)]
         if bad:
             raise ValueError(f"threshold {', '.join(sorted(bad))} must be a positive number")
+        if overrides.get("drift_var", 2.0) <= 1:
+            raise ValueError("threshold drift_var is a factor and must be above 1")
         return Thresholds(**{**asdict(self), **overrides})
 
 
@@ -100,6 +114,9 @@ class BNRecord:
     reason: str | None = None
     reason_detail: str | None = None
     bias_added: int = 0
+    data_values: int | None = None  # with --data: the BN's inputs on the data, per channel
+    data_mean: np.ndarray | None = None
+    data_var: np.ndarray | None = None
 
 
 def _spread(a: np.ndarray | None) -> Spread | None:
@@ -183,11 +200,53 @@ def diagnose(rec: BNRecord, th: Thresholds) -> list[Diagnostic]:
                         "quantisation of the folded weights will lose the small channels",
                     )
                 )
+    out += _drift_diagnostics(rec, th)
+    return out
+
+
+def _drift(rec: BNRecord) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per channel: the mean shift and variance ratio of the data against the running
+    statistics (``bnfold.data.drift``), when both are known."""
+    if rec.data_mean is None or rec.data_var is None or rec.mean is None or rec.var is None:
+        return None
+    from bnfold.data import drift
+
+    return drift(rec.data_mean, rec.data_var, rec.mean, rec.var, rec.eps)
+
+
+def _drift_diagnostics(rec: BNRecord, th: Thresholds) -> list[Diagnostic]:
+    both = _drift(rec)
+    if both is None:
+        return []
+    shift, ratio = both
+    out = []
+    with np.errstate(invalid="ignore"):
+        far = int((shift > th.drift_mean).sum())
+        off = int(((ratio > th.drift_var) | (ratio < 1 / th.drift_var)).sum())
+    if far:
+        out.append(
+            Diagnostic(
+                "mean_drift",
+                f"{far} of {rec.channels} channels: the data's mean is over {th.drift_mean:g} "
+                f"running standard deviations from running_mean (up to "
+                f"{float(np.nanmax(shift)):.3g})",
+            )
+        )
+    if off:
+        out.append(
+            Diagnostic(
+                "var_drift",
+                f"{off} of {rec.channels} channels: the data's variance is over "
+                f"{th.drift_var:g}x off running_var (ratios {float(np.nanmin(ratio)):.3g} to "
+                f"{float(np.nanmax(ratio)):.3g})",
+            )
+        )
     return out
 
 
 def layer_report(rec: BNRecord, th: Thresholds) -> BNLayerReport:
     diags = diagnose(rec, th)
+    both = _drift(rec)
     return BNLayerReport(
         name=rec.name,
         kind=rec.kind,
@@ -210,6 +269,11 @@ def layer_report(rec: BNRecord, th: Thresholds) -> BNLayerReport:
         reason_detail=rec.reason_detail,
         warnings=tuple(d.code for d in diags),
         diagnostics=tuple(diags),
+        data_values=rec.data_values,
+        data_mean=_spread(rec.data_mean),
+        data_var=_spread(rec.data_var),
+        mean_shift=_spread(both[0]) if both is not None else None,
+        var_ratio=_spread(both[1]) if both is not None else None,
     )
 
 
@@ -413,8 +477,10 @@ def inspect_model(
     loaded: LoadedModel,
     thresholds: Thresholds | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
+    data: Measurement | None = None,
 ) -> InspectReport:
-    """Statistics, fold decisions and diagnostics of every BN in ``loaded``."""
+    """Statistics, fold decisions and diagnostics of every BN in ``loaded``; with
+    ``data`` (``bnfold.data.measure``) also the statistics of real inputs and the drift."""
     th = thresholds or Thresholds()
     notes = list(loaded.notes)
     order = "file"
@@ -453,6 +519,12 @@ def inspect_model(
             "eps and momentum are not stored in a state_dict: fold scales assume eps=1e-5; "
             "pass --arch for exact values and fold targets"
         )
+    reported = asdict(th)
+    if data is None:
+        reported = {k: v for k, v in reported.items() if k not in DRIFT_THRESHOLDS}
+    else:
+        _attach_data(records, data)
+        notes += data.notes
     layers = tuple(layer_report(r, th) for r in records)
     return InspectReport(
         model=str(loaded.path),
@@ -461,9 +533,18 @@ def inspect_model(
         order=order,
         layers=layers,
         summary=_summary(records, layers, loaded.architecture_known),
-        thresholds=asdict(th),
+        thresholds=reported,
         notes=tuple(notes),
+        data=data.data if data is not None else None,
     )
+
+
+def _attach_data(records: list[BNRecord], data: Measurement) -> None:
+    """Give each record the statistics its BN's inputs have on the data (by name)."""
+    for rec in records:
+        m = data.moments.get(rec.name)
+        if m is not None and m.count:
+            rec.data_values, rec.data_mean, rec.data_var = m.count, m.mean, m.var
 
 
 _TS_BN_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "FrozenBatchNorm2d"}
@@ -516,5 +597,5 @@ def _summary(
         params_removed=int(params),
         buffers_removed=int(buffers),
         bias_params_added=sum(r.bias_added for r in folding),
-        warnings_by_code={code: counts[code] for code in CODES if counts[code]},
+        warnings_by_code={code: counts[code] for code in CODES + DATA_CODES if counts[code]},
     )

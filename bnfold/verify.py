@@ -345,9 +345,7 @@ def verify_onnx(
     )
 
 
-def _tolerances(
-    dtype: torch.dtype, atol: float | None, rtol: float | None
-) -> tuple[float, float]:
+def _tolerances(dtype: torch.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
     """The tolerances asked for, else the defaults for ``dtype``'s models."""
     d_atol, d_rtol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
     return (d_atol if atol is None else atol, d_rtol if rtol is None else rtol)

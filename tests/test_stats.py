@@ -284,7 +284,8 @@ def test_unknown_threshold_is_rejected():
     with pytest.raises(ValueError) as info:
         Thresholds().with_overrides({"scale_sprad": 2.0, "dead_gamma": 0.1})
     assert str(info.value) == (
-        "unknown threshold scale_sprad; known: dead_gamma, scale_spread, tiny_variance"
+        "unknown threshold scale_sprad; known: dead_gamma, drift_mean, drift_var, scale_spread, "
+        "tiny_variance"
     )
 
 

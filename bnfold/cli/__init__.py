@@ -20,6 +20,7 @@ from bnfold import __version__
 from bnfold.cli import check as _check
 from bnfold.cli import fuse as _fuse
 from bnfold.cli import inspect as _inspect
+from bnfold.cli import recalibrate as _recalibrate
 
 app = typer.Typer(
     name="bnfold",
@@ -51,6 +52,7 @@ def _root(
 app.command("inspect")(_inspect.inspect_command)
 app.command("fuse")(_fuse.fuse_command)
 app.command("check")(_check.check_command)
+app.command("recalibrate")(_recalibrate.recalibrate_command)
 
 
 def main() -> None:

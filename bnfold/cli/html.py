@@ -40,6 +40,8 @@ def explanations(thresholds: dict[str, float]) -> dict[str, str]:
     dead = thresholds.get("dead_gamma", 1e-3)
     tiny = thresholds.get("tiny_variance", 1e-4)
     spread = thresholds.get("scale_spread", 100.0)
+    shift = thresholds.get("drift_mean", 0.5)
+    factor = thresholds.get("drift_var", 2.0)
     return {
         "stale_stats": "num_batches_tracked is 0, or running_mean is all 0 and running_var "
         "all 1: the statistics were never updated, so folding bakes in meaningless values. "
@@ -59,6 +61,14 @@ def explanations(thresholds: dict[str, float]) -> dict[str, str]:
         "of each batch, not its running statistics; call model.eval() before saving.",
         "no_running_stats": "track_running_stats=False or no running buffers: the layer "
         "always normalises with batch statistics, so there is nothing to fold.",
+        "mean_drift": "on the data (--data, the model in eval mode), the mean of the layer's "
+        f"inputs is more than drift_mean ({shift:g}) running standard deviations away from "
+        "running_mean in some channel: the statistics do not describe what the layer "
+        "receives (stale statistics, other preprocessing, a domain shift). Re-estimate "
+        "them with bnfold recalibrate if the data is what the model will see.",
+        "var_drift": "on the data, (variance + eps) / (running_var + eps) is above drift_var "
+        f"({factor:g}) or below 1/{factor:g} in some channel: the layer scales what it "
+        "receives by the wrong amount.",
     }
 
 
@@ -144,7 +154,21 @@ def _fold_cell(layer: BNLayerReport) -> str:
     return "-"
 
 
-def _layer_row(i: int, layer: BNLayerReport) -> str:
+_DATA_HEAD = ["values/ch", "data mean", "data var", "mean shift", "var ratio"]
+
+
+def _data_cells(layer: BNLayerReport) -> list[str]:
+    values = "-" if layer.data_values is None else str(layer.data_values)
+    return [
+        f'<td class="num">{values}</td>',
+        f'<td class="num">{_spread(layer.data_mean)}</td>',
+        f'<td class="num">{_spread(layer.data_var)}</td>',
+        f'<td class="num">{_spread(layer.mean_shift)}</td>',
+        f'<td class="num">{_spread(layer.var_ratio)}</td>',
+    ]
+
+
+def _layer_row(i: int, layer: BNLayerReport, data: bool = False) -> str:
     eps = _g(layer.eps) + ("" if layer.eps_known else ' <span class="muted">(assumed)</span>')
     warnings = ", ".join(f"<code>{_e(w)}</code>" for w in layer.warnings)
     cells = [
@@ -162,6 +186,7 @@ def _layer_row(i: int, layer: BNLayerReport) -> str:
         f'<td class="num">{_g(layer.momentum)}</td>',
         f'<td class="num">{_e(_opt(layer.num_batches_tracked))}</td>',
         f"<td>{_e(_opt(layer.training))}</td>",
+        *(_data_cells(layer) if data else []),
         f'<td class="{"bad" if layer.warnings else "ok"}">{warnings or "-"}</td>',
     ]
     return "<tr>" + "".join(cells) + "</tr>"
@@ -197,6 +222,7 @@ def inspect_sections(
                 ),
                 ("warnings", warn or '<span class="ok">none</span>'),
                 ("thresholds", thresholds or "-"),
+                *_data_items(r),
             ]
         ),
         "<h2>Pictures</h2>",
@@ -204,7 +230,15 @@ def inspect_sections(
         "<h2>Layers</h2>",
         f'<p class="muted">In {_e(r.order)} order. Spreads are min / median / max over the '
         "channels; the fold scale is gamma / sqrt(running_var + eps). → folds backward into "
-        "the layer before, ← forward into the layer after.</p>",
+        "the layer before, ← forward into the layer after."
+        + (
+            " On the data: each BN's inputs with the model in eval mode, over every sample "
+            "and position; mean shift = |data mean − running_mean| / sqrt(running_var + eps), "
+            "var ratio = (data var + eps) / (running_var + eps)."
+            if r.data is not None
+            else ""
+        )
+        + "</p>",
         _table(
             [
                 "#",
@@ -221,9 +255,10 @@ def inspect_sections(
                 "momentum",
                 "batches tracked",
                 "training",
+                *(_DATA_HEAD if r.data is not None else []),
                 "warnings",
             ],
-            [_layer_row(i, layer) for i, layer in enumerate(r.layers)],
+            [_layer_row(i, layer, r.data is not None) for i, layer in enumerate(r.layers)],
         ),
     ]
     explain = explanations(r.thresholds)
@@ -246,6 +281,22 @@ def inspect_sections(
     if r.notes:
         out.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in r.notes) + "</ul>")
     return out
+
+
+def _data_items(r: InspectReport) -> list[tuple[str, str]]:
+    """--data: where the inputs came from and how they were prepared."""
+    d = r.data
+    if d is None:
+        return []
+    shapes = " + ".join("×".join(str(n) for n in s) for s in d.input_shapes)
+    return [
+        ("data", f"<code>{_e(d.source)}</code> ({_e(d.kind)})"),
+        (
+            "samples",
+            f"{d.samples} of {_e(shapes)}, in {d.batches} batches of at most {d.batch_size}",
+        ),
+        ("preprocessing", _e(d.preprocessing)),
+    ]
 
 
 def inspect_html(r: InspectReport, png: bytes | None, missing: str | None = None) -> str:
@@ -330,6 +381,10 @@ def fuse_html(
         )
     if r.torch_output:
         items.append(("folded PyTorch model", f"<code>{_e(r.torch_output)}</code>"))
+    if r.recalibration is not None:
+        from bnfold.cli.render import recalibration_line
+
+        items.append(("statistics", _e(recalibration_line(r.recalibration))))
     if r.timings:
         items.append(("timings", ", ".join(f"{_e(k)} {v:.2f} s" for k, v in r.timings.items())))
     folded = [

@@ -20,6 +20,7 @@ from bnfold.cli.common import (
     parse_thresholds,
     stdout_console,
 )
+from bnfold.cli.data_options import BATCH_SIZE, DATA_HELP, IMAGE_SIZE, MEAN, SAMPLES, STD
 
 if TYPE_CHECKING:
     from bnfold.reports import InspectReport
@@ -42,8 +43,20 @@ def inspect_command(
         "--threshold",
         metavar="NAME=VALUE",
         help="Override a diagnostic threshold: dead_gamma (1e-3), tiny_variance (1e-4), "
-        "scale_spread (100).",
+        "scale_spread (100); with --data drift_mean (0.5) and drift_var (2).",
     ),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        metavar="SPEC",
+        help=DATA_HELP + " Each BN's inputs are measured on it (eval mode) and compared with "
+        "its running statistics.",
+    ),
+    batch_size: int = BATCH_SIZE,
+    samples: int | None = SAMPLES,
+    image_size: str | None = IMAGE_SIZE,
+    mean: str | None = MEAN,
+    std: str | None = STD,
     plot: Path | None = typer.Option(
         None,
         "--plot",
@@ -60,6 +73,7 @@ def inspect_command(
 ) -> None:
     """Report every BatchNorm layer: statistics, what it folds into (or why not), warnings."""
     from bnfold.cli import render
+    from bnfold.cli.data_options import data_options
     from bnfold.errors import BnfoldError
     from bnfold.stats import Thresholds
 
@@ -69,6 +83,7 @@ def inspect_command(
     except ValueError as e:
         raise BnfoldError(f"--threshold: {e}") from e
     kwargs = parse_arch_kwargs(arch_kwargs)
+    data_opts = data_options(data, batch_size, samples, image_size, mean, std)
     # refuse bad --plot/--html paths (and a missing matplotlib) before loading the model
     plot_format = None
     if plot is not None:
@@ -91,6 +106,7 @@ def inspect_command(
         trust_pickle=trust_pickle,
         input_shapes=[parse_shape(s) for s in input_shape or []],
         thresholds=thresholds,
+        data=data_opts,
         progress=progress.step,
     )
     render.emit(report, fmt.value, stdout_console())

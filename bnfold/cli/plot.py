@@ -13,6 +13,11 @@ layer in the report's (data-flow) order:
    have dead channels;
 4. a strip with one row per warning code that occurs.
 
+With ``--data`` two more panels come before the strip: the mean shift of each BN's inputs
+on the data, ``|data mean - running_mean| / sqrt(running_var + eps)``, with the
+``drift_mean`` threshold, and the variance ratio ``(data var + eps) / (running_var +
+eps)`` with ``drift_var`` and ``1 / drift_var``.
+
 A bar is red when the layer has the warning that panel shows (``large_scale_spread``,
 ``tiny_variance``, ``dead_channels``). Zero reaches the bottom edge of a log axis. The
 figure widens with the layer count (0.16 in per layer), so 5 layers and 150 both read;
@@ -71,8 +76,10 @@ _CODE_COLOURS = {
     "negative_variance": "#da8bc3",
     "train_mode": "#55a868",
     "no_running_stats": "#64b5cd",
+    "mean_drift": "#4c72b0",
+    "var_drift": "#8c613c",
 }
-_CODE_ORDER = list(_CODE_COLOURS)  # bnfold.stats.CODES, without importing numpy for it
+_CODE_ORDER = list(_CODE_COLOURS)  # bnfold.stats.CODES + DATA_CODES, without importing numpy
 
 
 def require_matplotlib() -> Any:
@@ -174,6 +181,13 @@ def _magnitude(s: Spread | None) -> _Range | None:
     return _Range(low, abs(s.median), mags[-1], mixed)
 
 
+def _positive(s: Spread | None) -> _Range | None:
+    """A non-negative min/median/max (the drift measures) as it is."""
+    if s is None or not all(math.isfinite(v) for v in (s.min, s.median, s.max)):
+        return None
+    return _Range(max(s.min, 0.0), max(s.median, 0.0), max(s.max, 0.0), False)
+
+
 def _variance(s: Spread | None) -> _Range | None:
     """running_var as it is (it should be >= 0): zero or negative minima reach the bottom."""
     if s is None or not all(math.isfinite(v) for v in (s.min, s.median, s.max)):
@@ -217,10 +231,15 @@ def _layout(report: InspectReport) -> _Layout:
     legend = _legend_entries(report.layers)
     columns = _legend_columns(legend, width)
     legend_height = 0.1 + 0.22 * math.ceil(len(legend) / columns)
-    height = 0.45 + 3 * _PANEL + strip + labels + legend_height
+    height = 0.45 + _panels(report) * _PANEL + strip + labels + legend_height
     # quarter inches are exact in binary: the pixel size is exactly inches * DPI
     width, height = math.ceil(width * 4) / 4, math.ceil(height * 4) / 4
     return _Layout(width, height, size, 0 if horizontal else 90, step, rows, legend)
+
+
+def _panels(report: InspectReport) -> int:
+    """Log panels: fold scale, running_var, |gamma|; with --data also the two drifts."""
+    return 5 if report.data is not None else 3
 
 
 def figure_size(report: InspectReport) -> tuple[float, float]:
@@ -425,8 +444,9 @@ def figure(report: InspectReport) -> Any:
     th = report.thresholds
     fig = Figure(figsize=(lay.width, lay.height), dpi=DPI, layout="constrained")
     strip_height = (0.55 + 0.2 * max(lay.strip_rows, 1)) / _PANEL
+    panels = _panels(report)
     # not sharex: every shared axis would lay out its own copy of a few hundred name ticks
-    axes = fig.subplots(4, 1, gridspec_kw={"height_ratios": [1, 1, 1, strip_height]})
+    axes = fig.subplots(panels + 1, 1, gridspec_kw={"height_ratios": [1] * panels + [strip_height]})
     dead = th.get("dead_gamma")
     tiny = th.get("tiny_variance")
     drawn = _panel(
@@ -466,15 +486,18 @@ def figure(report: InspectReport) -> Any:
             clip_on=False,
             zorder=5,
         )
-    _strip(axes[3], layers)
+    if report.data is not None:
+        drawn |= _drift_panels(axes[3], axes[4], layers, th)
+    strip = axes[-1]
+    _strip(strip, layers)
     xlim = (-0.7, max(len(layers), 1) - 0.3)
     for ax in axes:
         ax.set_xlim(*xlim)
         ax.xaxis.set_minor_locator(NullLocator())
-    for ax in axes[:3]:
+    for ax in axes[:-1]:
         ax.xaxis.set_major_locator(NullLocator())
     xs = list(range(0, len(layers), lay.step))
-    axes[3].set_xticks(
+    strip.set_xticks(
         xs,
         [_short(layers[i].name) for i in xs],
         rotation=lay.rotation,
@@ -482,7 +505,7 @@ def figure(report: InspectReport) -> Any:
         parse_math=False,  # layer names are data: a "$" must not start TeX maths
     )
     if lay.step > 1:
-        axes[3].set_xlabel(f"every {lay.step}th layer named", fontsize=8)
+        strip.set_xlabel(f"every {lay.step}th layer named", fontsize=8)
     legend = [e for e in lay.legend if e != "threshold" or drawn]
     _legend(fig, legend, _legend_columns(legend, lay.width))
     fig.suptitle(
@@ -491,6 +514,35 @@ def figure(report: InspectReport) -> Any:
         parse_math=False,
     )
     return fig
+
+
+def _drift_panels(
+    shift_ax: Any, ratio_ax: Any, layers: tuple[BNLayerReport, ...], th: dict[str, float]
+) -> bool:
+    """--data: mean shift and variance ratio per layer; whether a threshold was drawn."""
+    mean = th.get("drift_mean")
+    factor = th.get("drift_var")
+    drawn = _panel(
+        shift_ax,
+        layers,
+        lambda layer: _positive(layer.mean_shift),
+        "mean_drift",
+        "on the data: mean shift |mean - running_mean| / sqrt(running_var + eps)",
+        None if mean is None else (mean, f"drift_mean {mean:g}"),
+    )
+    drawn |= _panel(
+        ratio_ax,
+        layers,
+        lambda layer: _positive(layer.var_ratio),
+        "var_drift",
+        "on the data: variance ratio (var + eps) / (running_var + eps)",
+        None if factor is None else (factor, f"drift_var {factor:g}"),
+    )
+    if factor is not None:  # the lower bound too, when it lies on the axis
+        low, (bottom, top) = 1 / factor, ratio_ax.get_ylim()
+        if bottom < low < top:
+            ratio_ax.axhline(low, color=_THRESHOLD, lw=1, ls="--", zorder=1)
+    return drawn
 
 
 def render(report: InspectReport, fmt: str) -> bytes:

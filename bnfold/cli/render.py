@@ -10,7 +10,15 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from bnfold.reports import CheckReport, FuseReport, InspectReport, Spread, to_dict
+from bnfold.reports import (
+    CheckReport,
+    DataSummary,
+    FuseReport,
+    InspectReport,
+    RecalibrationReport,
+    Spread,
+    to_dict,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -18,9 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["emit", "to_json", "to_markdown"]
 
 
-def emit(
-    report: InspectReport | FuseReport | CheckReport, fmt: str, console: Console | None = None
-) -> None:
+Report = InspectReport | FuseReport | CheckReport | RecalibrationReport
+
+
+def emit(report: Report, fmt: str, console: Console | None = None) -> None:
     """Write the report to stdout (``console``'s file when given). Only tables need rich:
     the text formats do not import it, which keeps ``check --format json`` quick."""
     text = None
@@ -41,6 +50,8 @@ def emit(
         console = stdout_console()
     if isinstance(report, InspectReport):
         _inspect_table(report, console)
+    elif isinstance(report, RecalibrationReport):
+        _recalibration_table(report, console)
     elif isinstance(report, CheckReport):
         _check_table(report, console)
     else:
@@ -61,6 +72,55 @@ def _range(s: Spread | None) -> str:
 
 
 # --------------------------------------------------------------------------- inspect
+
+
+def _drift_cells(layer: Any) -> list[str]:
+    """With --data: the largest mean shift and the range of variance ratios."""
+    shift, ratio = layer.mean_shift, layer.var_ratio
+    return [
+        f"{shift.max:.2g}" if shift else "-",
+        f"{ratio.min:.2g}…{ratio.max:.2g}" if ratio else "-",
+    ]
+
+
+def _data_table(r: InspectReport, console: Console) -> None:
+    """--data: each BN's inputs on the data against its running statistics."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    assert r.data is not None
+    console.print(Text(data_line(r.data)))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
+    table.add_column("BN layer", overflow="fold", ratio=3)
+    table.add_column("values/ch", justify="right")
+    table.add_column("mean shift max", justify="right")
+    table.add_column("var ratio min…max", justify="right")
+    for layer in r.layers:
+        drifted = {"mean_drift", "var_drift"} & set(layer.warnings)
+        table.add_row(
+            Text(layer.name),
+            "-" if layer.data_values is None else str(layer.data_values),
+            *(Text(cell, style="red" if drifted else "") for cell in _drift_cells(layer)),
+        )
+    console.print(table)
+    th = r.thresholds
+    console.print(
+        Text(
+            "mean shift: |data mean - running_mean| / sqrt(running_var + eps); var ratio: "
+            f"(data var + eps) / (running_var + eps); flagged over {th.get('drift_mean', 0):g} "
+            f"and outside 1/{th.get('drift_var', 0):g}…{th.get('drift_var', 0):g}",
+            style="dim",
+        )
+    )
+
+
+def data_line(d: DataSummary) -> str:
+    shapes = " + ".join("x".join(str(n) for n in s) or "scalar" for s in d.input_shapes)
+    return (
+        f"data: {d.source} ({d.kind}), {d.samples} samples of {shapes} in {d.batches} "
+        f"batches; {d.preprocessing}"
+    )
 
 
 def _fold_cell(layer: Any) -> str:
@@ -98,6 +158,8 @@ def _inspect_table(r: InspectReport, console: Console) -> None:
             Text(", ".join(layer.warnings) or "-", style="red" if layer.warnings else ""),
         )
     console.print(table)
+    if r.data is not None:
+        _data_table(r, console)
     foldable = "unknown (no architecture)" if s.foldable is None else f"{s.foldable}/{s.bn_layers}"
     console.print(
         Text(
@@ -148,8 +210,15 @@ def _inspect_markdown(r: InspectReport) -> str:
         )
         + f"; folding removes {s.params_removed} parameters and {s.buffers_removed} buffer values.",
         "",
-        "| BN layer | kind | C | folds into | fold scale min / median / max | var min | warnings |",
-        "|---|---|---:|---|---|---:|---|",
+    ]
+    data = r.data is not None
+    if r.data is not None:
+        lines += [_md_escape(data_line(r.data)) + ".", ""]
+    lines += [
+        "| BN layer | kind | C | folds into | fold scale min / median / max | var min | "
+        + ("data: mean shift max | var ratio min…max | " if data else "")
+        + "warnings |",
+        "|---|---|---:|---|---|---:|" + ("---:|---:|" if data else "") + "---|",
     ]
     for layer in r.layers:
         fs = layer.fold_scale
@@ -164,7 +233,8 @@ def _inspect_markdown(r: InspectReport) -> str:
         lines.append(
             f"| `{_md_escape(layer.name)}` | {layer.kind} | {layer.channels} | {_md_escape(fold)} "
             f"| {scale} | {_g(layer.running_var.min if layer.running_var else None)} "
-            f"| {', '.join(f'`{w}`' for w in layer.warnings) or '-'} |"
+            + ("".join(f"| {cell} " for cell in _drift_cells(layer)) if data else "")
+            + f"| {', '.join(f'`{w}`' for w in layer.warnings) or '-'} |"
         )
     if s.warnings_by_code:
         lines += [
@@ -201,6 +271,8 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
     for sk in r.skipped:
         table.add_row(Text(sk.bn), Text(f"stays: {sk.reason} — {sk.detail}", style="yellow"))
     console.print(table)
+    if r.recalibration is not None:
+        console.print(Text(recalibration_line(r.recalibration)))
     console.print(
         Text(
             f"folded {len(r.folded)}, kept {len(r.skipped)}; stored values {r.params_before} → "
@@ -290,6 +362,8 @@ def _fuse_markdown(r: FuseReport) -> str:
         ),
         "",
     ]
+    if r.recalibration is not None:
+        lines += [_md_escape(recalibration_line(r.recalibration)), ""]
     if r.folded:
         lines += ["| BN | folded into | direction | rule |", "|---|---|---|---|"]
         lines += [
@@ -319,9 +393,11 @@ def _fuse_markdown(r: FuseReport) -> str:
     return "\n".join(lines)
 
 
-def to_markdown(report: InspectReport | FuseReport | CheckReport) -> str:
+def to_markdown(report: Report) -> str:
     if isinstance(report, InspectReport):
         return _inspect_markdown(report)
+    if isinstance(report, RecalibrationReport):
+        return _recalibration_markdown(report)
     if isinstance(report, CheckReport):
         return _check_markdown(report)
     return _fuse_markdown(report)
@@ -397,3 +473,86 @@ def to_junit(r: CheckReport) -> str:
                 ET.SubElement(case, tag, message=c.message).text = c.message
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode")
+
+
+# --------------------------------------------------------------------------- recalibrate
+
+
+def recalibration_line(r: RecalibrationReport) -> str:
+    """One sentence for a report that re-estimated the statistics first (fuse)."""
+    kept = [layer.name for layer in r.layers if not layer.updated]
+    data = f" on {r.data.samples} samples of {r.data.source}" if r.data is not None else ""
+    return (
+        f"BatchNorm statistics re-estimated first{data} ({r.method}): {r.updated} of "
+        f"{len(r.layers)} layers" + (f"; kept: {', '.join(kept)}" if kept else "")
+    )
+
+
+def _recalibration_head(r: RecalibrationReport) -> str:
+    return (
+        f"{r.model} ({r.format}) → {r.output or '(not written)'}: re-estimated {r.updated} of "
+        f"{len(r.layers)} BatchNorm layers, method {r.method}, {r.batches} batches, "
+        f"{r.passes} passes over the data, {r.seconds:.1f} s"
+    )
+
+
+def _result_cell(layer: Any) -> str:
+    return "updated" if layer.updated else f"kept: {layer.reason}"
+
+
+def _recalibration_table(r: RecalibrationReport, console: Console) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    console.print(Text(_recalibration_head(r), style="bold"))
+    if r.data is not None:
+        console.print(Text(data_line(r.data)))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("BN layer", overflow="fold", ratio=3)
+    table.add_column("C", justify="right")
+    table.add_column("result", overflow="fold", ratio=2)
+    table.add_column("shift", justify="right")
+    table.add_column("var ratio", justify="right")
+    table.add_column("new var min", justify="right")
+    for layer in r.layers:
+        table.add_row(
+            Text(layer.name),
+            str(layer.channels),
+            Text(_result_cell(layer), style="green" if layer.updated else "yellow"),
+            *_drift_cells(layer),
+            _g(layer.running_var.min if layer.running_var else None),
+        )
+    console.print(table)
+    for layer in r.layers:
+        if not layer.updated:
+            console.print(
+                Text(f"  {layer.name} kept ({layer.reason}): {layer.detail}", style="yellow")
+            )
+    if not r.complete:
+        console.print(
+            Text("not every BatchNorm was re-estimated (exit 1); see above", style="bold red")
+        )
+    for note in r.notes:
+        console.print(Text(f"note: {note}", style="dim"))
+
+
+def _recalibration_markdown(r: RecalibrationReport) -> str:
+    lines = [f"### bnfold recalibrate: `{r.model}`", "", _md_escape(_recalibration_head(r)) + "."]
+    if r.data is not None:
+        lines += ["", _md_escape(data_line(r.data)) + "."]
+    lines += [
+        "",
+        "| BN layer | C | result | mean shift max | var ratio min…max | new var min |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for layer in r.layers:
+        result = "updated" if layer.updated else f"kept: `{layer.reason}`"
+        lines.append(
+            f"| `{_md_escape(layer.name)}` | {layer.channels} | {result} | "
+            + "".join(f"{cell} | " for cell in _drift_cells(layer))
+            + f"{_g(layer.running_var.min if layer.running_var else None)} |"
+        )
+    for note in r.notes:
+        lines += ["", f"_Note: {_md_escape(note)}_"]
+    return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""``bnfold recalibrate`` and ``bnfold inspect --data`` through the CLI (issue 17).
+
+The models are the shipped sample models (really trained); the data are arrays or images
+written by each test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bnfold.cli import app
+from bnfold.loading import load_model
+from bnfold.stats import inspect_model
+from tests.helpers import assert_one_error_line, write_arch
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+ARCH = f"{SAMPLES / 'archs.py'}:ConvNet"
+STATE_DICT = SAMPLES / "convnet.state_dict.pt"
+LAYERS = ["stem.1", "down1.1", "dw.1", "pw.1", "down2.1", "up.1"]
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """40 inputs for the convnet (3x32x32), normalised like its training data."""
+    x = np.random.default_rng(0).standard_normal((40, 3, 32, 32)).astype(np.float32)
+    path = tmp_path / "data.npz"
+    np.savez(path, input=x)
+    return path
+
+
+# --------------------------------------------------------------------------- recalibrate
+
+
+def test_recalibrate_table_writes_the_model(tmp_path, data):
+    """issue 17: the table names every layer as updated and the file holds the new stats."""
+    out = tmp_path / "re.pt"
+    result = invoke("recalibrate", STATE_DICT, "--arch", ARCH, "--data", data, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "re-estimated 6 of 6 BatchNorm layers, method batch" in result.stdout
+    assert all(name in result.stdout for name in LAYERS)
+    assert result.stderr == ""
+    before = inspect_model(load_model(STATE_DICT, arch=ARCH)).layers
+    after = inspect_model(load_model(out, arch=ARCH)).layers
+    assert all(a.running_var != b.running_var for a, b in zip(after, before, strict=True))
+
+
+def test_recalibrate_json_matches_the_written_file(tmp_path, data):
+    """issue 17: the JSON report is clean and its new running_var spreads are the file's."""
+    out = tmp_path / "re.onnx"
+    result = invoke(
+        "recalibrate", SAMPLES / "convnet.onnx", "--data", data, "--out", out,
+        "--method", "sequential", "--batch-size", "16", "--format", "json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["schema_version"] == 1 and report["method"] == "sequential"
+    assert report["output"] == str(out) and report["format"] == "onnx"
+    assert report["data"]["samples"] == 40 and report["data"]["batches"] == 3
+    assert report["passes"] == 6 and report["complete"] is True
+    written = inspect_model(load_model(out)).layers
+    positions = [32 * 32, 16 * 16, 16 * 16, 16 * 16, 8 * 8, 16 * 16]  # each BN's H x W
+    for layer, row, hw in zip(written, report["layers"], positions, strict=True):
+        assert row["updated"] is True and row["values"] == 40 * hw
+        assert layer.running_var is not None
+        assert row["running_var"]["max"] == pytest.approx(layer.running_var.max, rel=1e-6)
+
+
+def test_recalibrate_markdown(tmp_path, data):
+    """issue 17: markdown has one row per layer and the data line."""
+    result = invoke(
+        "recalibrate", SAMPLES / "convnet.pt2", "--data", data, "--out", tmp_path / "m.pt2",
+        "-f", "markdown",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("### bnfold recalibrate:")
+    assert sum(line.startswith("| `") for line in result.stdout.splitlines()) == 6
+    assert "40 samples of 3x32x32" in result.stdout
+
+
+UNUSED_BN = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.spare = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+""")
+
+
+def test_a_bn_the_data_never_reaches_exits_1(tmp_path, data):
+    """issue 17: the file is written, the unreached BN is named, and the exit code is 1."""
+    arch, namespace = write_arch(tmp_path, UNUSED_BN)
+    weights = tmp_path / "w.pt"
+    torch.save(namespace["Net"]().state_dict(), weights)
+    out = tmp_path / "out.pt"
+    result = invoke("recalibrate", weights, "--arch", f"{arch}:Net", "--data", data, "-o", out)
+    assert result.exit_code == 1, result.output
+    assert "spare kept (not_called)" in result.stdout
+    assert out.exists()
+
+
+def test_existing_output_needs_force_and_survives(tmp_path, data):
+    """issue 17: an existing --out is refused before any work, and kept as it was."""
+    out = tmp_path / "re.pt"
+    out.write_bytes(b"keep me")
+    result = invoke("recalibrate", STATE_DICT, "--arch", ARCH, "--data", data, "--out", out)
+    assert_one_error_line(result, "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    forced = invoke(
+        "recalibrate", STATE_DICT, "--arch", ARCH, "--data", data, "--out", out, "--force"
+    )
+    assert forced.exit_code == 0, forced.output
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "needles"),
+    [
+        ("convnet.state_dict.pt", [], ["needs the architecture", "--arch"]),
+        ("convnet.torchscript.pt", [], ["TorchScript"]),
+        ("convnet.state_dict.pt", ["--arch", ARCH, "--samples", "1"], ["at least 2 samples"]),
+        ("convnet.state_dict.pt", ["--arch", ARCH, "--image-size", "8"], ["--image-size"]),
+        ("convnet.state_dict.pt", ["--arch", ARCH, "--mean", "0,0"], ["--mean and --std"]),
+        ("convnet.state_dict.pt", ["--arch", ARCH, "--mean", "a", "--std", "1"], ["--mean"]),
+    ],
+)
+def test_recalibrate_errors_are_one_line(tmp_path, data, model, extra, needles):
+    """issue 17: wrong models, data and options end with one 'error:' line and exit 2."""
+    out = tmp_path / "out.bin"
+    result = invoke("recalibrate", SAMPLES / model, "--data", data, "--out", out, *extra)
+    assert_one_error_line(result, *needles)
+    assert not out.exists()
+
+
+def test_data_of_the_wrong_shape_is_one_line(tmp_path):
+    """issue 17: data the model cannot run on: one line naming the shape, exit 2."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 32), dtype=np.float32))
+    result = invoke(
+        "recalibrate", STATE_DICT, "--arch", ARCH, "--data", tmp_path / "d.npz",
+        "--out", tmp_path / "o.pt",
+    )  # fmt: skip
+    assert_one_error_line(result, "does not run on the data", "[4, 3, 32]")
+
+
+def test_output_may_not_be_the_input(tmp_path, data):
+    """issue 17: --out equal to the model is refused."""
+    copy = tmp_path / "m.pt"
+    copy.write_bytes(STATE_DICT.read_bytes())
+    result = invoke("recalibrate", copy, "--arch", ARCH, "--data", data, "--out", copy)
+    assert_one_error_line(result, "refusing to overwrite the input")
+    assert copy.read_bytes() == STATE_DICT.read_bytes()
+
+
+def test_recalibrate_subprocess_json_is_clean(tmp_path, data):
+    """issue 17: as a process, stdout is exactly the JSON report and stderr is empty."""
+    out = tmp_path / "re.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnfold", "recalibrate", str(SAMPLES / "convnet.safetensors"),
+         "--arch", ARCH, "--data", str(data), "--out", str(out), "--format", "json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert json.loads(proc.stdout)["updated"] == 6
+
+
+def test_image_folder_with_size_and_normalisation(tmp_path):
+    """issue 17: a folder of images, resized and normalised, recalibrates the convnet."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        size = (40 + i, 48)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    result = invoke(
+        "recalibrate", STATE_DICT, "--arch", ARCH, "--data", folder, "--image-size", "32",
+        "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--out", tmp_path / "o.pt",
+        "-f", "json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["data"]["input_shapes"] == [[3, 32, 32]]
+    assert "normalised with mean 0.5,0.5,0.5 std 0.25,0.25,0.25" in report["data"]["preprocessing"]
+
+
+# --------------------------------------------------------------------------- inspect --data
+
+
+def test_inspect_data_json_has_the_data_and_the_drift(data):
+    """issue 17: inspect --data adds the data block, per-layer data fields and the drift
+    thresholds; the drift of the trained convnet on other data is reported per layer."""
+    result = invoke("inspect", STATE_DICT, "--arch", ARCH, "--data", data, "-f", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["data"]["kind"] == "npz" and report["data"]["samples"] == 40
+    assert report["thresholds"]["drift_mean"] == 0.5 and report["thresholds"]["drift_var"] == 2
+    for layer in report["layers"]:
+        assert layer["data_values"] > 0
+        assert set(layer["mean_shift"]) == {"min", "median", "max"}
+        assert layer["var_ratio"]["min"] > 0
+
+
+def test_inspect_data_table_and_markdown(data):
+    """issue 17: the table gets a data table under the layers; markdown two data columns."""
+    table = invoke("inspect", STATE_DICT, "--arch", ARCH, "--data", data)
+    assert table.exit_code == 0, table.output
+    assert "values/ch" in table.stdout and "var ratio" in table.stdout
+    assert all(len(line) <= 80 for line in table.stdout.splitlines())
+    markdown = invoke("inspect", STATE_DICT, "--arch", ARCH, "--data", data, "-f", "markdown")
+    assert "| data: mean shift max | var ratio min…max |" in markdown.stdout
+
+
+def test_inspect_data_flags_data_in_other_units(tmp_path, data):
+    """issue 17: the same images 4x larger (not normalised like the training data): every
+    layer's statistics are off, and the codes say so; raising the thresholds hides them."""
+    x = np.load(data)["input"] * 4 + 2
+    np.savez(tmp_path / "big.npz", input=x)
+    args = ["inspect", STATE_DICT, "--arch", ARCH, "--data", tmp_path / "big.npz", "-f", "json"]
+    report = json.loads(invoke(*args).stdout)
+    assert report["summary"]["warnings_by_code"].get("var_drift", 0) >= 1
+    assert "mean_drift" in report["layers"][0]["warnings"]
+    quiet = json.loads(
+        invoke(*args, "--threshold", "drift_mean=1e6", "--threshold", "drift_var=1e6").stdout
+    )
+    assert not quiet["summary"]["warnings_by_code"]
+
+
+def test_data_options_need_data(data):
+    """issue 17: --mean, --std, --samples, --image-size without --data are refused."""
+    result = invoke("inspect", STATE_DICT, "--arch", ARCH, "--mean", "0,0,0", "--std", "1,1,1")
+    assert_one_error_line(result, "--mean, --std only applies with --data")
+
+
+def test_inspect_data_with_plot_and_html(tmp_path, data):
+    """issue 17: --plot with data draws the two drift panels (a taller picture), --html
+    has the data summary, the data columns and the drift explanations."""
+    x = np.load(data)["input"] * 4 + 2
+    np.savez(tmp_path / "big.npz", input=x)
+    plain = invoke("inspect", STATE_DICT, "--arch", ARCH, "--plot", tmp_path / "a.png")
+    with_data = invoke(
+        "inspect", STATE_DICT, "--arch", ARCH, "--data", tmp_path / "big.npz",
+        "--plot", tmp_path / "b.png", "--html", tmp_path / "b.html",
+    )  # fmt: skip
+    assert plain.exit_code == 0 and with_data.exit_code == 0, with_data.output
+
+    def height(path: Path) -> int:
+        return int.from_bytes(path.read_bytes()[20:24], "big")
+
+    assert height(tmp_path / "b.png") > height(tmp_path / "a.png") + 300
+    page = (tmp_path / "b.html").read_text()
+    assert "<th>mean shift</th>" in page and "big.npz" in page
+    assert '<h3 id="mean_drift">' in page and "drift_mean (0.5)" in page
