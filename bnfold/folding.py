@@ -25,6 +25,19 @@ arrays with ``torch.from_numpy``) and never writes to its inputs; products are c
 in float64 and rounded once, to ``dtype`` (float64 unless asked), and the ``overflow``
 flag tells whether that rounding overflowed the dtype.  bfloat16, which numpy lacks, is
 rounded by torch, whose float64 -> bfloat16 conversion goes through float32.
+
+Branch merge (``merge_parallel``): parallel convolutions that read the same ``x`` with
+the same stride, dilation and groups, and identity branches ``s * x + t`` (a BN on the
+skip, or a plain skip with ``s = 1, t = 0``), summed::
+
+    sum_i conv(x, W_i, b_i) + sum_j (s_j * x + t_j) = conv(x, W, b)
+    W = sum_i centre_pad(W_i, K) + delta_K * sum_j s_j      b = sum_i b_i + sum_j t_j
+
+where ``K`` is the largest kernel size per spatial axis, ``centre_pad`` puts a smaller
+kernel in the middle of a ``K`` kernel (exact when each branch's padding minus
+``dilation * (k - 1) / 2`` is the same, which the routes check), and ``delta_K`` is the
+kernel that copies input channel ``o`` (within its group) to output channel ``o`` at the
+centre tap.  The merged conv keeps the largest kernel's padding.
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ __all__ = [
     "cast",
     "fold_backward",
     "fold_forward",
+    "merge_parallel",
     "overflowed",
 ]
 
@@ -147,6 +161,55 @@ def fold_forward(
     return Folded(w, b_out, overflow or b_overflow)
 
 
+def merge_parallel(
+    kernels: list[tuple[torch.Tensor, torch.Tensor | None]],
+    identities: list[tuple[torch.Tensor, torch.Tensor]],
+    groups: int = 1,
+    dtype: torch.dtype = torch.float64,
+) -> Folded:
+    """One conv's (W, b) computing the sum of parallel conv branches ``(W_i, b_i)`` (weights
+    ``(C_out, C_in/g, k...)``, one ``groups``) and identity branches ``s_j * x + t_j``.
+
+    Raises ValueError when the shapes cannot merge (no conv, different output channels or
+    input channels per group, a kernel that does not centre in the largest, an identity
+    branch with ``C_in != C_out`` or an even kernel): the routes check geometry first and
+    decline with a reason, so this is a guard, not a user message.
+    """
+    if not kernels:
+        raise ValueError("a merge needs at least one conv branch")
+    shapes = [w.shape for w, _ in kernels]
+    c_out, c_in_g = shapes[0][0], shapes[0][1]
+    dims = len(shapes[0]) - 2
+    if any(len(sh) != dims + 2 or sh[0] != c_out or sh[1] != c_in_g for sh in shapes):
+        raise ValueError(f"conv branches of different channels or rank: {shapes}")
+    size = [max(sh[2 + d] for sh in shapes) for d in range(dims)]
+    if any((size[d] - sh[2 + d]) % 2 for sh in shapes for d in range(dims)):
+        raise ValueError(f"kernel sizes that do not centre in {size}: {shapes}")
+    w = np.zeros((c_out, c_in_g, *size), dtype=np.float64)
+    b = np.zeros(c_out, dtype=np.float64)
+    for weight, bias in kernels:
+        k = weight.shape[2:]
+        centre = tuple(
+            slice((size[d] - k[d]) // 2, (size[d] - k[d]) // 2 + k[d]) for d in range(dims)
+        )
+        w[(slice(None), slice(None), *centre)] += _wide(weight)
+        if bias is not None:
+            b += _wide(bias)
+    if identities:
+        if c_in_g * groups != c_out or any(k % 2 == 0 for k in size):
+            raise ValueError(
+                f"an identity branch needs C_in == C_out and an odd kernel, not {shapes[0]}"
+            )
+        out = np.arange(c_out)
+        mid = tuple(k // 2 for k in size)
+        for s, t in identities:
+            w[(out, out % c_in_g, *mid)] += _wide(s)
+            b += _wide(t)
+    w_out, w_overflow = _rounded(w, dtype)
+    b_out, b_overflow = _rounded(b, dtype)
+    return Folded(w_out, b_out, w_overflow or b_overflow)
+
+
 def _scaled(
     weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, bool]:
@@ -181,7 +244,7 @@ def _wide(t: torch.Tensor) -> np.ndarray:
 
 
 def _rounded(b: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-    """A float64 per-channel vector rounded once to ``dtype``, and whether that overflowed."""
+    """A float64 array rounded once to ``dtype``, and whether that overflowed."""
     if dtype not in _NUMPY_OF:
         return cast(torch.from_numpy(b), dtype)
     with np.errstate(over="ignore"):

@@ -18,12 +18,14 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "MERGE",
     "RULES",
     "ChannelAxis",
     "Direction",
     "FoldKind",
     "FoldRule",
     "Layer",
+    "MergeRule",
     "Reason",
     "rule_named",
 ]
@@ -126,6 +128,32 @@ RULES: tuple[FoldRule, ...] = (
     ),
     FoldRule("bn_linear", Direction.FORWARD, LINEAR, FoldKind.LINEAR_IN, ChannelAxis.LAST),
 )
+
+
+SUM = Layer(
+    "sum",
+    (),
+    ("operator.add", "torch.add", "aten.add.Tensor"),
+    ("Add", "Sum"),
+)
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """Parallel branches that read one tensor and meet in a sum, merged into one layer.
+
+    Branches are ``layer`` nodes (after their own BNs folded into them) and identity
+    branches (a BN on the input, or the input itself); ``folding.merge_parallel`` is the
+    maths.  The route checks geometry and declines with the ``MERGE_*`` reasons below.
+    """
+
+    name: str
+    layer: Layer
+    sum: Layer
+    channel_axis: ChannelAxis
+
+
+MERGE = MergeRule("branch_merge", CONV, SUM, ChannelAxis.BEFORE_SPATIAL)
 
 
 def rule_named(name: str) -> FoldRule:
@@ -239,4 +267,34 @@ class Reason(str, enum.Enum):
         "the neighbouring layer has a form bnfold does not fold (a weight of another dtype "
         "or rank, groups that do not divide its channels, a bias that is not one value per "
         "output channel)",
+    )
+    MERGE_INPUTS = (
+        "merge_inputs_differ",
+        "the BN is on an identity branch summed with conv branches, but the branches do not "
+        "all read the same tensor",
+    )
+    MERGE_GEOMETRY = (
+        "merge_geometry",
+        "the summed conv branches differ in stride, dilation, output channels or rank, or "
+        "an identity branch meets a strided conv: they compute on different grids",
+    )
+    MERGE_PADDING = (
+        "merge_padding",
+        "the branches' padding does not keep their kernel centres aligned (or a kernel has "
+        "no centre tap): the smaller kernel cannot be centred in the larger one",
+    )
+    MERGE_PADDING_MODE = (
+        "merge_padding_mode",
+        "the branches pad differently (zeros, reflect, replicate, circular): one conv "
+        "cannot pad both ways",
+    )
+    MERGE_BRANCH_SHARED = (
+        "merge_branch_shared",
+        "a branch's output is also used outside the sum: merging would remove a value "
+        "that something else reads",
+    )
+    MERGE_GROUPS = (
+        "merge_groups",
+        "the branches' groups do not line up (different groups, or an identity branch with "
+        "input and output channels that differ per group)",
     )

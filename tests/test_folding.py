@@ -15,6 +15,7 @@ from bnfold.folding import (
     cast,
     fold_backward,
     fold_forward,
+    merge_parallel,
 )
 from tests.strategies import BNConfig, ConvConfig, bn_configs, conv_configs, conv_from_config
 
@@ -206,3 +207,65 @@ def test_fold_flags_overflow_but_not_inputs_already_infinite(dtype, rows):
     w[rows - 1, 5] = float("inf")
     folded = fold_backward(w, None, s, zero, FoldKind.LINEAR_OUT, 1, dtype)
     assert not folded.overflow and folded.weight[rows - 1, 5] == float("inf")
+
+
+@st.composite
+def branch_sets(draw):
+    """Parallel conv branches (kernel 1/3/5, one groups, bias or not) and identity branches,
+    with each branch's padding centring its kernel."""
+    dims = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 2]))
+    depthwise = draw(st.booleans())
+    c = 4
+    c_in_g = 1 if depthwise else c // groups
+    groups = c if depthwise else groups
+    sizes = draw(st.lists(st.sampled_from([1, 3, 5]), min_size=1, max_size=3))
+    identities = draw(st.integers(0, 2))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    kernels = [
+        (
+            torch.randn(c, c_in_g, *([k] * dims), generator=gen, dtype=torch.float64),
+            torch.randn(c, generator=gen, dtype=torch.float64) if draw(st.booleans()) else None,
+        )
+        for k in sizes
+    ]
+    idents = [
+        (
+            torch.randn(c, generator=gen, dtype=torch.float64),
+            torch.randn(c, generator=gen, dtype=torch.float64),
+        )
+        for _ in range(identities)
+    ]
+    return dims, groups, kernels, idents
+
+
+@given(branch_sets())
+def test_merged_branches_are_the_sum_of_the_branches(case):
+    """merge_parallel: one conv equals the float64 sum of centred conv branches and
+    per-channel identity branches (issue 18)."""
+    dims, groups, kernels, idents = case
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d}[dims]
+    x = torch.randn(
+        2, 4, *([9] * dims), dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    expected = sum(conv(x, w, b, padding=w.shape[-1] // 2, groups=groups) for w, b in kernels)
+    for s, t in idents:
+        shape = [1, -1] + [1] * dims
+        expected = expected + s.reshape(shape) * x + t.reshape(shape)
+    merged = merge_parallel(kernels, idents, groups=groups)
+    k = merged.weight.shape[-1]
+    got = conv(x, merged.weight, merged.bias, padding=k // 2, groups=groups)
+    assert not merged.overflow
+    assert rel_err(got, expected) < 1e-12
+
+
+def test_merge_refuses_what_cannot_centre():
+    """merge_parallel raises on kernels that cannot share a centre or an identity without one."""
+    w3, w2 = torch.randn(4, 4, 3, 3), torch.randn(4, 4, 2, 2)
+    with pytest.raises(ValueError, match="centre"):
+        merge_parallel([(w3, None), (w2, None)], [])
+    with pytest.raises(ValueError, match="identity"):
+        merge_parallel([(w2, None)], [(torch.ones(4), torch.zeros(4))])
+    with pytest.raises(ValueError, match="identity"):
+        merge_parallel([(torch.randn(8, 4, 3, 3), None)], [(torch.ones(8), torch.zeros(8))])
