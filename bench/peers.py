@@ -3,15 +3,18 @@
     python bench/peers.py            # writes docs/BENCHMARKS.md and docs/benchmarks.png
     python bench/peers.py --quick    # the hand-built cases and two models: a smoke test
 
-Models: the hand-built cases the fold rules exist for, and torchvision and timm
-architectures with random weights (nothing can be downloaded here), gamma/beta drawn
-from U(0.5, 1.5)/U(-0.5, 0.5) and BatchNorm statistics from two train-mode passes, as in
-tests/test_real_models.py.
+Models: the hand-built cases the fold rules exist for, torchvision and timm
+architectures (re-parameterizable ones included), and the architectures people ship
+(ultralytics YOLO, torchvision segmentation, segmentation-models-pytorch, Hugging Face;
+built as in tests/shipped.py), all with random weights (nothing can be downloaded
+here), gamma/beta drawn from U(0.5, 1.5)/U(-0.5, 0.5) and BatchNorm statistics from two
+train-mode passes, as in tests/test_real_models.py.
 
 Tools, each given the same eval-mode model:
 
-1. bnfold: the fold pass (``capture`` -> ``propagate_shapes`` -> ``fold_graph``), then
-   ``export_onnx`` (the dynamo exporter, static batch like every peer here);
+1. bnfold: ``bnfold.fuse(model, out, dynamic_batch=False)``, what ``bnfold fuse`` runs
+   (capture, fold, export with the dynamo exporter, static batch like every peer here,
+   and its own verification in onnxruntime, which its time includes);
 2. ``torch.fx.experimental.optimization.fuse``: BN left is counted in its fx graph and its
    error measured on its own PyTorch output; its latency is that of its graph exported
    with ``torch.onnx.export(dynamo=True)``;
@@ -20,7 +23,9 @@ Tools, each given the same eval-mode model:
 5. onnxsim and 6. onnxruntime's ORT_ENABLE_BASIC level (``optimized_model_filepath``),
    both applied to an export that keeps every BatchNormalization (legacy exporter,
    ``do_constant_folding=False, training=TrainingMode.PRESERVE``); their time is theirs
-   alone, without that export.
+   alone, without that export;
+7. timm's ``reparameterize_model`` (each block's hand-written ``reparameterize()``), then
+   the dynamo export, for the models that have such blocks ("-" elsewhere).
 
 Per model and tool: BatchNorm left, the max error against the model run in float64 in
 PyTorch on two seeded inputs (relative to the reference's largest magnitude; onnxruntime
@@ -59,12 +64,20 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bnfold.export import export_onnx  # noqa: E402
-from bnfold.fold_torch import fold_graph  # noqa: E402
-from bnfold.graph import bn_site, capture, is_bn_module, propagate_shapes  # noqa: E402
+import bnfold  # noqa: E402
+from bnfold.graph import bn_site, is_bn_module  # noqa: E402
+from bnfold.verify import flatten_outputs  # noqa: E402
 
 WRONG = 1e-3
-TOOLS = ("bnfold", "torch.fx fuse", "dynamo export", "legacy export", "onnxsim", "ORT basic")
+TOOLS = (
+    "bnfold",
+    "torch.fx fuse",
+    "dynamo export",
+    "legacy export",
+    "onnxsim",
+    "ORT basic",
+    "timm reparameterize",
+)
 LATENCY_ROUNDS, LATENCY_PER_ROUND = 20, 3  # 60 timed runs per tool and model
 
 
@@ -202,6 +215,36 @@ ZOO = [
     Case("timm rexnet_100", "zoo", _timm("rexnet_100"), IMAGE),
     Case("timm resnet26d", "zoo", _timm("resnet26d"), IMAGE),
     Case("timm dla34", "zoo", _timm("dla34"), IMAGE),
+    # re-parameterizable blocks: BN on parallel and identity branches (issue 18)
+    Case("timm repvgg_a0", "zoo", _timm("repvgg_a0"), IMAGE),
+    Case("timm mobileone_s0", "zoo", _timm("mobileone_s0"), IMAGE),
+    Case("timm fastvit_t8", "zoo", _timm("fastvit_t8"), (1, 3, 256, 256)),
+]
+
+
+def _shipped(name: str) -> Case:
+    """A model from tests/shipped.py (the architectures people ship, issue 14)."""
+    from tests.shipped import BY_NAME
+
+    shipped = BY_NAME[name]
+    return Case(name, "zoo", shipped.build, shipped.shape)
+
+
+SHIPPED = [
+    _shipped(name)
+    for name in (
+        "yolov8n",
+        "yolov8n-seg",
+        "yolo11n",
+        "yolo11n-cls",
+        "deeplabv3_mobilenet_v3_large",
+        "lraspp_mobilenet_v3_large",
+        "smp Unet resnet34",
+        "smp DeepLabV3Plus mobilenet_v2",
+        "hf ResNet",
+        "hf RegNet",
+        "hf MobileViT",
+    )
 ]
 
 
@@ -262,15 +305,27 @@ def session(path: Path, level: ort.GraphOptimizationLevel, save: Path | None = N
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max())
+def outputs(out) -> list[np.ndarray]:
+    """Every tensor of a model's output (tensor, tuple, dict, dataclass), in export order."""
+    return [t.detach().numpy() for _, t in flatten_outputs(out)]
 
 
-def onnx_error(path: Path, inputs: list[torch.Tensor], refs: list[np.ndarray]) -> float:
+def rel_error(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
+    """The largest error over all outputs, each relative to its reference's magnitude."""
+    if len(got) != len(ref):
+        raise RuntimeError(f"{len(got)} outputs where the model has {len(ref)}")
+    return max(
+        float(np.abs(g.astype(np.float64) - r).max() / max(np.abs(r).max(), 1e-30))
+        for g, r in zip(got, ref, strict=True)
+        if r.size
+    )
+
+
+def onnx_error(path: Path, inputs: list[torch.Tensor], refs: list[list[np.ndarray]]) -> float:
     s = session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     name = s.get_inputs()[0].name
     return max(
-        rel_error(s.run(None, {name: x.numpy()})[0], r) for x, r in zip(inputs, refs, strict=True)
+        rel_error(s.run(None, {name: x.numpy()}), r) for x, r in zip(inputs, refs, strict=True)
     )
 
 
@@ -308,12 +363,9 @@ def run_tool(tool: str, model: nn.Module, inputs, refs, work: Path, row: Row) ->
     path = work / f"{tool.replace(' ', '_').replace('.', '')}.onnx"
     start = time.perf_counter()
     if tool == "bnfold":
-        gm = capture(model)
-        propagate_shapes(gm, [x])
-        outcome = fold_graph(gm, model, shapes_known=True)
-        export_onnx(outcome.module, [x], work, path.name, dynamic_batch=False)
+        report = quiet(bnfold.fuse, model, path, example_inputs=x, dynamic_batch=False)
         seconds = time.perf_counter() - start
-        row.kept = Counter(d.reason.value for d in outcome.decisions if not d.folded and d.reason)
+        row.kept = Counter(s.reason for s in report.skipped)
         return Cell(bn_in_onnx(path), onnx_error(path, inputs, refs), seconds, onnx=path)
     if tool == "torch.fx fuse":
         from torch.fx.experimental.optimization import fuse
@@ -321,7 +373,7 @@ def run_tool(tool: str, model: nn.Module, inputs, refs, work: Path, row: Row) ->
         fused = quiet(fuse, model)  # fuse deep-copies the model (inplace=False)
         seconds = time.perf_counter() - start
         with torch.no_grad():
-            error = max(rel_error(fused(i).numpy(), r) for i, r in zip(inputs, refs, strict=True))
+            error = max(rel_error(outputs(fused(i)), r) for i, r in zip(inputs, refs, strict=True))
         cell = Cell(bn_in_fx(fused), error, seconds)
         try:
             quiet(torch.onnx.export, fused, (x,), str(path), dynamo=True)
@@ -330,6 +382,15 @@ def run_tool(tool: str, model: nn.Module, inputs, refs, work: Path, row: Row) ->
         except Exception as e:  # noqa: BLE001 - the fuse result stands; only latency is lost
             cell.note = f"its ONNX export failed: {_first_line(e)}"
         return cell
+    if tool == "timm reparameterize":
+        if not any(hasattr(m, "reparameterize") for m in model.modules()):
+            return Cell(note="no reparameterize() blocks")
+        from timm.utils.model import reparameterize_model
+
+        merged = reparameterize_model(model)  # a deep copy (inplace=False)
+        quiet(torch.onnx.export, merged, (x,), str(path), dynamo=True)
+        seconds = time.perf_counter() - start
+        return Cell(bn_in_onnx(path), onnx_error(path, inputs, refs), seconds, onnx=path)
     if tool in ("dynamo export", "legacy export"):
         quiet(torch.onnx.export, model, (x,), str(path), dynamo=tool == "dynamo export")
         seconds = time.perf_counter() - start
@@ -406,7 +467,7 @@ def measure_case(case: Case) -> Row:
     inputs = [torch.randn(case.shape, generator=gen) for _ in range(2)]
     reference = copy.deepcopy(model).double()
     with torch.no_grad():
-        refs = [reference(x.double()).numpy() for x in inputs]
+        refs = [outputs(reference(x.double())) for x in inputs]
     del reference
     row = Row(case, sum(1 for m in model.modules() if is_bn_module(m)))
     row.bn_unused = unused_bn(model, inputs[0])
@@ -452,9 +513,7 @@ def warm_up() -> None:
         for dynamo in (True, False):
             quiet(torch.onnx.export, model, (x,), f"{tmp}/w.onnx", dynamo=dynamo)
         export_unfolded(model, x, Path(tmp) / "u.onnx")
-        gm = capture(model)
-        propagate_shapes(gm, [x])
-        export_onnx(fold_graph(gm, model, shapes_known=True).module, [x], Path(tmp), "b.onnx")
+        quiet(bnfold.fuse, model, Path(tmp) / "b.onnx", example_inputs=x, dynamic_batch=False)
         try:
             import onnxsim
 
@@ -739,6 +798,8 @@ def chart(rows: list[Row], path: Path) -> None:
             c = r.cells[tool]
             if c.failed is not None:
                 face, text, colour, weight = "#d0d0d0", "failed", "#444444", "normal"
+            elif c.bn_left is None:  # the tool does not apply to this model
+                face, text, colour, weight = "#f7f7f7", "-", "#444444", "normal"
             elif c.wrong:
                 face, text, colour, weight = "#d62728", f"{c.bn_left}: WRONG", "white", "bold"
             elif c.bn_left == 0:
@@ -809,7 +870,7 @@ def main() -> None:
     start = time.perf_counter()
     warm_up()
     rows = []
-    for case in HAND + (QUICK_ZOO if args.quick else ZOO):
+    for case in HAND + (QUICK_ZOO if args.quick else ZOO + SHIPPED):
         t0 = time.perf_counter()
         rows.append(measure_case(case))
         left = {t: c.bn_left if c.failed is None else "failed" for t, c in rows[-1].cells.items()}
