@@ -169,7 +169,7 @@ def run_fuse(
         if tmp is not None:
             assert reference is not None
             with step(f"Exporting ONNX ({opts.exporter})"):
-                result = _export(folded_model, dynamic, examples, opts, tmp, notes)
+                result = _export(folded_model, dynamic, examples, opts, tmp, reference, notes)
             written = _written(result, opts)
             file_reference = reference
             if dynamic and not result.dynamic_batch:
@@ -476,18 +476,17 @@ def _export(
     examples: Examples,
     opts: FuseOptions,
     folder: Path,
+    reference: Reference,
     notes: list[str],
 ) -> ExportResult:
     """Export the folded model into ``folder`` (``opts.out``'s name), its outputs named
-    after their place in the model's output structure."""
-    import torch
-
+    after their place in the model's output structure (which folding does not change:
+    the reference's paths)."""
     from bnfold.export import export_onnx
-    from bnfold.verify import flatten_outputs, onnx_output_names
+    from bnfold.verify import onnx_output_names
 
     assert opts.out is not None
-    with torch.no_grad():
-        names = onnx_output_names(flatten_outputs(folded_model(*examples.example)))
+    names = onnx_output_names(reference.names)
     result = export_onnx(
         folded_model,
         examples.example,

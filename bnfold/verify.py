@@ -66,14 +66,15 @@ def flatten_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
-def onnx_output_names(named: list[tuple[str, Any]]) -> list[str]:
-    """ONNX names for ``flatten_outputs``'s outputs, in the same (pytree) order: the path
-    with every run of other characters made one ``_`` (``['boxes']`` -> ``boxes``,
-    ``[1][0]`` -> ``output_1_0``, ``.logits`` -> ``logits``); a lone tensor is ``output``."""
+def onnx_output_names(paths: Sequence[str]) -> list[str]:
+    """ONNX names for ``flatten_outputs``'s outputs, given their paths in the same (pytree)
+    order: the path with every run of other characters made one ``_`` (``['boxes']`` ->
+    ``boxes``, ``[1][0]`` -> ``output_1_0``, ``.logits`` -> ``logits``); a lone tensor is
+    ``output``."""
     import re
 
     names: list[str] = []
-    for path, _ in named:
+    for path in paths:
         name = re.sub(r"[^0-9A-Za-z]+", "_", path).strip("_") or "output"
         if name[0].isdigit():
             name = f"output_{name}"
