@@ -184,11 +184,12 @@ def trained_weights(retrain: bool) -> tuple[dict[str, torch.Tensor], dict]:
     path = WORK / f"net.{key}.state_dict.pt"
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file() and not retrain:
-        return torch.load(path, weights_only=True), {**json.loads(meta.read_text()), "cached": True}
+        info = {**json.loads(meta.read_text()), "weights": str(path.relative_to(ROOT))}
+        return torch.load(path, weights_only=True), {**info, "cached": True}
     print(f"training Net on {TRAIN} images (cached in {path})", file=sys.stderr)
     start = time.perf_counter()
     state = train(*make_images(TRAIN, SEEDS["train"]))
-    info = {"weights": str(path), "train_seconds": time.perf_counter() - start}
+    info = {"weights": str(path.relative_to(ROOT)), "train_seconds": time.perf_counter() - start}
     WORK.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     meta.write_text(json.dumps(info))
@@ -280,15 +281,19 @@ def drift_flags(model: Path, data: Path, failures: Failures, what: str) -> dict 
         drift = sorted(c for c in codes if "drift" in c)
         if drift:
             flagged[layer["name"]] = drift
-    shifts = [layer["mean_shift"]["max"] for layer in report["layers"]]
-    ratios = [layer["var_ratio"][k] for layer in report["layers"] for k in ("min", "max")]
+    # the drift sizes as inspect's JSON names them today (None if they are renamed)
+    shifts = [(layer.get("mean_shift") or {}).get("max") for layer in report["layers"]]
+    ratios = [
+        (layer.get("var_ratio") or {}).get(k) for layer in report["layers"] for k in ("min", "max")
+    ]
+    shifts, ratios = [v for v in shifts if v is not None], [v for v in ratios if v is not None]
     return {
         "layers": len(report["layers"]),
         "flagged": len(flagged),
         "codes": sorted({c for cs in flagged.values() for c in cs}),
         "by_layer": flagged,
-        "max_mean_shift": max(shifts),
-        "var_ratio_range": [min(ratios), max(ratios)],
+        "max_mean_shift": max(shifts, default=None),
+        "var_ratio_range": [min(ratios), max(ratios)] if ratios else None,
         "thresholds": {k: v for k, v in report["thresholds"].items() if "drift" in k},
     }
 
@@ -421,14 +426,14 @@ def run_aimet(python: str, data: dict, failures: Failures) -> tuple[dict, str]:
     if not Path(python).is_file():
         return {}, f"not run: no interpreter at {python} (make one with `{how}`)"
     code = (
-        "import importlib.metadata as m, aimet_torch.bn_reestimation; "
-        "print(m.version('aimet-torch'))"
+        "import importlib.metadata as m, aimet_torch.bn_reestimation, torch; "
+        "print(m.version('aimet-torch'), torch.__version__)"
     )
     probe = subprocess.run([python, "-c", code], capture_output=True, text=True, env=ENV)
     if probe.returncode != 0:
         why = (probe.stderr.strip().splitlines() or ["no message"])[-1]
         return {}, f"not run: aimet_torch does not import in {python}: {why}"
-    version = probe.stdout.strip()
+    version, torch_there = probe.stdout.split()
     jobs = []
     for damage in DAMAGES:
         work = WORK / damage
@@ -451,7 +456,8 @@ def run_aimet(python: str, data: dict, failures: Failures) -> tuple[dict, str]:
     )  # fmt: skip
     if not failures.check("AIMET reestimate_bn_stats", proc):
         return {}, f"aimet-torch {version} in {python} failed: see the failures"
-    return {r["damage"]: r for r in json.loads(proc.stdout)}, f"aimet-torch {version} in {python}"
+    how = f"aimet-torch {version} from PyPI in {python} (torch {torch_there})"
+    return {r["damage"]: r for r in json.loads(proc.stdout)}, how
 
 
 # --------------------------------------------------------------------------- report
@@ -470,11 +476,15 @@ def _sec(v: float | None) -> str:
 
 
 def _shift(f: dict | None) -> str:
-    return "-" if f is None else f"{f['max_mean_shift']:.2f}"
+    return "-" if f is None or f["max_mean_shift"] is None else f"{f['max_mean_shift']:.2f}"
 
 
 def _ratios(f: dict | None) -> str:
-    return "-" if f is None else "{:.2f}–{:.2f}".format(*f["var_ratio_range"])
+    return (
+        "-"
+        if f is None or not f["var_ratio_range"]
+        else "{:.2f}–{:.2f}".format(*f["var_ratio_range"])
+    )
 
 
 def markdown(results: dict) -> str:
@@ -517,7 +527,10 @@ def markdown(results: dict) -> str:
         + (f" (this run: {', '.join(f'`{c}`' for c in codes)})" if codes else "")
         + ". Times: the whole `bnfold recalibrate` command in a fresh process, and in "
         "process (model loaded) `bnfold.data.recalibrate_module` and AIMET's function; "
-        f"one thread each. AIMET: {results['aimet']}.",
+        f"one thread each. AIMET: {results['aimet']}; the script looks for it in a "
+        "virtualenv made with `python -m venv --system-site-packages /tmp/aimet-venv && "
+        "/tmp/aimet-venv/bin/pip install aimet-torch`, so that AIMET and bnfold run the "
+        "same torch (`--aimet-python` names another interpreter).",
         "",
         "| damage | original | damaged | bnfold `batch` | bnfold `sequential` | AIMET |",
         "|---|---:|---:|---:|---:|---:|",
@@ -607,7 +620,7 @@ def reading(r: dict, aimet: dict, thresholds: dict) -> str:
     f = r["flags_damaged"]
     if f is not None:
         text += f"; `inspect --data` flags {f['flagged']} of {f['layers']} BN layers"
-        if not f["flagged"] and "drift_mean" in thresholds:
+        if not f["flagged"] and "drift_mean" in thresholds and f["max_mean_shift"] is not None:
             text += (
                 f" (largest mean shift {f['max_mean_shift']:.2f}, under "
                 f"`drift_mean={thresholds['drift_mean']:g}`)"
