@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO := build/demo
 
-.PHONY: install demo test lint bench bench-peers clean
+.PHONY: install demo test lint bench bench-peers bench-accuracy clean
 
 install:
 	$(PIP) install --quiet -e '.[test]'
@@ -30,6 +30,11 @@ bench: install
 bench-peers: install
 	$(PIP) install --quiet onnxsim
 	$(PYTHON) bench/peers.py
+
+# issue 17: accuracy given back by `bnfold recalibrate` on damaged models, beside AIMET
+# (AIMET from /tmp/aimet-venv when it is there; see the script's docstring)
+bench-accuracy: install
+	$(PYTHON) bench/recalibrate_accuracy.py
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

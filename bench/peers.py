@@ -610,6 +610,17 @@ def table(
     return lines
 
 
+# Other benchmarks write their sections below this line (bench/recalibrate_accuracy.py);
+# regenerating the page keeps them.
+OTHERS_MARKER = "<!-- written by other benchmarks: bench/peers.py keeps everything below -->"
+
+
+def kept_sections(path: Path) -> str:
+    """What other benchmarks wrote below ``OTHERS_MARKER`` in ``path``, marker included."""
+    text = path.read_text() if path.is_file() else ""
+    return "\n" + OTHERS_MARKER + text.split(OTHERS_MARKER, 1)[1] if OTHERS_MARKER in text else ""
+
+
 def page(rows: list[Row], seconds: float, command: str, started: str, load: str) -> str:
     fewer = [r.case.name for r in rows if _compare(r) == "fewer"]
     more = [r.case.name for r in rows if _compare(r) == "more"]
@@ -878,7 +889,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python bench/peers.py" + (" --quick" if args.quick else "")
-    (args.out / "BENCHMARKS.md").write_text(page(rows, seconds, command, started, load))
+    target = args.out / "BENCHMARKS.md"
+    target.write_text(page(rows, seconds, command, started, load) + kept_sections(target))
     chart(rows, args.out / "benchmarks.png")
     print(f"wrote {args.out}/BENCHMARKS.md and benchmarks.png in {seconds:.0f} s", file=sys.stderr)
 
