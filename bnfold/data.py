@@ -86,6 +86,7 @@ __all__ = [
     "open_data",
     "recalibrate",
     "recalibrate_module",
+    "worst_channels",
     "write_model",
 ]
 
@@ -462,6 +463,19 @@ def drift(
         shift = np.abs(mean - running_mean) / np.sqrt(running_var + eps)
         ratio = (var + eps) / (running_var + eps)
     return shift, ratio
+
+
+def worst_channels(shift: np.ndarray, ratio: np.ndarray) -> tuple[int | None, int | None]:
+    """The channel of the largest mean shift, and the channel whose variance ratio is
+    furthest from 1 on a log scale (a ratio of 0.25 is as bad as one of 4); None when
+    every value is NaN."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        far = np.abs(np.log(ratio))
+    out: list[int | None] = []
+    for a in (shift, far):
+        known = ~np.isnan(a)
+        out.append(int(np.argmax(np.where(known, a, -np.inf))) if known.any() else None)
+    return out[0], out[1]
 
 
 # --------------------------------------------------------------------------- BN targets
@@ -924,8 +938,10 @@ def _layer_result(t: _Target, old: tuple[Any, Any, Any]) -> RecalibratedLayer:
         reason = "frozen"
         detail = f"{t.kind} has no training behaviour; --method sequential re-estimates it"
     shift = ratio = None
+    worst: tuple[int | None, int | None] = (None, None)
     if t.values and old[0] is not None and old[1] is not None:
         shift, ratio = drift(_numpy(t.mean), _numpy(t.var), _numpy(old[0]), _numpy(old[1]), t.eps)
+        worst = worst_channels(shift, ratio)
     return RecalibratedLayer(
         name=t.name,
         kind=t.kind,
@@ -938,6 +954,8 @@ def _layer_result(t: _Target, old: tuple[Any, Any, Any]) -> RecalibratedLayer:
         mean_shift=_spread(shift),
         var_ratio=_spread(ratio),
         running_var=_spread(_numpy(t.var)) if t.var is not None else None,
+        mean_shift_channel=worst[0],
+        var_ratio_channel=worst[1],
     )
 
 
@@ -1169,6 +1187,7 @@ def _onnx_recalibrate(
             reason, detail = "nonfinite", "the data gives NaN/Inf statistics: the old ones are kept"
         updated = reason is None
         shift = ratio = None
+        worst: tuple[int | None, int | None] = (None, None)
         if updated and bn.mean and bn.var:
             shift, ratio = drift(
                 current[bn.mean].astype(np.float64),
@@ -1177,6 +1196,7 @@ def _onnx_recalibrate(
                 before[bn.var],
                 bn.eps,
             )
+            worst = worst_channels(shift, ratio)
         layers.append(
             RecalibratedLayer(
                 name=bn.name,
@@ -1190,6 +1210,8 @@ def _onnx_recalibrate(
                 mean_shift=_spread(shift),
                 var_ratio=_spread(ratio),
                 running_var=_spread(current[bn.var].astype(np.float64)) if bn.var else None,
+                mean_shift_channel=worst[0],
+                var_ratio_channel=worst[1],
             )
         )
     return layers, passes

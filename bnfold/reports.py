@@ -72,6 +72,8 @@ class BNLayerReport:
     data_var: Spread | None = None  # unbiased, like running_var
     mean_shift: Spread | None = None  # |data mean - running_mean| / sqrt(running_var + eps)
     var_ratio: Spread | None = None  # (data var + eps) / (running_var + eps)
+    mean_shift_channel: int | None = None  # the channel of the largest mean shift
+    var_ratio_channel: int | None = None  # the channel whose ratio is furthest from 1 (log)
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,8 @@ class RecalibratedLayer:
     mean_shift: Spread | None  # |new mean - old mean| / sqrt(old var + eps)
     var_ratio: Spread | None  # (new var + eps) / (old var + eps)
     running_var: Spread | None  # the new running_var
+    mean_shift_channel: int | None = None  # the channel of the largest mean shift
+    var_ratio_channel: int | None = None  # the channel whose ratio is furthest from 1 (log)
 
 
 @dataclass(frozen=True)

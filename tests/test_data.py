@@ -418,7 +418,8 @@ def _lone_with(mean, var, c=4) -> nn.Module:
 
 def test_drift_codes_fire_on_the_channels_that_drift(tmp_path):
     """issue 17: running statistics equal to the data's raise nothing; a mean 1 std off in
-    two channels is mean_drift '2 of 4', a variance 3x off in one is var_drift '1 of 4'."""
+    two channels (2 stds in channel 1, whose variance is 3x off) is one stats_drift naming
+    both counts and the worst channels (channel 1 for both: 2/sqrt(3) and 1/3)."""
     x = images(64, c=4, h=6, w=6, seed=3)
     mean, var = reference_stats(x)
     src = source(save_npz(tmp_path / "d.npz", x))
@@ -427,19 +428,42 @@ def test_drift_codes_fire_on_the_channels_that_drift(tmp_path):
     assert not set(layer.warnings) & set(DATA_CODES)
     assert layer.mean_shift is not None and layer.mean_shift.max < 1e-5
     assert layer.var_ratio is not None and abs(layer.var_ratio.max - 1) < 1e-5
-    off_mean = mean + np.sqrt(var) * np.array([1.0, -1.0, 0.25, 0.0])
+    off_mean = mean + np.sqrt(var) * np.array([1.0, -2.0, 0.25, 0.0])
     off_var = var * np.array([1.0, 3.0, 1.0, 1.0])
     model = _lone_with(off_mean.tolist(), off_var.tolist())
     report = inspect_model(loaded_module(model), data=measure(loaded_module(model), src))
     layer = report.layers[0]
-    messages = {d.code: d.message for d in layer.diagnostics}
-    assert messages["mean_drift"].startswith("2 of 4 channels")
-    assert messages["var_drift"].startswith("1 of 4 channels")
-    assert report.summary.warnings_by_code["mean_drift"] == 1
+    assert DATA_CODES == ("stats_drift",)
+    drifts = [d.message for d in layer.diagnostics if d.code in DATA_CODES]
+    assert len(drifts) == 1  # num_batches_tracked is 0 too: stale_stats beside it
+    message = drifts[0]
+    assert "(channel 1), over 0.5 in 2 of 4 channels" in message
+    assert "(worst: channel 1), outside 1/2..2 in 1 of 4 channels" in message
+    assert report.summary.warnings_by_code["stats_drift"] == 1
+    # the largest standardised mean shift, the range of the variance ratio, worst channels
+    shift = np.abs(mean - off_mean) / np.sqrt(off_var + 1e-5)
+    ratio = (var + 1e-5) / (off_var + 1e-5)
+    assert layer.mean_shift is not None and layer.var_ratio is not None
+    assert layer.mean_shift.max == pytest.approx(shift.max(), rel=1e-5)
+    assert (layer.var_ratio.min, layer.var_ratio.max) == pytest.approx(
+        (ratio.min(), ratio.max()), rel=1e-5
+    )
+    assert (layer.mean_shift_channel, layer.var_ratio_channel) == (1, 1)
     assert report.thresholds["drift_mean"] == 0.5 and report.data is not None
     raised = Thresholds().with_overrides({"drift_mean": 2.0, "drift_var": 4.0})
     quiet = inspect_model(loaded_module(model), raised, data=measure(loaded_module(model), src))
     assert not set(quiet.layers[0].warnings) & set(DATA_CODES)
+
+
+def test_worst_channels_by_log_distance_from_one():
+    """issue 17: the worst variance ratio is the furthest from 1 either way (0.2 beats 3),
+    NaN channels are skipped, and all-NaN gives no channel."""
+    from bnfold.data import worst_channels
+
+    shift = np.array([0.1, np.nan, 0.7, 0.3])
+    ratio = np.array([3.0, 0.2, np.nan, 1.0])
+    assert worst_channels(shift, ratio) == (2, 1)
+    assert worst_channels(np.array([np.nan]), np.array([np.nan])) == (None, None)
 
 
 def test_thresholds_without_data_stay_as_before():

@@ -237,12 +237,27 @@ def test_inspect_data_flags_data_in_other_units(tmp_path, data):
     np.savez(tmp_path / "big.npz", input=x)
     args = ["inspect", STATE_DICT, "--arch", ARCH, "--data", tmp_path / "big.npz", "-f", "json"]
     report = json.loads(invoke(*args).stdout)
-    assert report["summary"]["warnings_by_code"].get("var_drift", 0) >= 1
-    assert "mean_drift" in report["layers"][0]["warnings"]
-    quiet = json.loads(
+    assert report["summary"]["warnings_by_code"]["stats_drift"] >= 1
+    first = report["layers"][0]
+    assert "stats_drift" in first["warnings"]
+    assert isinstance(first["mean_shift_channel"], int)
+    assert isinstance(first["var_ratio_channel"], int)
+    assert f"(channel {first['mean_shift_channel']})" in first["diagnostics"][0]["message"]
+    quiet = json.loads(invoke(*args, "--drift-mean", "1e6", "--drift-var", "1e6").stdout)
+    assert not quiet["summary"]["warnings_by_code"]
+    assert quiet["thresholds"]["drift_mean"] == 1e6 and quiet["thresholds"]["drift_var"] == 1e6
+    also = json.loads(
         invoke(*args, "--threshold", "drift_mean=1e6", "--threshold", "drift_var=1e6").stdout
     )
-    assert not quiet["summary"]["warnings_by_code"]
+    assert not also["summary"]["warnings_by_code"]
+
+
+def test_drift_thresholds_are_checked(data):
+    """issue 17: --drift-var must be above 1, --drift-mean positive, both only with --data."""
+    base = ["inspect", STATE_DICT, "--arch", ARCH]
+    assert invoke(*base, "--data", data, "--drift-var", "0.5").exit_code == 2
+    assert invoke(*base, "--data", data, "--drift-mean", "0").exit_code == 2
+    assert_one_error_line(invoke(*base, "--drift-mean", "1"), "--drift-mean only applies with")
 
 
 def test_data_options_need_data(data):
@@ -269,4 +284,5 @@ def test_inspect_data_with_plot_and_html(tmp_path, data):
     assert height(tmp_path / "b.png") > height(tmp_path / "a.png") + 300
     page = (tmp_path / "b.html").read_text()
     assert "<th>mean shift</th>" in page and "big.npz" in page
-    assert '<h3 id="mean_drift">' in page and "drift_mean (0.5)" in page
+    assert '<h3 id="stats_drift">' in page and "drift_mean (0.5)" in page
+    assert "(worst: channel " in page

@@ -79,9 +79,7 @@ def with_data(layers, thresholds=None) -> InspectReport:
         architecture_known=True,
         order="data-flow",
         layers=tuple(layers),
-        summary=InspectSummary(
-            len(layers), len(layers), 0, 0, 0, {"mean_drift": 1, "var_drift": 1}
-        ),
+        summary=InspectSummary(len(layers), len(layers), 0, 0, 0, {"stats_drift": 1}),
         thresholds=thresholds or {**THRESHOLDS, "drift_mean": 0.5, "drift_var": 2.0},
         data=DATA,
     )
@@ -94,10 +92,11 @@ def drifted(name: str, **changes) -> object:
         "data_var": Spread(0.5, 1.0, 9.0),
         "mean_shift": Spread(0.0, 0.2, 1.5),
         "var_ratio": Spread(0.25, 1.0, 3.0),
-        "warnings": ("mean_drift", "var_drift"),
+        "mean_shift_channel": 17,
+        "var_ratio_channel": 5,
+        "warnings": ("stats_drift",),
         "diagnostics": (
-            Diagnostic("mean_drift", "3 of 64 channels: the data's mean is over 0.5 ..."),
-            Diagnostic("var_drift", "2 of 64 channels: the data's variance is over 2x ..."),
+            Diagnostic("stats_drift", "on the data: mean shift up to 1.5 (channel 17) ..."),
         ),
     }
     return bn_layer(name, **{**values, **changes})
@@ -147,10 +146,10 @@ def test_inspect_with_data_table_and_markdown():
     report = with_data([drifted("layer1.0.bn1"), drifted("layer1.0.bn2")])
     text = table(report)
     assert all(len(line) <= 80 for line in text.splitlines())
-    assert "values/ch" in text and "0.25…3" in text and "1.5" in text
-    assert "flagged over 0.5 and outside 1/2…2" in text
+    assert "values/ch" in text and "0.25…3 c5" in text and "1.5 c17" in text
+    assert "stats_drift over 0.5 or outside 1/2…2" in " ".join(text.split())
     markdown = render.to_markdown(report)
-    assert "| 1.5 | 0.25…3 |" in markdown
+    assert "| 1.5 c17 | 0.25…3 c5 |" in markdown
     plain = dataclasses.replace(report, data=None)
     assert "values/ch" not in table(plain)
     assert "var ratio" not in render.to_markdown(plain)
@@ -182,6 +181,8 @@ def test_html_has_the_data_and_escapes_its_source():
     assert "imgs/&lt;script&gt;|x" in page and "<script>" not in page
     assert "<th>values/ch</th>" in page and "<th>var ratio</th>" in page
     assert "drift_mean (0.75)" in page and "below 1/3" in page
+    assert '<h3 id="stats_drift">' in page
+    assert "(worst: channel 17)" in page and "(worst: channel 5)" in page
 
 
 def test_fuse_report_says_the_statistics_were_re_estimated_first():

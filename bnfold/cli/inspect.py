@@ -45,6 +45,20 @@ def inspect_command(
         help="Override a diagnostic threshold: dead_gamma (1e-3), tiny_variance (1e-4), "
         "scale_spread (100); with --data drift_mean (0.5) and drift_var (2).",
     ),
+    drift_mean: float | None = typer.Option(
+        None,
+        "--drift-mean",
+        metavar="STDS",
+        help="With --data: stats_drift when a channel's data mean is more than this many "
+        "running standard deviations from running_mean (default 0.5).",
+    ),
+    drift_var: float | None = typer.Option(
+        None,
+        "--drift-var",
+        metavar="FACTOR",
+        help="With --data: stats_drift when (data var + eps) / (running_var + eps) is above "
+        "this factor or below its inverse in a channel (default 2).",
+    ),
     data: Path | None = typer.Option(
         None,
         "--data",
@@ -78,6 +92,11 @@ def inspect_command(
     from bnfold.stats import Thresholds
 
     thresholds = parse_thresholds(threshold)
+    for name, value in (("drift_mean", drift_mean), ("drift_var", drift_var)):
+        if value is not None:
+            if data is None:
+                raise BnfoldError(f"--{name.replace('_', '-')} only applies with --data")
+            thresholds[name] = value
     try:  # checked here, before the model loads
         Thresholds().with_overrides(thresholds)
     except ValueError as e:

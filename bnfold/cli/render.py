@@ -75,11 +75,16 @@ def _range(s: Spread | None) -> str:
 
 
 def _drift_cells(layer: Any) -> list[str]:
-    """With --data: the largest mean shift and the range of variance ratios."""
+    """With --data: the largest mean shift and the range of variance ratios, each with
+    its worst channel (``c5``)."""
     shift, ratio = layer.mean_shift, layer.var_ratio
+
+    def at(channel: int | None) -> str:
+        return "" if channel is None else f" c{channel}"
+
     return [
-        f"{shift.max:.2g}" if shift else "-",
-        f"{ratio.min:.2g}…{ratio.max:.2g}" if ratio else "-",
+        f"{shift.max:.2g}{at(layer.mean_shift_channel)}" if shift else "-",
+        f"{ratio.min:.2g}…{ratio.max:.2g}{at(layer.var_ratio_channel)}" if ratio else "-",
     ]
 
 
@@ -97,7 +102,7 @@ def _data_table(r: InspectReport, console: Console) -> None:
     table.add_column("mean shift max", justify="right")
     table.add_column("var ratio min…max", justify="right")
     for layer in r.layers:
-        drifted = {"mean_drift", "var_drift"} & set(layer.warnings)
+        drifted = "stats_drift" in layer.warnings
         table.add_row(
             Text(layer.name),
             "-" if layer.data_values is None else str(layer.data_values),
@@ -108,8 +113,9 @@ def _data_table(r: InspectReport, console: Console) -> None:
     console.print(
         Text(
             "mean shift: |data mean - running_mean| / sqrt(running_var + eps); var ratio: "
-            f"(data var + eps) / (running_var + eps); flagged over {th.get('drift_mean', 0):g} "
-            f"and outside 1/{th.get('drift_var', 0):g}…{th.get('drift_var', 0):g}",
+            f"(data var + eps) / (running_var + eps); cN: the worst channel; stats_drift over "
+            f"{th.get('drift_mean', 0):g} or outside 1/{th.get('drift_var', 0):g}…"
+            f"{th.get('drift_var', 0):g}",
             style="dim",
         )
     )
