@@ -31,19 +31,24 @@ eval mode: what every BN receives at inference.
 
 Re-estimation (``recalibrate``, :func:`recalibrate_module`), two methods:
 
-- ``batch`` (default): one pass; BN layers normalise with the statistics of their batch,
-  as in training (everything else, dropout included, stays in eval mode), and each BN's
-  new running statistics are the mean and variance of all the inputs it received over
-  the data, pooled exactly: ``var = (sum of within-batch squares + between-batch
-  spread) / (n - 1)``. AIMET's ``reestimate_bn_stats`` and torch's
-  ``swa_utils.update_bn`` average the per-batch variances instead, which leaves out the
-  spread of the batch means. The batch statistics come from BatchNorm's own kernel
-  (momentum 1 for the pass), so the pass costs what a forward pass costs.
-- ``sequential``: in eval mode, the BN layers in data-flow order, one pass each that
-  stops at the layer: each one gets the statistics of exactly the inputs it receives
-  at inference once the layers before it are re-estimated. Afterwards ``inspect
-  --data`` on the same data measures no drift at all (to float32 rounding); it costs
-  about half a forward pass per BN layer, and keeps the batches in memory.
+- ``cumulative`` (default): PyTorch's own convention. The result is what putting only the
+  BN layers in training mode with ``momentum=None`` (a cumulative moving average) and
+  running the same batches through the model gives: each BN normalises with the
+  statistics of its batch, as in training (everything else, dropout included, stays in
+  eval mode), and its new statistics are ``running_mean = (1/K) sum_k mean_k`` and
+  ``running_var = (1/K) sum_k var_k`` over its K calls (batches), ``var_k`` the unbiased
+  variance of batch k; ``num_batches_tracked = K``. The batch statistics come from
+  BatchNorm's own kernel (momentum 1 for the pass) and are averaged in float64, so the
+  pass costs what a forward pass costs. AIMET's ``reestimate_bn_stats`` and
+  ``torch.optim.swa_utils.update_bn`` compute the same thing. The average of per-batch
+  variances leaves out the spread of the batch means: with batches drawn in order from
+  data sorted by some property, shuffle the data first.
+- ``sequential`` (the known alternative, layer-by-layer re-estimation): in eval mode, the
+  BN layers in data-flow order, one pass each that stops at the layer: each one gets the
+  statistics (mean and unbiased variance pooled over all the data) of exactly the inputs
+  it receives at inference once the layers before it are re-estimated. Afterwards
+  ``inspect --data`` on the same data measures no drift at all (to float32 rounding); it
+  costs about half a forward pass per BN layer, and keeps the batches in memory.
 
 Writing back keeps the model's family: a state_dict or checkpoint is written as the same
 container with the same keys (only the BN buffers change), safetensors as safetensors
@@ -91,7 +96,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-METHODS = ("batch", "sequential")
+METHODS = ("cumulative", "sequential")
 INSTALL_HINT = "pip install 'bnfold[data]'"
 
 Step = Callable[[str], ContextManager[None]]
@@ -406,10 +411,17 @@ class Moments:
     count: int = 0  # values per channel
     total: np.ndarray = field(init=False)
     squares: np.ndarray = field(init=False)
+    # batches known by their statistics (add_stats): how many, and the sums of their means
+    # and unbiased variances, for the cumulative average
+    batches: int = 0
+    mean_sum: np.ndarray = field(init=False)
+    var_sum: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.total = np.zeros(self.channels)
         self.squares = np.zeros(self.channels)
+        self.mean_sum = np.zeros(self.channels)
+        self.var_sum = np.zeros(self.channels)
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch ``x`` of shape (N, C, ...): per-sample sums, then float64."""
@@ -440,6 +452,19 @@ class Moments:
         self.total += n * mean
         self.squares += (n - 1) * var_unbiased + n * mean * mean
         self.count += n
+        self.batches += 1
+        self.mean_sum += mean
+        self.var_sum += var_unbiased
+
+    @property
+    def average_mean(self) -> np.ndarray:
+        """The average of the batch means (PyTorch's momentum=None running_mean)."""
+        return self.mean_sum / max(self.batches, 1)
+
+    @property
+    def average_var(self) -> np.ndarray:
+        """The average of the batches' unbiased variances (momentum=None running_var)."""
+        return self.var_sum / max(self.batches, 1)
 
     @property
     def mean(self) -> np.ndarray:
@@ -504,7 +529,7 @@ class _Target:
     trainable: bool = True  # has a training behaviour (FrozenBatchNorm2d has none)
     calls: int = 0  # calls in one forward pass
     seen: int = 0  # calls so far in the current forward pass
-    pending: int = 0  # values per channel of the call in flight (batch method)
+    pending: int = 0  # values per channel of the call in flight (cumulative method)
     moments: list[Moments] = field(default_factory=list)  # one per call in a forward pass
     values: int = 0  # values per channel of the statistics written
     nonfinite: bool = False
@@ -690,7 +715,7 @@ class _Pass:
         return hook
 
     def functional(self, t: _Target, fn: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
-        """A functional batch_norm call: observed, or (batch method) computed with the
+        """A functional batch_norm call: observed, or (cumulative method) computed with the
         batch's statistics in temporary buffers."""
         import torch
         import torch.nn.functional as F
@@ -797,15 +822,16 @@ def recalibrate_module(
     module: torch.nn.Module,
     batches: Iterable[Sequence[torch.Tensor]],
     *,
-    method: str = "batch",
+    method: str = "cumulative",
     step: Step = _no_step,
     data: DataSummary | None = None,
 ) -> RecalibrationReport:
     """Re-estimate the running statistics of every BatchNorm in ``module``, in place.
 
     ``batches`` yields the inputs of one forward pass at a time (floating tensors are
-    cast to the model's dtype; ``DataSource.batches()`` fits). ``method``: ``batch`` (one
-    pass, BatchNorm in its training behaviour, statistics pooled over all the data) or
+    cast to the model's dtype; ``DataSource.batches()`` fits). ``method``:
+    ``cumulative`` (one pass, only the BN layers in training mode with
+    ``momentum=None``: PyTorch's own cumulative average of the batch statistics) or
     ``sequential`` (the exact statistics each BN receives at inference, one pass per BN;
     the batches are kept in memory); see the module docstring. A BN the data never
     reaches, one without running statistics, or whose new statistics would not be finite
@@ -821,13 +847,13 @@ def recalibrate_module(
     batches = _cast(batches, _model_dtype(module))
     count = passes = 0
     try:
-        if method == "batch":
+        if method == "cumulative":
             watch = [t for t in targets if t.trainable and t.mean is not None]
             with step("Re-estimating BatchNorm statistics"), run.active(watch, train_bn=True):
                 for batch in batches:
                     if batch and batch[0].dim() > 0 and batch[0].shape[0] < 2:
                         raise BnfoldError(
-                            "the batch method needs batches of at least 2 samples (training-"
+                            "the cumulative method needs batches of at least 2 samples (training-"
                             "mode BatchNorm cannot normalise one value per channel)",
                             hint="give more samples or a larger --batch-size, or use "
                             "--method sequential",
@@ -836,7 +862,7 @@ def recalibrate_module(
                     count += 1
             passes = 1
             for t in watch:
-                _store(t, count)
+                _store(t, count, average=True)
             # the pass overwrote the buffers of every watched BN: one that got no new
             # statistics (never reached, not finite) gets its old ones back
             _restore([t for t in watch if not t.values], before)
@@ -904,17 +930,25 @@ def _pooled(parts: Iterable[Moments], channels: int) -> Moments:
         pooled.count += m.count
         pooled.total += m.total
         pooled.squares += m.squares
+        pooled.batches += m.batches
+        pooled.mean_sum += m.mean_sum
+        pooled.var_sum += m.var_sum
     return pooled
 
 
-def _store(t: _Target, batches: int) -> None:
-    """Write the pooled statistics into the target's running buffers (rounded once)."""
+def _store(t: _Target, batches: int, *, average: bool = False) -> None:
+    """Write the new statistics into the target's running buffers (rounded once):
+    ``average``, the cumulative average over every call (PyTorch's momentum=None, with
+    ``num_batches_tracked`` the number of calls); else the pooled statistics of all the
+    inputs, ``num_batches_tracked`` = ``batches``."""
     import torch
 
     pooled = _pooled(t.moments, t.channels)
     if pooled.count == 0:
         return
     mean, var = pooled.mean, pooled.var
+    if average:
+        mean, var, batches = pooled.average_mean, pooled.average_var, pooled.batches
     if not (np.isfinite(mean).all() and np.isfinite(var).all()):
         t.nonfinite = True
         return
@@ -1109,11 +1143,11 @@ def _onnx_recalibrate(
     usable = [bn for bn in bns if bn.mean and bn.var and not bn.training]
     moments = {bn.name: Moments(bn.channels) for bn in usable}
     passes = 0
-    if method == "batch":
+    if method == "cumulative":
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         if opset < 14:
             raise BnfoldError(
-                f"the batch method on ONNX needs opset 14 or later (BatchNormalization's "
+                f"the cumulative method on ONNX needs opset 14 or later (BatchNormalization's "
                 f"training mode); this model has opset {opset}",
                 hint="use --method sequential",
             )
@@ -1148,7 +1182,7 @@ def _onnx_recalibrate(
                     moments[bn.name].add_stats(n, mean, var * n / max(n - 1, 1))
         passes = 1
         for bn in usable:
-            _onnx_store(bn, moments[bn.name], current)
+            _onnx_store(bn, moments[bn.name], current, average=True)
     else:
         # the statistics become inputs (initializers listed as inputs can be overridden)
         work = onnx.ModelProto()
@@ -1217,19 +1251,26 @@ def _onnx_recalibrate(
     return layers, passes
 
 
-def _onnx_store(bn: _OnnxBN, m: Moments, current: dict[str, np.ndarray]) -> None:
-    if not m.count or not (np.isfinite(m.mean).all() and np.isfinite(m.var).all()):
+def _onnx_store(
+    bn: _OnnxBN, m: Moments, current: dict[str, np.ndarray], *, average: bool = False
+) -> None:
+    mean, var = (m.average_mean, m.average_var) if average else (m.mean, m.var)
+    if not m.count or not (np.isfinite(mean).all() and np.isfinite(var).all()):
         return
     assert bn.mean is not None and bn.var is not None
-    current[bn.mean] = m.mean.astype(current[bn.mean].dtype)
-    current[bn.var] = m.var.astype(current[bn.var].dtype)
+    current[bn.mean] = mean.astype(current[bn.mean].dtype)
+    current[bn.var] = var.astype(current[bn.var].dtype)
 
 
 # --------------------------------------------------------------------------- whole models
 
 
 def recalibrate(
-    loaded: LoadedModel, source: DataSource, *, method: str = "batch", step: Step = _no_step
+    loaded: LoadedModel,
+    source: DataSource,
+    *,
+    method: str = "cumulative",
+    step: Step = _no_step,
 ) -> RecalibrationReport:
     """Re-estimate every BN of a loaded model in place (its module or ONNX graph)."""
     if method not in METHODS:

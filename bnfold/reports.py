@@ -256,7 +256,7 @@ class RecalibrationReport:
     model: str | None  # None when called as a library on a module
     format: str | None
     output: str | None
-    method: str  # "batch" or "sequential"
+    method: str  # "cumulative" or "sequential"
     data: DataSummary | None
     layers: tuple[RecalibratedLayer, ...]
     updated: int

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -482,56 +481,102 @@ def _batches(x: np.ndarray, size: int) -> list[list[torch.Tensor]]:
     return [[torch.from_numpy(x[i : i + size])] for i in range(0, len(x), size)]
 
 
+def batch_average(batches: list[list[torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's momentum=None statistics of a BN on the input, in float64: the average
+    of the batch means and of the unbiased batch variances."""
+    stats = [reference_stats(b[0].numpy()) for b in batches]
+    return np.mean([m for m, _ in stats], axis=0), np.mean([v for _, v in stats], axis=0)
+
+
+def pytorch_momentum_none(model: nn.Module, batches: list[list[torch.Tensor]]) -> nn.Module:
+    """A copy of ``model`` re-estimated by PyTorch itself: every BN reset, momentum=None,
+    alone in training mode (dropout and the rest in eval), the batches run through."""
+    ref = copy.deepcopy(model).eval()
+    for m in ref.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+    with torch.no_grad():
+        for batch in batches:
+            ref(*batch)
+    return ref
+
+
 @settings(max_examples=25)
 @given(size=st.integers(2, 9), seed=st.integers(0, 2**16))
-def test_batch_method_pools_a_lone_bn_exactly(size, seed):
-    """issue 17: for a BN on the input the batch method writes the data's exact mean and
-    unbiased variance, whatever the batch size; num_batches_tracked = batches."""
+def test_cumulative_method_on_a_lone_bn_averages_the_batch_statistics(size, seed):
+    """issue 17: for a BN on the input the default method writes the average of the batch
+    means and of the unbiased batch variances, whatever the batch size (uneven batches
+    included), and num_batches_tracked = batches, as PyTorch's momentum=None does."""
     x = images(19, c=3, h=3, w=2, seed=seed)
     if len(x) % size == 1:  # no lone sample in the last batch
         x = x[:-1]
     model = randomize_all(Lone(3), seed)
-    report = recalibrate_module(model, _batches(x, size))
-    mean, var = reference_stats(x)
+    batches = _batches(x, size)
+    report = recalibrate_module(model, batches)
+    mean, var = batch_average(batches)
     np.testing.assert_allclose(model.bn.running_mean.numpy(), mean, atol=1e-6)
     np.testing.assert_allclose(model.bn.running_var.numpy(), var, rtol=1e-5)
     assert int(model.bn.num_batches_tracked) == report.batches == math.ceil(len(x) / size)
     assert report.complete and report.updated == 1 and report.passes == 1
+    assert report.method == "cumulative"
 
 
-def test_batch_method_is_training_behaviour_with_pooled_variance(tmp_path):
-    """issue 17: each BN gets the pooled statistics of what it receives when the BNs before
-    it normalise with batch statistics (dropout off)."""
-    model = chain(1)
+@pytest.mark.parametrize(("model", "size"), [(Chain, 12), (Chain, 7), (Twice, 5)])
+def test_cumulative_method_is_pytorch_train_mode_with_momentum_none(model, size):
+    """issue 17: the default method gives, in every BN, what PyTorch's own train-mode
+    update with momentum=None gives on the same batches (BN layers alone in training mode,
+    dropout in eval), to float32 rounding; num_batches_tracked equal (a BN called twice
+    per pass counts both calls, as PyTorch does); weights, gamma and beta bit-identical;
+    flags and momenta restored."""
+    torch.manual_seed(0)
+    net = randomize_all(model(), 4).eval()
     x = images(24, h=6, w=6, seed=2)
-    x[:12] += 1.5  # two batches with different means
-    ref = copy.deepcopy(model)
-    recalibrate_module(model, _batches(x, 12))
-    first, second = [], []
-    with torch.no_grad():
-        for (b,) in _batches(x, 12):
-            h = ref.conv1(b)
-            first.append(h.numpy())
-            h = F.batch_norm(h, None, None, ref.bn1.weight, ref.bn1.bias, True, 0.0, ref.bn1.eps)
-            second.append(ref.conv2(torch.relu(h)).numpy())
-    for bn, inputs in ((model.bn1, first), (model.bn2, second)):
-        mean, var = reference_stats(np.concatenate(inputs))
-        np.testing.assert_allclose(bn.running_mean.numpy(), mean, atol=1e-5)
-        np.testing.assert_allclose(bn.running_var.numpy(), var, rtol=1e-4)
-    assert not model.bn1.training and model.bn1.momentum == 0.1  # flags and momentum restored
+    x[:12] += 1.5  # batches whose statistics differ
+    batches = _batches(x, size)
+    ref = pytorch_momentum_none(net, batches)
+    params = {k: v.clone() for k, v in net.named_parameters()}
+    report = recalibrate_module(net, batches)
+    assert report.complete
+    got, want = net.state_dict(), ref.state_dict()
+    for key in want:
+        if key.endswith("num_batches_tracked"):
+            assert int(got[key]) == int(want[key]) > 0, key
+        elif key.endswith(("running_mean", "running_var")):
+            np.testing.assert_allclose(got[key], want[key], rtol=2e-6, atol=1e-7, err_msg=key)
+    for name, p in net.named_parameters():
+        assert torch.equal(p, params[name]), name  # bit-identical
+    assert not any(m.training for m in net.modules())
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
 
 
-def test_pooled_variance_keeps_the_spread_of_the_batch_means():
-    """issue 17: batches whose means differ: the batch method's variance is the data's
-    variance; the average of the per-batch variances (AIMET's and update_bn's estimate)
-    misses the spread of the batch means."""
+def test_dropout_stays_in_eval_during_the_pass():
+    """issue 17: with dropout in training mode the statistics after it would be random;
+    two runs on the same data give bit-identical statistics, equal to PyTorch's with
+    the dropout in eval."""
+    batches = _batches(images(24, h=6, w=6, seed=7), 8)
+    first, second = chain(5), chain(5)
+    recalibrate_module(first, batches)
+    recalibrate_module(second, batches)
+    assert torch.equal(first.bn2.running_var, second.bn2.running_var)
+    ref = pytorch_momentum_none(chain(5), batches)
+    np.testing.assert_allclose(first.bn2.running_var, ref.bn2.running_var, rtol=2e-6)
+
+
+def test_cumulative_and_sequential_variances_differ_by_the_spread_of_batch_means():
+    """issue 17: batches whose means differ: the cumulative method averages the per-batch
+    variances (PyTorch's convention); the sequential one pools all the data, which adds
+    the spread of the batch means ((1.5 / 2)^2 = 0.56)."""
     x = images(24, h=4, w=4, seed=3)
     x[:12] += 1.5
-    model = randomize_all(Lone(3))
-    recalibrate_module(model, _batches(x, 12))
-    average = np.mean([reference_stats(b[0].numpy())[1] for b in _batches(x, 12)], axis=0)
-    np.testing.assert_allclose(model.bn.running_var.numpy(), reference_stats(x)[1], rtol=1e-5)
-    assert (model.bn.running_var.numpy() > average + 0.5).all()  # (1.5 / 2)^2 = 0.56
+    batches = _batches(x, 12)
+    cumulative, sequential = randomize_all(Lone(3)), randomize_all(Lone(3))
+    recalibrate_module(cumulative, batches)
+    recalibrate_module(sequential, batches, method="sequential")
+    np.testing.assert_allclose(cumulative.bn.running_var.numpy(), batch_average(batches)[1], 1e-5)
+    np.testing.assert_allclose(sequential.bn.running_var.numpy(), reference_stats(x)[1], 1e-5)
+    assert (sequential.bn.running_var.numpy() > cumulative.bn.running_var.numpy() + 0.5).all()
 
 
 @pytest.mark.parametrize("spec", ["convnet.state_dict.pt", "convnet.pt2", "convnet.onnx"])
@@ -551,9 +596,9 @@ def test_sequential_method_leaves_no_drift(tmp_path, spec):
 
 
 @pytest.mark.parametrize("spec", ["convnet.pt2", "convnet.onnx"])
-def test_batch_method_agrees_across_formats(tmp_path, spec):
-    """issue 17: the batch method on a .pt2 or .onnx writes what it writes on the eager
-    model (same statistics to float32 rounding)."""
+def test_cumulative_method_agrees_across_formats(tmp_path, spec):
+    """issue 17: the cumulative method on a .pt2 or .onnx writes what it writes on the
+    eager model (same statistics to float32 rounding)."""
     x = images(20, h=32, w=32, seed=6)
     src = source(save_npz(tmp_path / "d.npz", x), batch_size=10)
     eager = load_model(SAMPLES / "convnet.state_dict.pt", arch=ARCH)
@@ -577,7 +622,7 @@ def test_failure_mid_pass_restores_every_statistic():
     x = images(30, h=5, w=5)
     batches = _batches(x, 10)
     batches[2] = [torch.zeros(10, 7, 5, 5)]  # wrong channels: the model raises
-    for method in ("batch", "sequential"):
+    for method in ("cumulative", "sequential"):
         with pytest.raises(BnfoldError, match="does not run on the data"):
             recalibrate_module(model, batches, method=method)
         after = model.state_dict()
@@ -597,7 +642,7 @@ class Interrupted(Chain):
         return super().forward(x)
 
 
-@pytest.mark.parametrize("method", ["batch", "sequential"])
+@pytest.mark.parametrize("method", ["cumulative", "sequential"])
 def test_ctrl_c_mid_pass_restores_everything_and_stops(method):
     """issue 17: a KeyboardInterrupt inside a pass is not swallowed; the statistics, flags
     and momenta are as they were."""
@@ -629,7 +674,7 @@ class Mixed(nn.Module):
 
 
 def test_layers_that_keep_their_statistics_say_why():
-    """issue 17: frozen (batch method only), no_running_stats and not_called layers keep
+    """issue 17: frozen (cumulative method only), no_running_stats and not_called layers keep
     their statistics with a reason; a layer never reached makes the run incomplete."""
     model = randomize_all(Mixed())
     before = state_fingerprint(model)
@@ -659,12 +704,12 @@ def test_timm_bn_act_is_re_estimated_on_its_input():
     model = nn.Sequential(BatchNormAct2d(3)).eval()
     x = images(10, h=4, w=4, seed=9)
     recalibrate_module(model, _batches(x, 5))
-    mean, var = reference_stats(x)
+    mean, var = batch_average(_batches(x, 5))
     np.testing.assert_allclose(model[0].running_mean.numpy(), mean, atol=1e-6)
     np.testing.assert_allclose(model[0].running_var.numpy(), var, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["batch", "sequential"])
+@pytest.mark.parametrize("method", ["cumulative", "sequential"])
 def test_nonfinite_data_keeps_the_old_statistics(method):
     """issue 17: NaN in the data gives no NaN statistics: the layer keeps its old ones
     (all three buffers), reason nonfinite."""
@@ -678,8 +723,8 @@ def test_nonfinite_data_keeps_the_old_statistics(method):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_batch_method_refuses_a_single_sample_batch():
-    """issue 17: training-mode BN cannot normalise one sample: the batch method says so and
+def test_cumulative_method_refuses_a_single_sample_batch():
+    """issue 17: training-mode BN cannot normalise one sample: the cumulative method says so and
     the sequential one works."""
     x = images(1, h=2, w=2)
     with pytest.raises(BnfoldError, match="at least 2 samples"):

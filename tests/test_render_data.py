@@ -61,7 +61,7 @@ def recalibration(n: int = 3) -> RecalibrationReport:
         model="resnet50.pth",
         format="state_dict",
         output="out.pth",
-        method="batch",
+        method="cumulative",
         data=DATA,
         layers=tuple(layers),
         updated=n - 1,
@@ -128,7 +128,7 @@ def test_recalibration_table_fits_80_columns_and_says_what_stayed():
     words = " ".join(text.split())
     assert "kept (not_called): the data never reaches it" in words
     assert "not every BatchNorm was re-estimated (exit 1)" in words
-    assert "re-estimated 4 of 5 BatchNorm layers, method batch" in words
+    assert "re-estimated 4 of 5 BatchNorm layers, method cumulative" in words
 
 
 def test_recalibration_markdown_escapes_names():

@@ -23,7 +23,7 @@ from bnfold.cli.data_options import BATCH_SIZE, DATA_HELP, IMAGE_SIZE, MEAN, SAM
 
 
 class Method(str, enum.Enum):
-    batch = "batch"
+    cumulative = "cumulative"
     sequential = "sequential"
 
 
@@ -38,11 +38,13 @@ def recalibrate_command(
     arch_kwargs: str | None = ARCH_KWARGS,
     trust_pickle: bool = TRUST_PICKLE,
     method: Method = typer.Option(
-        Method.batch,
+        Method.cumulative,
         "--method",
-        help="batch: one pass, BatchNorm normalising with batch statistics as in training, "
-        "statistics pooled over all the data. sequential: the exact statistics each BN "
-        "receives at inference, one pass per BN (slower; keeps the data in memory).",
+        help="cumulative: PyTorch's own update, what only the BN layers in training mode "
+        "with momentum=None give on these batches (the average of the batch means and "
+        "unbiased batch variances; num_batches_tracked = batches). sequential: layer by "
+        "layer, the exact statistics each BN receives at inference, one pass per BN "
+        "(slower; keeps the data in memory).",
     ),
     batch_size: int = BATCH_SIZE,
     samples: int | None = SAMPLES,
