@@ -361,29 +361,19 @@ def _check_runs(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> None
     and the shape the model's first layer wants."""
     import torch
 
+    from bnfold.inputs import accepted_shape
+
     try:
         with torch.no_grad():
             model(*example)
     except Exception as e:
         shapes = ", ".join(f"input {i}: {list(t.shape)}" for i, t in enumerate(example))
-        wanted = _wanted_shape(model)
+        wanted = accepted_shape(model)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise BnfoldError(
             f"the model does not run on the example inputs ({shapes}): {type(e).__name__}: {first}",
             hint=f"the first layer takes {wanted}" if wanted else "check the inputs' shapes",
         ) from e
-
-
-def _wanted_shape(model: torch.nn.Module) -> str | None:
-    from torch import nn
-
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            dims = len(m.kernel_size)
-            return f"(batch, {m.in_channels}" + ", size" * dims + ")"
-        if isinstance(m, nn.Linear):
-            return f"(..., {m.in_features})"
-    return None
 
 
 def _load(

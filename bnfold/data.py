@@ -109,13 +109,36 @@ def _no_step(label: str) -> ContextManager[None]:
 # --------------------------------------------------------------------------- sources
 
 
+def _callable_spec(spec: str) -> tuple[str, str] | None:
+    """(source, name) when ``spec`` reads as ``module:callable`` or
+    ``path/file.py:callable`` (the ``--arch`` forms), else None."""
+    source, sep, name = spec.rpartition(":")
+    if not (sep and source and name.isidentifier()):
+        return None
+    if source.endswith(".py") or all(part.isidentifier() for part in source.split(".")):
+        return source, name
+    return None
+
+
+def _quote(e: BaseException) -> str:
+    """An exception in one line: ``Type: first line of its message``."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _cast_floats(batch: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    if dtype is None:
+        return batch
+    return [t.to(dtype) if t.is_floating_point() else t for t in batch]
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """What ``--data`` and its options ask for."""
 
-    spec: Path
+    spec: Path | str  # a file, a folder, or module:callable / path/file.py:callable
     batch_size: int = 32
-    samples: int | None = None  # at most this many (the first ones)
+    limit: int | None = None  # --limit: at most this many samples (the first ones)
     image_size: tuple[int, int] | None = None  # (height, width) for image folders
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -162,10 +185,15 @@ class DataSource:
     def __init__(self, opts: DataOptions):
         self.opts = opts
         self.path = Path(opts.spec)
+        self.kind = ""
+        self._callable: Callable[[], Any] | None = None
+        self._first: tuple[list[torch.Tensor], Iterator[Any]] | None = None
+        self.bounds: list[tuple[int, int]] = []
+        self.count = 0
         if opts.batch_size < 1:
             raise BnfoldError("--batch-size must be at least 1")
-        if opts.samples is not None and opts.samples < 1:
-            raise BnfoldError("--samples must be at least 1")
+        if opts.limit is not None and opts.limit < 1:
+            raise BnfoldError("--limit must be at least 1")
         if (opts.mean is None) != (opts.std is None):
             raise BnfoldError("--mean and --std go together: give both or neither")
         if opts.std is not None and any(s == 0 for s in opts.std):
@@ -175,10 +203,14 @@ class DataSource:
         self.notes: list[str] = []
         self._arrays: list[np.ndarray] = []
         self._files: list[Path] = []
+        if not self.path.exists() and _callable_spec(str(opts.spec)) is not None:
+            self.kind = "callable"
+            self._open_callable()
+            return
         if not self.path.exists():
             raise LoadError(
                 "no such file or folder",
-                hint="--data takes a .npz, .npy or a folder of images",
+                hint="--data takes a .npz, .npy, a folder of images or module:callable",
                 path=self.path,
             )
         if self.path.is_dir():
@@ -196,7 +228,126 @@ class DataSource:
                 hint="give a .npz (one array per model input), a .npy or a folder of images",
                 path=self.path,
             )
+        if self.count < opts.batch_size:
+            raise BnfoldError(
+                f"--data {self.path} holds {self.count} samples, fewer than one batch "
+                f"(--batch-size {opts.batch_size})",
+                hint=f"pass --batch-size {self.count} or less, or give more samples",
+            )
         self.bounds = _split(self.count, opts.batch_size)
+
+    # ---- a callable
+
+    def _open_callable(self) -> None:
+        """``module:callable`` or ``path/file.py:callable``, resolved as ``--arch`` is; it
+        is called now and its first batch checked, before any model is loaded."""
+        from bnfold.loading import _import_callable
+
+        spec = str(self.opts.spec)
+        o = self.opts
+        given = [n for n, v in (("--image-size", o.image_size), ("--mean", o.mean)) if v]
+        if given:
+            raise BnfoldError(
+                f"{', '.join(given)} apply to arrays and images, not to a callable's batches "
+                "(the callable does its own preprocessing)"
+            )
+        source, _, name = spec.rpartition(":")
+        try:
+            fn = _import_callable(source, name, spec, option="--data", error=LoadError)
+        except BnfoldError:
+            raise
+        except Exception as e:  # its module raised while being imported
+            raise LoadError(f"--data {spec!r}: importing {source} raised {_quote(e)}") from e
+        if not callable(fn):
+            raise LoadError(f"--data {spec!r}: {name} is a {type(fn).__name__}, not a callable")
+        self._callable = fn
+        self.notes.append(
+            f"batches as {spec} yields them (--batch-size does not apply to a callable)"
+        )
+        iterator = self._call()
+        first = self._next(iterator, 0)
+        if first is None:
+            raise LoadError(f"--data {spec!r} yielded no batches")
+        self._first = (first, iterator)
+        self.shapes = tuple(tuple(int(d) for d in t.shape[1:]) for t in first)
+        self.count = 0  # samples seen so far; known once the batches have run
+        self.bounds = []
+        self._example = [t[:2].clone() for t in first]
+
+    def _call(self) -> Iterator[Any]:
+        assert self._callable is not None
+        spec = str(self.opts.spec)
+        try:
+            return iter(self._callable())
+        except Exception as e:
+            raise LoadError(f"--data {spec!r}: the callable raised {_quote(e)}") from e
+
+    def _next(self, iterator: Iterator[Any], index: int) -> list[torch.Tensor] | None:
+        """The next batch of ``iterator`` as a list of tensors, checked; None at the end."""
+        import torch
+
+        spec = str(self.opts.spec)
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return None
+        except Exception as e:
+            raise LoadError(
+                f"--data {spec!r}: the callable raised {_quote(e)} in batch {index}"
+            ) from e
+        items = list(item) if isinstance(item, (tuple, list)) else [item]
+        tensors = []
+        for i, t in enumerate(items):
+            if isinstance(t, np.ndarray):
+                t = torch.from_numpy(t)
+            if not isinstance(t, torch.Tensor):
+                raise LoadError(
+                    f"--data {spec!r}: batch {index} holds a {type(t).__name__}"
+                    + (f" as input {i}" if len(items) > 1 else "")
+                    + ", not a tensor",
+                    hint="yield a tensor, or a tuple of tensors for several inputs",
+                )
+            if t.dim() == 0:
+                raise LoadError(
+                    f"--data {spec!r}: batch {index} input {i} is a scalar: the first axis "
+                    "must be the sample"
+                )
+            tensors.append(t.detach().cpu())
+        if not tensors:
+            raise LoadError(f"--data {spec!r}: batch {index} is empty")
+        sizes = {int(t.shape[0]) for t in tensors}
+        if len(sizes) > 1:
+            raise LoadError(
+                f"--data {spec!r}: the inputs of batch {index} hold different numbers of "
+                f"samples ({', '.join(str(int(t.shape[0])) for t in tensors)})"
+            )
+        return tensors
+
+    def _callable_batches(self) -> Iterator[list[torch.Tensor]]:
+        """The callable's batches (the first call's, then a new call each time), cut at
+        --limit samples; ``count`` and ``bounds`` follow."""
+        if self._first is not None:
+            first, iterator = self._first
+            self._first = None
+            batch: list[torch.Tensor] | None = first
+        else:
+            iterator = self._call()
+            batch = self._next(iterator, 0)
+            if batch is None:
+                raise LoadError(f"--data {str(self.opts.spec)!r} yielded no batches")
+        count, bounds, limit = 0, [], self.opts.limit
+        while batch is not None:
+            size = int(batch[0].shape[0])
+            if limit is not None and count + size > limit:
+                size = limit - count
+                batch = [t[:size] for t in batch]
+            bounds.append((count, count + size))
+            count += size
+            self.count, self.bounds = count, bounds
+            yield batch
+            if limit is not None and count >= limit:
+                break
+            batch = self._next(iterator, len(bounds))
 
     # ---- arrays
 
@@ -232,7 +383,7 @@ class DataSource:
         total = arrays[0].shape[0]
         if total == 0:
             raise LoadError("the arrays hold no samples", path=self.path)
-        count = min(total, self.opts.samples or total)
+        count = min(total, self.opts.limit or total)
         self._arrays = [a[:count] for a in arrays]
         self.count = count
         self.shapes = tuple(tuple(int(d) for d in a.shape[1:]) for a in arrays)
@@ -260,7 +411,7 @@ class DataSource:
                 path=self.path,
             )
         self._pil()
-        self._files = files[: self.opts.samples or len(files)]
+        self._files = files[: self.opts.limit or len(files)]
         self.count = len(self._files)
         if self.opts.image_size is None:
             with self._open(self._files[0]) as img:
@@ -333,12 +484,32 @@ class DataSource:
     # ---- batches
 
     def batches(self, dtype: torch.dtype | None = None) -> Iterator[list[torch.Tensor]]:
-        """The batches, in order: one tensor per model input; floats cast to ``dtype``."""
+        """The batches, in order: one tensor per model input; floats cast to ``dtype``.
+        NaN or Inf in a batch is an error (statistics of such data mean nothing)."""
+        if self.kind == "callable":
+            for batch in self._callable_batches():
+                start, stop = self.bounds[-1]
+                yield self._checked(_cast_floats(batch, dtype), start, stop)
+            return
         for start, stop in self.bounds:
-            yield self._batch(start, stop, dtype)
+            yield self._checked(self._batch(start, stop, dtype), start, stop)
+
+    def _checked(self, batch: list[torch.Tensor], start: int, stop: int) -> list[torch.Tensor]:
+        import torch
+
+        for i, t in enumerate(batch):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise LoadError(
+                    f"the data holds NaN or Inf (input {i}, samples {start}-{stop - 1})",
+                    hint="clean the data: statistics of NaN or Inf mean nothing",
+                    path=self.path if self.kind != "callable" else None,
+                )
+        return batch
 
     def example(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """The first one or two samples: example inputs of the real shape."""
+        if self.kind == "callable":
+            return _cast_floats(self._example, dtype)
         return self._batch(0, min(2, self.count), dtype)
 
     def _batch(self, start: int, stop: int, dtype: torch.dtype | None) -> list[torch.Tensor]:
@@ -375,6 +546,8 @@ class DataSource:
                     "and centre-cropped"
                 ]
             steps.append("scaled to [0, 1]")
+        elif self.kind == "callable":
+            steps = ["as the callable yields them (floats cast to the model's dtype)"]
         else:
             steps = ["as stored (floats cast to the model's dtype)"]
         if o.mean is not None and o.std is not None:
@@ -384,12 +557,15 @@ class DataSource:
             )
         else:
             steps.append("not normalised")
+        size = o.batch_size
+        if self.kind == "callable":
+            size = max((stop - start for start, stop in self.bounds), default=0)
         return DataSummary(
-            source=str(self.path),
+            source=str(self.opts.spec) if self.kind == "callable" else str(self.path),
             kind=self.kind,
             samples=self.count,
             batches=len(self.bounds),
-            batch_size=o.batch_size,
+            batch_size=size,
             input_shapes=self.shapes,
             preprocessing="; ".join(steps),
         )
@@ -670,12 +846,7 @@ class _Pass:
         except BnfoldError:
             raise
         except Exception as e:
-            shapes = ", ".join(str(list(t.shape)) for t in batch)
-            raise BnfoldError(
-                f"the model does not run on the data (inputs of shape {shapes}): "
-                f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}",
-                hint="check --data and its --image-size/--mean/--std",
-            ) from e
+            raise _misfit(self.model, batch, e) from e
 
     def _called(self, t: _Target) -> Moments | None:
         """Count a call of ``t``; its accumulator when ``t`` is watched."""
@@ -736,6 +907,23 @@ class _Pass:
         return out
 
 
+def _misfit(model: torch.nn.Module, batch: Sequence[torch.Tensor], e: Exception) -> BnfoldError:
+    """The model does not run on a batch: one line naming each input, the shape and dtype
+    given, the shape the model's first layer takes, and what the model raised."""
+    from bnfold.inputs import accepted_shape, input_names
+
+    given = "; ".join(
+        f"{name} has shape {list(t.shape)} ({str(t.dtype).removeprefix('torch.')})"
+        for name, t in zip(input_names(model, len(batch)), batch, strict=True)
+    )
+    wanted = accepted_shape(model)
+    takes = f"; the model's first layer takes {wanted}" if wanted else ""
+    return BnfoldError(
+        f"the model does not run on the data: {given}{takes}: {_quote(e)}",
+        hint="check --data and its --image-size/--mean/--std",
+    )
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray:
     import torch
 
@@ -787,6 +975,8 @@ def measure(loaded: LoadedModel, source: DataSource, step: Step = _no_step) -> M
     of every BN. The model is left as it was."""
     notes = list(source.notes)
     label = f"Running {source.count} samples ({len(source.bounds)} batches)"
+    if source.kind == "callable":
+        label = f"Running the batches of {source.opts.spec}"
     if loaded.onnx_model is not None:
         with step(label + " in onnxruntime"):
             moments = _onnx_measure(loaded.onnx_model, source)

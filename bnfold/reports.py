@@ -81,10 +81,10 @@ class DataSummary:
     """The real inputs a run used (``--data``)."""
 
     source: str
-    kind: str  # "npz", "npy" or "images"
+    kind: str  # "npz", "npy", "images" or "callable"
     samples: int
     batches: int
-    batch_size: int
+    batch_size: int  # --batch-size; for a callable the largest batch it yielded
     input_shapes: tuple[tuple[int, ...], ...]  # per sample, one per model input
     preprocessing: str
 

@@ -50,7 +50,8 @@ def save_npz(path: Path, *arrays: np.ndarray) -> Path:
 
 
 def source(path: Path, **kwargs) -> DataSource:
-    return open_data(DataOptions(path, **kwargs))
+    """The data at ``path``; batches of 2 unless given (small test data, at least one batch)."""
+    return open_data(DataOptions(path, **{"batch_size": 2, **kwargs}))
 
 
 def loaded_module(model: nn.Module, fmt: ModelFormat = ModelFormat.PICKLED_MODULE) -> LoadedModel:
@@ -145,10 +146,10 @@ def test_npz_batches_hold_the_data_in_key_order(tmp_path):
 
 
 def test_npy_samples_limit_and_normalisation(tmp_path):
-    """issue 17: a .npy is one input; --samples keeps the first N; --mean/--std on axis 1."""
+    """issue 17: a .npy is one input; --limit keeps the first N; --mean/--std on axis 1."""
     x = images(10, c=2)
     np.save(tmp_path / "d.npy", x)
-    src = source(tmp_path / "d.npy", samples=7, mean=(0.5, -1.0), std=(2.0, 0.25))
+    src = source(tmp_path / "d.npy", limit=7, mean=(0.5, -1.0), std=(2.0, 0.25))
     got = torch.cat([b[0] for b in src.batches()]).numpy()
     mean = np.array([0.5, -1.0], dtype=np.float32).reshape(1, 2, 1, 1)
     std = np.array([2.0, 0.25], dtype=np.float32).reshape(1, 2, 1, 1)
@@ -398,10 +399,18 @@ def test_torchscript_and_bare_state_dict_cannot_be_measured(tmp_path):
 
 
 def test_data_that_does_not_fit_the_model_is_one_error(tmp_path):
-    """issue 17: inputs of the wrong shape are a BnfoldError naming the shape, not a crash."""
+    """issue 17: inputs of the wrong shape or dtype are a BnfoldError naming the input, the
+    shape (and dtype) given and the shape the model's first layer takes, not a crash."""
     src = source(save_npz(tmp_path / "d.npz", images(4, c=5)))
-    with pytest.raises(BnfoldError, match=r"inputs of shape \[4, 5, 8, 8\]"):
+    with pytest.raises(BnfoldError) as info:
         measure(loaded_module(chain()), src)
+    line = info.value.one_line()
+    assert "input 0 (x) has shape [2, 5, 8, 8] (float32)" in line
+    assert "the model's first layer takes (batch, 3, size, size)" in line
+    ints = source(save_npz(tmp_path / "i.npz", images(4).astype(np.int64)))
+    with pytest.raises(BnfoldError) as info:
+        measure(loaded_module(chain()), ints)
+    assert "input 0 (x) has shape [2, 3, 8, 8] (int64)" in info.value.one_line()
 
 
 # --------------------------------------------------------------------------- drift

@@ -138,7 +138,12 @@ def test_existing_output_needs_force_and_survives(tmp_path, data):
     [
         ("convnet.state_dict.pt", [], ["needs the architecture", "--arch"]),
         ("convnet.torchscript.pt", [], ["TorchScript"]),
-        ("convnet.state_dict.pt", ["--arch", ARCH, "--samples", "1"], ["at least 2 samples"]),
+        ("convnet.state_dict.pt", ["--arch", ARCH, "--limit", "1"], ["1 samples, fewer than"]),
+        (
+            "convnet.state_dict.pt",
+            ["--arch", ARCH, "--limit", "1", "--batch-size", "1"],
+            ["at least 2 samples"],
+        ),
         ("convnet.state_dict.pt", ["--arch", ARCH, "--image-size", "8"], ["--image-size"]),
         ("convnet.state_dict.pt", ["--arch", ARCH, "--mean", "0,0"], ["--mean and --std"]),
         ("convnet.state_dict.pt", ["--arch", ARCH, "--mean", "a", "--std", "1"], ["--mean"]),
@@ -157,9 +162,15 @@ def test_data_of_the_wrong_shape_is_one_line(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 32), dtype=np.float32))
     result = invoke(
         "recalibrate", STATE_DICT, "--arch", ARCH, "--data", tmp_path / "d.npz",
-        "--out", tmp_path / "o.pt",
+        "--out", tmp_path / "o.pt", "--batch-size", "4",
     )  # fmt: skip
-    assert_one_error_line(result, "does not run on the data", "[4, 3, 32]")
+    assert_one_error_line(
+        result,
+        "does not run on the data",
+        "input 0 (x) has shape [4, 3, 32] (float32)",
+        "the model's first layer takes (batch, 3, size, size)",
+    )
+    assert not (tmp_path / "o.pt").exists()
 
 
 def test_output_may_not_be_the_input(tmp_path, data):
@@ -197,6 +208,7 @@ def test_image_folder_with_size_and_normalisation(tmp_path):
     result = invoke(
         "recalibrate", STATE_DICT, "--arch", ARCH, "--data", folder, "--image-size", "32",
         "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--out", tmp_path / "o.pt",
+        "--batch-size", "3",
         "-f", "json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -263,7 +275,7 @@ def test_drift_thresholds_are_checked(data):
 
 
 def test_data_options_need_data(data):
-    """issue 17: --mean, --std, --samples, --image-size without --data are refused."""
+    """issue 17: --mean, --std, --limit, --image-size without --data are refused."""
     result = invoke("inspect", STATE_DICT, "--arch", ARCH, "--mean", "0,0,0", "--std", "1,1,1")
     assert_one_error_line(result, "--mean, --std only applies with --data")
 
@@ -288,3 +300,173 @@ def test_inspect_data_with_plot_and_html(tmp_path, data):
     assert "<th>mean shift</th>" in page and "big.npz" in page
     assert '<h3 id="stats_drift">' in page and "drift_mean (0.5)" in page
     assert "(worst: channel " in page
+
+
+# --------------------------------------------------------------------------- --limit, sources
+
+
+def test_limit_keeps_the_first_n_samples(data):
+    """issue 17: --limit N uses the first N samples (--samples is gone)."""
+    args = ["inspect", STATE_DICT, "--arch", ARCH, "--data", data, "-f", "json"]
+    result = invoke(*args, "--limit", "10", "--batch-size", "5")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["data"]["samples"], report["data"]["batches"]) == (10, 2)
+    assert invoke(*args, "--samples", "10").exit_code == 2
+
+
+BATCHES_PY = """
+import numpy as np
+import torch
+
+DATA = {data!r}
+
+
+def good():
+    x = torch.from_numpy(np.load(DATA)["input"])
+    return [x[i : i + 8] for i in range(0, len(x), 8)]
+
+
+def tuples():
+    for (b,) in ((t,) for t in good()):
+        yield (b,)
+
+
+def raises():
+    raise ValueError("no camera attached\\nsecond line")
+
+
+def raises_later():
+    yield good()[0]
+    raise OSError("disk gone")
+
+
+def empty():
+    return []
+
+
+def strings():
+    yield "not a tensor"
+
+
+def nan():
+    x = good()[0].clone()
+    x[1, 2, 3, 4] = float("nan")
+    yield x
+
+
+not_callable = 3
+"""
+
+
+@pytest.fixture
+def batches_py(tmp_path, data) -> Path:
+    path = tmp_path / "batches.py"
+    path.write_text(BATCHES_PY.format(data=str(data)))
+    return path
+
+
+@pytest.mark.parametrize("name", ["good", "tuples"])
+def test_callable_data_gives_what_the_same_batches_from_a_file_give(
+    tmp_path, data, batches_py, name
+):
+    """issue 17: --data path/file.py:callable yielding tensors (or tuples of them) writes
+    the same statistics as the .npz cut into the same batches, and inspect --data measures
+    the same drift; the report names the callable, its samples and batches."""
+    args = ["--arch", ARCH, "-f", "json"]
+    by_file = invoke("recalibrate", STATE_DICT, "--data", data, "--batch-size", 8,
+                     "--out", tmp_path / "a.pt", *args)  # fmt: skip
+    assert by_file.exit_code == 0, by_file.output
+    by_call = invoke("recalibrate", STATE_DICT, "--data", f"{batches_py}:{name}",
+                     "--out", tmp_path / "b.pt", *args)  # fmt: skip
+    assert by_call.exit_code == 0, by_call.output
+    report = json.loads(by_call.stdout)
+    assert report["data"]["kind"] == "callable" and report["data"]["source"].endswith(name)
+    assert (report["data"]["samples"], report["data"]["batches"]) == (40, 5)
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    measured = invoke("inspect", STATE_DICT, "--data", f"{batches_py}:{name}", *args)
+    assert measured.exit_code == 0, measured.output
+    layers = json.loads(measured.stdout)["layers"]
+    assert all(layer["data_values"] > 0 for layer in layers)
+
+
+def test_callable_as_a_module_and_with_limit(tmp_path, data, batches_py, monkeypatch):
+    """issue 17: module:callable is found from the current folder, as --arch's is; --limit
+    cuts its batches (the last one short)."""
+    (tmp_path / "my_batches_17.py").write_text(batches_py.read_text())
+    monkeypatch.chdir(tmp_path)
+    result = invoke("inspect", STATE_DICT, "--arch", ARCH, "--data", "my_batches_17:good",
+                    "--limit", 20, "-f", "json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["data"]
+    assert (report["samples"], report["batches"]) == (20, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "needles"),
+    [
+        ("raises", ["the callable raised ValueError: no camera attached"]),
+        ("raises_later", ["the callable raised OSError: disk gone in batch 1"]),
+        ("empty", ["yielded no batches"]),
+        ("strings", ["holds a str", "not a tensor"]),
+        ("nan", ["NaN or Inf", "input 0"]),
+        ("not_callable", ["is a int, not a callable"]),
+        ("missing", ["has no attribute 'missing'"]),
+    ],
+)
+def test_bad_callable_is_one_line_and_writes_nothing(tmp_path, batches_py, name, needles):
+    """issue 17: a callable that raises (quoted in one line), yields nothing, yields a
+    non-tensor or NaN: exit 2, one line, nothing written."""
+    out = tmp_path / "o.pt"
+    result = invoke("recalibrate", STATE_DICT, "--arch", ARCH, "--data",
+                    f"{batches_py}:{name}", "--out", out)  # fmt: skip
+    assert_one_error_line(result, *needles)
+    assert not out.exists()
+
+
+def test_callable_refuses_image_options(tmp_path, batches_py):
+    """issue 17: --image-size and --mean/--std are for files; a callable preprocesses."""
+    result = invoke("inspect", STATE_DICT, "--arch", ARCH, "--data", f"{batches_py}:good",
+                    "--mean", "0,0,0", "--std", "1,1,1")  # fmt: skip
+    assert_one_error_line(result, "not to a callable's batches")
+
+
+def _png(path: Path, seed: int = 0) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("case", ["empty", "broken", "nan", "few"])
+def test_bad_files_are_one_line_and_write_nothing(tmp_path, data, case):
+    """issue 17: an empty folder, an unreadable image (named), NaN in the data, fewer
+    samples than one batch: exit 2, one line, nothing written."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    spec, needles = folder, ["no images in this folder"]
+    if case == "broken":
+        for i in range(4):
+            _png(folder / f"{i}.png", i)
+        (folder / "2.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+        needles = ["2.png", "cannot"]
+    elif case == "nan":
+        x = np.load(data)["input"]
+        x[33, 0, 0, 0] = np.nan
+        np.savez(tmp_path / "nan.npz", input=x)
+        spec, needles = tmp_path / "nan.npz", ["NaN or Inf (input 0, samples 20-39)"]
+    elif case == "few":
+        for i in range(3):
+            _png(folder / f"{i}.png", i)
+        needles = ["holds 3 samples, fewer than one batch (--batch-size 32)"]
+    out = tmp_path / "o.pt"
+    size = 32 if case != "broken" else 2
+    result = invoke("recalibrate", STATE_DICT, "--arch", ARCH, "--data", spec, "--out", out,
+                    "--batch-size", size)  # fmt: skip
+    assert_one_error_line(result, *needles)
+    assert not out.exists()
+    inspected = invoke("inspect", STATE_DICT, "--arch", ARCH, "--data", spec,
+                       "--batch-size", size, "--plot", tmp_path / "p.png")  # fmt: skip
+    assert_one_error_line(inspected, *needles)
+    assert not (tmp_path / "p.png").exists()

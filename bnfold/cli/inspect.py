@@ -20,7 +20,7 @@ from bnfold.cli.common import (
     parse_thresholds,
     stdout_console,
 )
-from bnfold.cli.data_options import BATCH_SIZE, DATA_HELP, IMAGE_SIZE, MEAN, SAMPLES, STD
+from bnfold.cli.data_options import BATCH_SIZE, DATA_HELP, IMAGE_SIZE, LIMIT, MEAN, STD
 
 if TYPE_CHECKING:
     from bnfold.reports import InspectReport
@@ -59,7 +59,7 @@ def inspect_command(
         help="With --data: stats_drift when (data var + eps) / (running_var + eps) is above "
         "this factor or below its inverse in a channel (default 2).",
     ),
-    data: Path | None = typer.Option(
+    data: str | None = typer.Option(
         None,
         "--data",
         metavar="SPEC",
@@ -67,7 +67,7 @@ def inspect_command(
         "its running statistics.",
     ),
     batch_size: int = BATCH_SIZE,
-    samples: int | None = SAMPLES,
+    limit: int | None = LIMIT,
     image_size: str | None = IMAGE_SIZE,
     mean: str | None = MEAN,
     std: str | None = STD,
@@ -102,7 +102,7 @@ def inspect_command(
     except ValueError as e:
         raise BnfoldError(f"--threshold: {e}") from e
     kwargs = parse_arch_kwargs(arch_kwargs)
-    data_opts = data_options(data, batch_size, samples, image_size, mean, std)
+    data_opts = data_options(data, batch_size, limit, image_size, mean, std)
     # refuse bad --plot/--html paths (and a missing matplotlib) before loading the model
     plot_format = None
     if plot is not None:

@@ -19,7 +19,7 @@ from bnfold.cli.common import (
     parse_arch_kwargs,
     stdout_console,
 )
-from bnfold.cli.data_options import BATCH_SIZE, DATA_HELP, IMAGE_SIZE, MEAN, SAMPLES, STD
+from bnfold.cli.data_options import BATCH_SIZE, DATA_HELP, IMAGE_SIZE, LIMIT, MEAN, STD
 
 
 class Method(str, enum.Enum):
@@ -30,7 +30,7 @@ class Method(str, enum.Enum):
 @handle_errors
 def recalibrate_command(
     model: Path = typer.Argument(..., help="Model file (any format bnfold runs)."),
-    data: Path = typer.Option(..., "--data", metavar="SPEC", help=DATA_HELP),
+    data: str = typer.Option(..., "--data", metavar="SPEC", help=DATA_HELP),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Write the re-estimated model here, in the input's format."
     ),
@@ -47,7 +47,7 @@ def recalibrate_command(
         "(slower; keeps the data in memory).",
     ),
     batch_size: int = BATCH_SIZE,
-    samples: int | None = SAMPLES,
+    limit: int | None = LIMIT,
     image_size: str | None = IMAGE_SIZE,
     mean: str | None = MEAN,
     std: str | None = STD,
@@ -63,7 +63,7 @@ def recalibrate_command(
     from bnfold.errors import BnfoldError, OutputError
 
     kwargs = parse_arch_kwargs(arch_kwargs)
-    opts = data_options(data, batch_size, samples, image_size, mean, std)
+    opts = data_options(data, batch_size, limit, image_size, mean, std)
     assert opts is not None
     # refuse a bad --out and bad --data before the model is loaded and run
     if out.resolve() == model.resolve():
