@@ -1,4 +1,4 @@
-"""bnfold as a library: ``fold``, ``inspect``, ``fuse`` and ``check``.
+"""bnfold as a library: ``fold``, ``inspect``, ``fuse``, ``check`` and ``recalibrate``.
 
 Each function parses nothing and prints nothing: it calls the stages (loading, capture,
 folding, export, verification) and returns the same report object the command line
@@ -24,6 +24,7 @@ from bnfold.reports import (
     FoldedSite,
     FuseReport,
     InspectReport,
+    RecalibrationReport,
     SkippedSite,
     Verification,
     to_dict,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from bnfold.data import DataOptions
     from bnfold.loading import LoadedModel
 
-__all__ = ["FoldReport", "FoldResult", "check", "fold", "fuse", "inspect"]
+__all__ = ["FoldReport", "FoldResult", "check", "fold", "fuse", "inspect", "recalibrate"]
 
 ModelLike = Any  # a path, an nn.Module, a torch.export.ExportedProgram or an onnx.ModelProto
 Step = Callable[[str], AbstractContextManager[None]]  # progress: a context per named step
@@ -219,6 +220,85 @@ def inspect(
             example = source.example()  # the real input shape, for the fold analysis
     with step("Analysing BatchNorm layers"):
         return inspect_model(loaded, chosen, example, data=measured)
+
+
+def recalibrate(
+    model: ModelLike,
+    data: DataOptions | str | Path,
+    out: str | Path | None = None,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    method: str = "cumulative",
+    enable_running_stats: bool = False,
+    force: bool = False,
+    progress: Step | None = None,
+) -> RecalibrationReport:
+    """Re-estimate every BatchNorm's running statistics on ``data`` (``bnfold recalibrate``).
+
+    ``data`` is a ``bnfold.data.DataOptions`` or a ``--data`` spec (a .npz, a .npy, a
+    folder of images, ``module:callable``) read with the default options.  ``method``:
+    ``cumulative`` (PyTorch's own: what the BN layers alone in training mode with
+    ``momentum=None`` give on these batches) or ``sequential`` (layer by layer, the exact
+    statistics each BN receives at inference).  ``enable_running_stats`` gives BNs built
+    with ``track_running_stats=False`` running statistics first.  ``model`` is a path
+    (then ``out`` writes the result in the model's own format) or an in-memory
+    ``nn.Module``/``onnx.ModelProto``, changed in place.  A model without BatchNorm is
+    not an error: the report has no layers and says so in its notes, and nothing is
+    written.  Only the statistics change; the report's ``complete`` is False when some
+    BN kept its old ones (the CLI exits 1).
+
+    >>> import torch, bnfold
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+    >>> import numpy as np, tempfile
+    >>> path = tempfile.mkdtemp() + "/x.npy"
+    >>> np.save(path, np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype("f4"))
+    >>> report = bnfold.recalibrate(model, path)
+    >>> report.updated, int(model[1].num_batches_tracked)
+    (1, 2)
+    """
+    from bnfold.data import DataOptions, open_data, write_model
+    from bnfold.data import recalibrate as reestimate
+    from bnfold.errors import OutputError
+
+    opts = data if isinstance(data, DataOptions) else DataOptions(spec=data)
+    in_memory = not isinstance(model, (str, Path))
+    if out is not None:  # refuse a bad --out and bad data before the model is loaded and run
+        out = Path(out)
+        if in_memory:
+            raise OutputError("out= needs a model file: an in-memory model is changed in place")
+        if out.resolve() == Path(model).resolve():
+            raise OutputError(
+                f"refusing to overwrite the input {model}", hint="choose another --out"
+            )
+        if out.exists() and not force:
+            raise OutputError(f"{out} exists", hint="pass --force to overwrite it")
+        if out.is_dir() or not out.resolve().parent.is_dir():
+            raise OutputError(f"--out {out}: not a file in an existing folder")
+    source = open_data(opts)
+    step = progress or _no_progress
+    name = Path(model).name if not in_memory else type(model).__name__
+    with step(f"Loading {name}"):
+        loaded = _load(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    report = reestimate(
+        loaded, source, method=method, enable_running_stats=enable_running_stats, step=step
+    )
+    if not report.layers:
+        return report
+    if not any(layer.reason != "no_running_stats" for layer in report.layers):
+        raise BnfoldError(
+            "the model has no BatchNorm layer with running statistics to re-estimate",
+            hint="--enable-running-stats gives them running statistics",
+            path=loaded.path,
+        )
+    if out is None:
+        return report
+    with step(f"Writing {out.name}"):
+        write_model(loaded, report, out, force=force)
+    from dataclasses import replace
+
+    return replace(report, output=str(out))
 
 
 def fuse(

@@ -87,6 +87,8 @@ __all__ = [
     "DataSource",
     "Measurement",
     "Moments",
+    "enable_running_stats_of",
+    "has_batchnorm",
     "measure",
     "open_data",
     "recalibrate",
@@ -974,6 +976,8 @@ def measure(loaded: LoadedModel, source: DataSource, step: Step = _no_step) -> M
     """Run the data through the model as at inference (eval mode) and measure the inputs
     of every BN. The model is left as it was."""
     notes = list(source.notes)
+    if not has_batchnorm(loaded):
+        return Measurement({}, source.summary(), [NO_BN])
     label = f"Running {source.count} samples ({len(source.bounds)} batches)"
     if source.kind == "callable":
         label = f"Running the batches of {source.opts.spec}"
@@ -1460,13 +1464,47 @@ def recalibrate(
     source: DataSource,
     *,
     method: str = "cumulative",
+    enable_running_stats: bool = False,
     step: Step = _no_step,
 ) -> RecalibrationReport:
-    """Re-estimate every BN of a loaded model in place (its module or ONNX graph)."""
+    """Re-estimate every BN of a loaded model in place (its module or ONNX graph).
+
+    A model without any BatchNorm gives a report with no layers, and the data is not run.
+    ``enable_running_stats``: BN modules built with ``track_running_stats=False`` first get
+    running buffers (see :func:`enable_running_stats`), which are then re-estimated.
+    """
     if method not in METHODS:
         raise BnfoldError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     started = time.perf_counter()
     notes = list(loaded.notes) + list(source.notes)
+    if not has_batchnorm(loaded):
+        return RecalibrationReport(
+            model=str(loaded.path),
+            format=loaded.format.value,
+            output=None,
+            method=method,
+            data=source.summary(),
+            layers=(),
+            updated=0,
+            complete=True,
+            batches=0,
+            passes=0,
+            seconds=0.0,
+            notes=(*notes, NO_BN),
+        )
+    if enable_running_stats:
+        if loaded.module is None:
+            raise BnfoldError(
+                "--enable-running-stats applies to PyTorch modules (an ONNX BatchNormalization "
+                "always has running statistics)"
+            )
+        enabled = enable_running_stats_of(loaded.module)
+        if enabled:
+            notes.append(
+                f"running statistics created for {len(enabled)} BatchNorm layer(s) built with "
+                f"track_running_stats=False: {', '.join(enabled[:5])}"
+                + (" …" if len(enabled) > 5 else "")
+            )
     if loaded.onnx_model is not None:
         layers, passes = _onnx_recalibrate(loaded.onnx_model, source, method, step)
         report = RecalibrationReport(
@@ -1498,6 +1536,56 @@ def recalibrate(
         seconds=round(time.perf_counter() - started, 3),
         notes=tuple(notes),
     )
+
+
+NO_BN = "the model has no BatchNorm layer: nothing to measure or re-estimate"
+
+
+def has_batchnorm(loaded: LoadedModel) -> bool:
+    """Whether the loaded model has any BatchNorm (module, functional call or ONNX node);
+    True when it cannot be told without running (a bare state_dict is refused later)."""
+    if loaded.onnx_model is not None:
+        return bool(_onnx_bns(loaded.onnx_model))
+    if loaded.module is not None:
+        import torch
+
+        if isinstance(loaded.module, torch.jit.ScriptModule):
+            return True  # refused with its own message by _targets
+        return bool(_targets(loaded.module))
+    return True
+
+
+def enable_running_stats_of(module: torch.nn.Module) -> list[str]:
+    """Give every BatchNorm module built with ``track_running_stats=False`` running
+    buffers (``running_mean`` 0, ``running_var`` 1, ``num_batches_tracked`` 0, in its
+    parameters' dtype and device) and ``track_running_stats=True``, so that a
+    re-estimation fills them and the layer then folds. Returns the names of the layers."""
+    import torch
+
+    names = []
+    for name, m in module.named_modules():
+        if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        if m.track_running_stats and getattr(m, "running_mean", None) is not None:
+            continue
+        ref = m.weight if m.weight is not None else None
+        kwargs: dict[str, Any] = {"dtype": ref.dtype if ref is not None else torch.float32}
+        if ref is not None:
+            kwargs["device"] = ref.device
+        # register_buffer refuses a name already set to None as an attribute: drop it first
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            if buffer in m._buffers:
+                del m._buffers[buffer]
+        m.register_buffer("running_mean", torch.zeros(m.num_features, **kwargs))
+        m.register_buffer("running_var", torch.ones(m.num_features, **kwargs))
+        m.register_buffer(
+            "num_batches_tracked",
+            torch.tensor(0, dtype=torch.long, device=kwargs.get("device")),
+        )
+        m.track_running_stats = True
+        m._bnfold_created_stats = True  # the file lacks these buffers: write_model adds them
+        names.append(name or "<root>")
+    return names
 
 
 def write_model(
@@ -1570,9 +1658,25 @@ def _prefix(container: Any, keys: list[str]) -> str | None:
 
 
 def _apply(container: dict, prefix: str, updates: dict[str, torch.Tensor]) -> None:
+    """Replace (same dtype) or, for buffers created by --enable-running-stats, add."""
     for key, value in updates.items():
-        old = container[prefix + key]
-        container[prefix + key] = value.to(dtype=old.dtype)
+        old = container.get(prefix + key)
+        container[prefix + key] = value if old is None else value.to(dtype=old.dtype)
+
+
+def _probe_keys(loaded: LoadedModel, updates: dict[str, torch.Tensor]) -> list[str]:
+    """Keys that find the container's prefix: the updated buffers the file already has
+    (all of them, unless --enable-running-stats created some), else parameter names."""
+    if loaded.module is None:
+        return list(updates)
+    created = {
+        f"{name}.{buffer}" if name else buffer
+        for name, m in loaded.module.named_modules()
+        if getattr(m, "_bnfold_created_stats", False)
+        for buffer in ("running_mean", "running_var", "num_batches_tracked")
+    }
+    keys = [k for k in updates if k not in created]
+    return keys or [k for k, _ in loaded.module.named_parameters()][:8]
 
 
 def _save_container(loaded: LoadedModel, updates: dict[str, torch.Tensor], target: Path) -> None:
@@ -1587,7 +1691,7 @@ def _save_container(loaded: LoadedModel, updates: dict[str, torch.Tensor], targe
     except pickle.UnpicklingError:
         # a checkpoint holding a whole module: loading it needed --trust-pickle already
         raw = torch.load(loaded.path, map_location="cpu", weights_only=False)
-    keys = list(updates)
+    keys = _probe_keys(loaded, updates)
     places = [raw] + (list(raw.values()) if isinstance(raw, dict) else [])
     for place in places:
         if isinstance(place, torch.nn.Module):
@@ -1619,7 +1723,7 @@ def _save_safetensors(loaded: LoadedModel, updates: dict[str, torch.Tensor], tar
     with safe_open(str(loaded.path), framework="pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    p = _prefix(tensors, list(updates))
+    p = _prefix(tensors, _probe_keys(loaded, updates))
     if p is None and updates:
         raise BnfoldError(f"cannot find the BatchNorm buffers in {loaded.path} to update")
     _apply(tensors, p or "", updates)

@@ -250,7 +250,7 @@ class RecalibratedLayer:
 
 
 @dataclass(frozen=True)
-class RecalibrationReport:
+class RecalibrationReport(_Report):
     """``bnfold recalibrate``: the new running statistics, per layer."""
 
     model: str | None  # None when called as a library on a module

@@ -470,3 +470,155 @@ def test_bad_files_are_one_line_and_write_nothing(tmp_path, data, case):
                        "--batch-size", size, "--plot", tmp_path / "p.png")  # fmt: skip
     assert_one_error_line(inspected, *needles)
     assert not (tmp_path / "p.png").exists()
+
+
+# --------------------------------------------------------------------------- no BatchNorm
+
+
+def test_a_model_without_batchnorm_is_a_message_exit_0_nothing_written(tmp_path, data):
+    """issue 17: a model with no BN: recalibrate and inspect --data say so on stderr,
+    exit 0, and write no --out, --plot or --html."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    path = tmp_path / "plain.pt"
+    torch.save(model, path)
+    out = tmp_path / "o.pt"
+    result = invoke("recalibrate", path, "--trust-pickle", "--data", data, "--out", out,
+                    "-f", "json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "has no BatchNorm layer: nothing to re-estimate" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["layers"] == [] and report["output"] is None and not out.exists()
+    assert any("no BatchNorm" in note for note in report["notes"])
+    inspected = invoke("inspect", path, "--trust-pickle", "--data", data,
+                       "--plot", tmp_path / "p.png", "--html", tmp_path / "p.html")  # fmt: skip
+    assert inspected.exit_code == 0, inspected.output
+    assert "has no BatchNorm layer: the data was not run" in inspected.stderr
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "p.html").exists()
+
+
+# --------------------------------------------------------------------------- --enable-running-stats
+
+
+class NoStats(torch.nn.Module):
+    """conv -> BN without running statistics -> ReLU -> conv -> ordinary BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(6, track_running_stats=False)
+        self.conv2 = torch.nn.Conv2d(6, 4, 3)
+        self.bn2 = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def test_enable_running_stats_gives_them_statistics_which_then_fold(tmp_path, data):
+    """issue 17: a BN built with track_running_stats=False refuses re-estimation without
+    the flag (exit 2, the hint names it); with --enable-running-stats it gets buffers with
+    PyTorch's momentum=None statistics, and `bnfold fuse` then folds it (no BN node left)."""
+    torch.manual_seed(0)
+    model = NoStats().eval()
+    path = tmp_path / "nostats.pt"
+    torch.save(model, path)
+    only = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3, track_running_stats=False)
+    )
+    torch.save(only.eval(), tmp_path / "only.pt")
+    refused = invoke("recalibrate", tmp_path / "only.pt", "--trust-pickle", "--data", data,
+                     "--out", tmp_path / "x.pt")  # fmt: skip
+    assert_one_error_line(refused, "no BatchNorm layer with running statistics",
+                          "--enable-running-stats")  # fmt: skip
+    out = tmp_path / "re.pt"
+    result = invoke("recalibrate", path, "--trust-pickle", "--data", data, "--out", out,
+                    "--enable-running-stats", "--batch-size", 8, "-f", "json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["complete"] and report["updated"] == 2
+    assert any("track_running_stats=False: bn1" in note for note in report["notes"])
+    done = torch.load(out, weights_only=False)
+    assert done.bn1.track_running_stats and int(done.bn1.num_batches_tracked) == 5
+    # PyTorch's own: the same BN with buffers, alone in training mode, momentum=None
+    ref = NoStats()
+    ref.load_state_dict(model.state_dict(), strict=False)
+    ref.bn1 = torch.nn.BatchNorm2d(6, momentum=None)
+    ref.bn1.load_state_dict(model.bn1.state_dict(), strict=False)
+    ref.bn2.reset_running_stats()
+    ref.bn2.momentum = None
+    ref.eval().bn1.train()
+    ref.bn2.train()
+    x = torch.from_numpy(np.load(data)["input"])
+    with torch.no_grad():
+        for i in range(0, 40, 8):
+            ref(x[i : i + 8])
+    for name in ("bn1", "bn2"):
+        got, want = getattr(done, name), getattr(ref, name)
+        torch.testing.assert_close(got.running_mean, want.running_mean, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(got.running_var, want.running_var, rtol=2e-6, atol=1e-7)
+    fused = invoke("fuse", out, "--trust-pickle", "--input-shape", "2,3,32,32",
+                   "--out", tmp_path / "f.onnx", "-f", "json")  # fmt: skip
+    assert fused.exit_code == 0, fused.output
+    fuse_report = json.loads(fused.stdout)
+    assert {f["bn"] for f in fuse_report["folded"]} == {"bn1", "bn2"}
+    assert fuse_report["onnx_bn_nodes"] == 0 and fuse_report["verification"]["passed"]
+
+
+def test_enable_running_stats_adds_the_buffers_to_a_state_dict(tmp_path, data):
+    """issue 17: a state_dict recalibrated with --enable-running-stats keeps every key and
+    gains the three buffers of the BN that had none (the rest untouched)."""
+    arch, _ = write_arch(tmp_path, textwrap.dedent(
+        """
+        import torch
+
+        class NoStats(torch.nn.Module):
+            def __init__(self, track=False):
+                super().__init__()
+                self.conv1 = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
+                self.bn1 = torch.nn.BatchNorm2d(6, track_running_stats=track)
+                self.conv2 = torch.nn.Conv2d(6, 4, 3)
+                self.bn2 = torch.nn.BatchNorm2d(4)
+
+            def forward(self, x):
+                return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        """
+    ), "nostats_arch")  # fmt: skip
+    torch.manual_seed(1)
+    state = NoStats().state_dict()
+    torch.save({"model": state, "epoch": 7}, tmp_path / "ckpt.pt")
+    out = tmp_path / "re.pt"
+    result = invoke("recalibrate", tmp_path / "ckpt.pt", "--arch", f"{arch}:NoStats",
+                    "--data", data, "--out", out, "--enable-running-stats")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = torch.load(out)
+    assert written["epoch"] == 7
+    new = {"bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"}
+    assert set(written["model"]) == set(state) | new
+    changed = {"bn2.running_mean", "bn2.running_var", "bn2.num_batches_tracked"}
+    assert all(torch.equal(written["model"][k], state[k]) for k in set(state) - changed)
+    assert not torch.equal(written["model"]["bn2.running_var"], state["bn2.running_var"])
+    loaded = invoke("inspect", out, "--arch", f"{arch}:NoStats", "--arch-kwargs", '{"track": true}',
+                    "-f", "json")  # fmt: skip
+    assert loaded.exit_code == 0, loaded.output
+
+
+def test_api_recalibrate_is_what_the_cli_runs(tmp_path, data):
+    """issue 17: bnfold.recalibrate writes what the CLI writes and returns the report the
+    CLI prints; an in-memory module is changed in place and out= is refused for it."""
+    import bnfold
+    from bnfold.data import DataOptions
+    from bnfold.errors import OutputError
+
+    opts = DataOptions(spec=data, batch_size=8)
+    report = bnfold.recalibrate(STATE_DICT, opts, tmp_path / "api.pt", arch=ARCH)
+    cli = invoke("recalibrate", STATE_DICT, "--arch", ARCH, "--data", data, "--batch-size", 8,
+                 "--out", tmp_path / "cli.pt", "-f", "json")  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    a, b = torch.load(tmp_path / "api.pt"), torch.load(tmp_path / "cli.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    as_cli = json.loads(cli.stdout)
+    assert report.to_dict()["layers"] == as_cli["layers"]
+    module = load_model(STATE_DICT, arch=ARCH).module
+    assert bnfold.recalibrate(module, opts).complete
+    assert torch.equal(module.state_dict()["stem.1.running_var"], a["stem.1.running_var"])
+    with pytest.raises(OutputError, match="in-memory model"):
+        bnfold.recalibrate(module, opts, tmp_path / "x.pt")

@@ -129,6 +129,9 @@ def inspect_command(
         progress=progress.step,
     )
     render.emit(report, fmt.value, stdout_console())
+    if data_opts is not None and not report.layers:  # not an error: nothing to measure
+        tell(f"note: {model.name} has no BatchNorm layer: the data was not run, nothing written")
+        return
     picture = None
     if plot_format is not None and plot is not None:
         picture = write_picture(report, plot, plot_format)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from pathlib import Path
 
@@ -51,44 +50,45 @@ def recalibrate_command(
     image_size: str | None = IMAGE_SIZE,
     mean: str | None = MEAN,
     std: str | None = STD,
+    enable_running_stats: bool = typer.Option(
+        False,
+        "--enable-running-stats",
+        help="Also give BatchNorm layers built with track_running_stats=False running "
+        "statistics (estimated on the data), so that they fold. Written into a pickled "
+        "module as it is; a state_dict gains their buffers (build the architecture with "
+        "track_running_stats=True to load it).",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
     debug: bool = DEBUG,
 ) -> None:
     """Re-estimate BatchNorm running statistics on real inputs; write the model back
     (exit 1 if some BatchNorm could not be re-estimated)."""
+    from bnfold.api import recalibrate
     from bnfold.cli import render
     from bnfold.cli.data_options import data_options
-    from bnfold.data import open_data
-    from bnfold.errors import BnfoldError, OutputError
+    from bnfold.cli.inspect import tell
 
-    kwargs = parse_arch_kwargs(arch_kwargs)
     opts = data_options(data, batch_size, limit, image_size, mean, std)
     assert opts is not None
-    # refuse a bad --out and bad --data before the model is loaded and run
-    if out.resolve() == model.resolve():
-        raise OutputError(f"refusing to overwrite the input {model}", hint="choose another --out")
-    if out.exists() and not force:
-        raise OutputError(f"{out} exists", hint="pass --force to overwrite it")
-    if out.is_dir() or not out.resolve().parent.is_dir():
-        raise OutputError(f"--out {out}: not a file in an existing folder")
-    source = open_data(opts)
     progress = Progress(enabled=None if fmt is OutputFormat.table else False)
-    with progress.step(f"Loading {model.name}"):
-        from bnfold.loading import load_model
-
-        loaded = load_model(model, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle)
-    from bnfold.data import recalibrate, write_model
-
-    report = recalibrate(loaded, source, method=method.value, step=progress.step)
-    if not any(layer.reason != "no_running_stats" for layer in report.layers):
-        raise BnfoldError(
-            "the model has no BatchNorm layer with running statistics to re-estimate",
-            path=model,
-        )
-    with progress.step(f"Writing {out.name}"):
-        write_model(loaded, report, out, force=force)
-    report = dataclasses.replace(report, output=str(out))
+    report = recalibrate(
+        model,
+        opts,
+        out,
+        arch=arch,
+        arch_kwargs=parse_arch_kwargs(arch_kwargs),
+        trust_pickle=trust_pickle,
+        method=method.value,
+        enable_running_stats=enable_running_stats,
+        force=force,
+        progress=progress.step,
+    )
     render.emit(report, fmt.value, stdout_console())
+    if not report.layers:  # not an error: there is nothing to repair
+        tell(
+            f"note: {model.name} has no BatchNorm layer: nothing to re-estimate, {out} not written"
+        )
+        return
     if not report.complete:
         raise typer.Exit(1)
