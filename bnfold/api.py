@@ -321,6 +321,9 @@ def fuse(
     save_torch: str | Path | None = None,
     force: bool = False,
     eval_mode: bool = False,
+    recalibrate_data: DataOptions | str | Path | None = None,
+    recalibrate_method: str = "cumulative",
+    enable_running_stats: bool = False,
     progress: Step | None = None,
 ) -> FuseReport:
     """The whole ``bnfold fuse`` job: fold, export ``out`` (ONNX), verify it in onnxruntime.
@@ -329,7 +332,11 @@ def fuse(
     ``onnx.ModelProto``); the input shape comes from ``example_inputs``, ``input_shapes``
     or ``inputs_npz`` as for the CLI.  A model in training mode is refused unless
     ``eval_mode=True`` switches it.  Returns the report; check ``report.verification.passed``
-    (the CLI exits 1 when it is False).
+    (the CLI exits 1 when it is False).  ``recalibrate_data`` (a ``DataOptions`` or a
+    ``--data`` spec) first re-estimates the BatchNorm statistics on that data, as
+    ``recalibrate`` does with ``recalibrate_method`` and ``enable_running_stats``, and
+    folds the result; the report's ``recalibration`` says what changed.  The data's
+    first samples also give the input shape when none is given.
 
     >>> import tempfile, torch, bnfold
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
@@ -342,7 +349,18 @@ def fuse(
 
     loaded = None
     path: Path
+    step = progress or _no_progress
     scratch = tempfile.TemporaryDirectory(prefix="bnfold-fuse-")
+    source = None
+    if recalibrate_data is not None:  # bad data is refused before the model is loaded
+        from bnfold.data import DataOptions, open_data
+
+        opts_data = (
+            recalibrate_data
+            if isinstance(recalibrate_data, DataOptions)
+            else DataOptions(spec=recalibrate_data)
+        )
+        source = open_data(opts_data)
     if isinstance(model, (str, Path)):
         path = Path(model)
     elif type(model).__name__ == "ModelProto":  # the ONNX route reads the original file
@@ -351,6 +369,29 @@ def fuse(
         loaded = _load(model)
         path = loaded.path
     example = _as_inputs(example_inputs) if example_inputs is not None else None
+    recalibration = None
+    if source is not None:
+        from bnfold.data import recalibrate as reestimate
+
+        if loaded is None:
+            with step(f"Loading {path.name}"):
+                loaded = _load(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+        recalibration = reestimate(
+            loaded,
+            source,
+            method=recalibrate_method,
+            enable_running_stats=enable_running_stats,
+            step=step,
+        )
+        if loaded.onnx_model is not None:
+            # the ONNX route verifies against the file it folds: the re-estimated one
+            import onnx
+
+            path = Path(scratch.name) / path.name
+            onnx.save(loaded.onnx_model, str(path))
+            loaded = None
+        elif example is None and not input_shapes and inputs_npz is None:
+            example = source.example()  # the data's shape, for capture and verification
     opts = FuseOptions(
         model=path,
         out=Path(out) if out is not None else None,
@@ -371,7 +412,12 @@ def fuse(
         eval_mode=eval_mode,
     )
     with scratch:
-        return run_fuse(opts, progress or _no_progress, loaded=loaded, example_inputs=example)
+        report = run_fuse(opts, step, loaded=loaded, example_inputs=example)
+    if recalibration is not None:
+        from dataclasses import replace
+
+        report = replace(report, recalibration=recalibration)
+    return report
 
 
 def check(

@@ -622,3 +622,64 @@ def test_api_recalibrate_is_what_the_cli_runs(tmp_path, data):
     assert torch.equal(module.state_dict()["stem.1.running_var"], a["stem.1.running_var"])
     with pytest.raises(OutputError, match="in-memory model"):
         bnfold.recalibrate(module, opts, tmp_path / "x.pt")
+
+
+# ------------------------------------------------------------------ fuse --recalibrate-data
+
+
+def test_fuse_recalibrate_data_folds_the_re_estimated_model(tmp_path, data):
+    """issue 17: `fuse --recalibrate-data` in one command gives the ONNX model that
+    `recalibrate` then `fuse` give: the same outputs, every BN folded, verified against
+    the re-estimated model; the report carries the recalibration."""
+    fused = invoke("fuse", STATE_DICT, "--arch", ARCH, "--recalibrate-data", data,
+                   "--batch-size", 8, "--out", tmp_path / "one.onnx", "-f", "json")  # fmt: skip
+    assert fused.exit_code == 0, fused.output
+    report = json.loads(fused.stdout)
+    assert report["recalibration"]["updated"] == 6 and report["recalibration"]["complete"]
+    assert report["recalibration"]["method"] == "cumulative"
+    assert report["verification"]["passed"] and report["onnx_bn_nodes"] == 0
+    assert len(report["folded"]) == 6
+    two = invoke("recalibrate", STATE_DICT, "--arch", ARCH, "--data", data, "--batch-size", 8,
+                 "--out", tmp_path / "re.pt")  # fmt: skip
+    assert two.exit_code == 0, two.output
+    again = invoke("fuse", tmp_path / "re.pt", "--arch", ARCH, "--input-shape", "2,3,32,32",
+                   "--out", tmp_path / "two.onnx")  # fmt: skip
+    assert again.exit_code == 0, again.output
+    import onnxruntime as ort
+
+    x = np.load(data)["input"][:8]
+    outs = []
+    for name in ("one.onnx", "two.onnx"):
+        session = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        outs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    plain = invoke("fuse", STATE_DICT, "--arch", ARCH, "--input-shape", "2,3,32,32",
+                   "--out", tmp_path / "plain.onnx")  # fmt: skip
+    assert plain.exit_code == 0, plain.output
+    session = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"])
+    assert not np.allclose(session.run(None, {session.get_inputs()[0].name: x})[0], outs[0])
+
+
+def test_fuse_recalibrate_data_on_onnx_and_with_enable_running_stats(tmp_path, data):
+    """issue 17: an ONNX model is re-estimated in its graph, folded and verified against the
+    re-estimated graph; --enable-running-stats lets a BN without statistics fold in the
+    same command; data options need --recalibrate-data."""
+    onnx_fused = invoke("fuse", SAMPLES / "convnet.onnx", "--recalibrate-data", data,
+                        "--batch-size", 8, "--out", tmp_path / "o.onnx", "-f", "json")  # fmt: skip
+    assert onnx_fused.exit_code == 0, onnx_fused.output
+    report = json.loads(onnx_fused.stdout)
+    assert report["recalibration"]["updated"] == 6 and report["verification"]["passed"]
+    torch.manual_seed(0)
+    torch.save(NoStats().eval(), tmp_path / "nostats.pt")
+    fused = invoke("fuse", tmp_path / "nostats.pt", "--trust-pickle", "--recalibrate-data", data,
+                   "--enable-running-stats", "--batch-size", 8, "--out", tmp_path / "n.onnx",
+                   "-f", "json")  # fmt: skip
+    assert fused.exit_code == 0, fused.output
+    report = json.loads(fused.stdout)
+    assert {f["bn"] for f in report["folded"]} == {"bn1", "bn2"}
+    assert report["onnx_bn_nodes"] == 0 and report["verification"]["passed"]
+    alone = invoke("fuse", STATE_DICT, "--arch", ARCH, "--limit", 3, "--out", tmp_path / "x.onnx")
+    assert_one_error_line(alone, "--limit only applies with --recalibrate-data")
+    flag = invoke("fuse", STATE_DICT, "--arch", ARCH, "--enable-running-stats",
+                  "--out", tmp_path / "x.onnx")  # fmt: skip
+    assert_one_error_line(flag, "--enable-running-stats only applies with --recalibrate-data")
