@@ -312,6 +312,50 @@ def test_moments_refuse_an_input_with_the_wrong_channels():
         Moments(3).add(torch.zeros(2, 4))
 
 
+def exact_gaussian_sample(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> np.ndarray:
+    """n samples whose sample mean is exactly ``mean`` and whose unbiased sample
+    covariance is exactly ``cov`` (to float64 rounding): random points, centred, whitened
+    with their own covariance, then coloured with ``cov``'s Cholesky factor."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, len(mean)))
+    z -= z.mean(axis=0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T
+    return mean + z @ np.linalg.cholesky(cov).T
+
+
+@pytest.mark.parametrize("batch_size", [5, 13, 60])
+def test_statistics_after_a_linear_layer_are_known_in_closed_form(tmp_path, batch_size):
+    """issue 17: data of known mean mu and covariance S through y = W x + b: the BN after
+    the linear layer receives mean W mu + b and variance diag(W S W^T), exactly. inspect
+    --data measures that, and the sequential method writes it, whatever the batch size
+    (the merge across batches equals one pass over all the data); the cumulative method
+    on one batch writes it too. (Data files are read as float32: 1e-6 is their rounding.)"""
+    d, k, n = 4, 3, 60
+    rng = np.random.default_rng(1)
+    mu = rng.uniform(-2, 2, d)
+    a = rng.standard_normal((d, d))
+    cov = a @ a.T + 0.5 * np.eye(d)
+    x = exact_gaussian_sample(n, mu, cov, seed=2)
+    np.testing.assert_allclose(np.cov(x, rowvar=False), cov, rtol=1e-6)
+    model = nn.Sequential(nn.Linear(d, k), nn.BatchNorm1d(k)).double().eval()
+    randomize_all(model, 3)
+    fresh = copy.deepcopy(model)
+    w, b = model[0].weight.detach().numpy(), model[0].bias.detach().numpy()
+    want_mean, want_var = w @ mu + b, np.diag(w @ cov @ w.T)
+    src = source(save_npz(tmp_path / "d.npz", x), batch_size=batch_size)
+    got = measure(loaded_module(model), src).moments["1"]
+    assert got.count == n
+    np.testing.assert_allclose(got.mean, want_mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.var, want_var, rtol=1e-6)
+    recalibrate_module(model, src.batches(torch.float64), method="sequential")
+    np.testing.assert_allclose(model[1].running_mean.numpy(), want_mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(model[1].running_var.numpy(), want_var, rtol=1e-6)
+    if batch_size == n:
+        recalibrate_module(fresh, src.batches(torch.float64))
+        np.testing.assert_allclose(fresh[1].running_mean.numpy(), want_mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(fresh[1].running_var.numpy(), want_var, rtol=1e-6)
+
+
 def test_drift_by_hand():
     """issue 17: mean shift in running standard deviations, variance ratio with eps."""
     shift, ratio = drift(
