@@ -1583,7 +1583,7 @@ def enable_running_stats_of(module: torch.nn.Module) -> list[str]:
             torch.tensor(0, dtype=torch.long, device=kwargs.get("device")),
         )
         m.track_running_stats = True
-        m._bnfold_created_stats = True  # the file lacks these buffers: write_model adds them
+        m.__dict__["_bnfold_created_stats"] = True  # write_model adds them to the file
         names.append(name or "<root>")
     return names
 
