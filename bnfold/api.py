@@ -215,7 +215,7 @@ def inspect(
     if source is not None:
         from bnfold.data import measure
 
-        measured = measure(loaded, source, step=step)
+        measured = measure(loaded, source, step=step, input_shapes=input_shapes)
         if example is None and loaded.onnx_model is None:
             example = source.example()  # the real input shape, for the fold analysis
     with step("Analysing BatchNorm layers"):

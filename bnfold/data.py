@@ -793,6 +793,7 @@ class _Pass:
         self.train_bn = False
         self.stop_after: _Target | None = None
         self.call_order: list[_Target] = []
+        self.accepted: list[tuple[int, ...]] = []  # --input-shape, for the misfit message
 
     @contextmanager
     def active(
@@ -848,7 +849,7 @@ class _Pass:
         except BnfoldError:
             raise
         except Exception as e:
-            raise _misfit(self.model, batch, e) from e
+            raise _misfit(self.model, batch, e, self.accepted) from e
 
     def _called(self, t: _Target) -> Moments | None:
         """Count a call of ``t``; its accumulator when ``t`` is watched."""
@@ -909,9 +910,15 @@ class _Pass:
         return out
 
 
-def _misfit(model: torch.nn.Module, batch: Sequence[torch.Tensor], e: Exception) -> BnfoldError:
+def _misfit(
+    model: torch.nn.Module,
+    batch: Sequence[torch.Tensor],
+    e: Exception,
+    accepted: Sequence[tuple[int, ...]] = (),
+) -> BnfoldError:
     """The model does not run on a batch: one line naming each input, the shape and dtype
-    given, the shape the model's first layer takes, and what the model raised."""
+    given, the shape the model takes (``--input-shape``, else its first layer's), and
+    what the model raised."""
     from bnfold.inputs import accepted_shape, input_names
 
     given = "; ".join(
@@ -920,6 +927,9 @@ def _misfit(model: torch.nn.Module, batch: Sequence[torch.Tensor], e: Exception)
     )
     wanted = accepted_shape(model)
     takes = f"; the model's first layer takes {wanted}" if wanted else ""
+    if accepted:
+        shapes = " and ".join(str(list(shape)) for shape in accepted)
+        takes = f"; --input-shape says the model takes {shapes}" + takes
     return BnfoldError(
         f"the model does not run on the data: {given}{takes}: {_quote(e)}",
         hint="check --data and its --image-size/--mean/--std",
@@ -972,9 +982,15 @@ class Measurement:
     notes: list[str] = field(default_factory=list)
 
 
-def measure(loaded: LoadedModel, source: DataSource, step: Step = _no_step) -> Measurement:
+def measure(
+    loaded: LoadedModel,
+    source: DataSource,
+    step: Step = _no_step,
+    input_shapes: Sequence[Sequence[int]] = (),
+) -> Measurement:
     """Run the data through the model as at inference (eval mode) and measure the inputs
-    of every BN. The model is left as it was."""
+    of every BN. The model is left as it was. ``input_shapes`` (``--input-shape``) are
+    named, beside the first layer's, when the data does not fit the model."""
     notes = list(source.notes)
     if not has_batchnorm(loaded):
         return Measurement({}, source.summary(), [NO_BN])
@@ -988,6 +1004,7 @@ def measure(loaded: LoadedModel, source: DataSource, step: Step = _no_step) -> M
         model = loaded.module
         targets = _targets(model)
         run = _Pass(model, targets)
+        run.accepted = [tuple(int(d) for d in shape) for shape in input_shapes]
         with step(label), run.active(targets):
             for batch in source.batches(_model_dtype(model)):
                 run.run(batch)
@@ -1274,8 +1291,21 @@ def _run_onnx(session: Any, names: list[str], feeds: dict[str, np.ndarray]) -> d
     try:
         values = session.run(wanted, feeds) if wanted else []  # [] would ask for every output
     except Exception as e:
+        # name each graph input: the shape and dtype given, the shape and type it declares
+        declared = {i.name: i for i in session.get_inputs()}
+        parts = []
+        for name, array in feeds.items():
+            d = declared.get(name)
+            if d is None or name.endswith(("running_mean", "running_var")):
+                continue
+            shape = [dim if isinstance(dim, int) else str(dim) for dim in d.shape]
+            parts.append(
+                f"input {name!r} has shape {list(array.shape)} ({array.dtype}); the model "
+                f"takes {shape} ({d.type})"
+            )
+        given = "; ".join(parts[:4])
         raise BnfoldError(
-            f"onnxruntime cannot run the model on the data: {(str(e).splitlines() or [''])[0]}",
+            f"onnxruntime cannot run the model on the data: {given}: {_quote(e)}",
             hint="check --data and its --image-size/--mean/--std",
         ) from e
     got = dict(zip(wanted, values, strict=True))

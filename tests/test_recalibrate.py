@@ -683,3 +683,29 @@ def test_fuse_recalibrate_data_on_onnx_and_with_enable_running_stats(tmp_path, d
     flag = invoke("fuse", STATE_DICT, "--arch", ARCH, "--enable-running-stats",
                   "--out", tmp_path / "x.onnx")  # fmt: skip
     assert_one_error_line(flag, "--enable-running-stats only applies with --recalibrate-data")
+
+
+def test_data_that_does_not_fit_names_input_shape_and_the_onnx_inputs(tmp_path):
+    """issue 17: with --input-shape the message names the shape it gives; for an ONNX
+    model it names the graph input, the shape and dtype given and the declared shape."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 5, 32, 32), dtype=np.float32))
+    spec = tmp_path / "d.npz"
+    result = invoke("inspect", STATE_DICT, "--arch", ARCH, "--data", spec, "--batch-size", 4,
+                    "--input-shape", "1,3,32,32")  # fmt: skip
+    assert_one_error_line(
+        result,
+        "input 0 (x) has shape [4, 5, 32, 32] (float32)",
+        "--input-shape says the model takes [1, 3, 32, 32]",
+    )
+    import onnx
+
+    declared = onnx.load(str(SAMPLES / "convnet.onnx")).graph.input[0]
+    out = tmp_path / "o.onnx"
+    result = invoke("recalibrate", SAMPLES / "convnet.onnx", "--data", spec, "--batch-size", 4,
+                    "--out", out)  # fmt: skip
+    assert_one_error_line(
+        result,
+        "onnxruntime cannot run the model on the data",
+        f"input {declared.name!r} has shape [4, 5, 32, 32] (float32); the model takes [",
+    )
+    assert not out.exists()
