@@ -232,6 +232,7 @@ def recalibrate(
     trust_pickle: bool = False,
     method: str = "cumulative",
     enable_running_stats: bool = False,
+    measure_drift: bool = True,
     force: bool = False,
     progress: Step | None = None,
 ) -> RecalibrationReport:
@@ -242,7 +243,9 @@ def recalibrate(
     ``cumulative`` (PyTorch's own: what the BN layers alone in training mode with
     ``momentum=None`` give on these batches) or ``sequential`` (layer by layer, the exact
     statistics each BN receives at inference).  ``enable_running_stats`` gives BNs built
-    with ``track_running_stats=False`` running statistics first.  ``model`` is a path
+    with ``track_running_stats=False`` running statistics first.  ``measure_drift`` also
+    runs the data in eval mode before and after (two more forward passes): each layer's
+    ``drift_before`` and ``drift_after`` on the data.  ``model`` is a path
     (then ``out`` writes the result in the model's own format) or an in-memory
     ``nn.Module``/``onnx.ModelProto``, changed in place.  A model without BatchNorm is
     not an error: the report has no layers and says so in its notes, and nothing is
@@ -282,7 +285,12 @@ def recalibrate(
     with step(f"Loading {name}"):
         loaded = _load(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     report = reestimate(
-        loaded, source, method=method, enable_running_stats=enable_running_stats, step=step
+        loaded,
+        source,
+        method=method,
+        enable_running_stats=enable_running_stats,
+        measure_drift=measure_drift,
+        step=step,
     )
     if not report.layers:
         return report
@@ -381,6 +389,7 @@ def fuse(
             source,
             method=recalibrate_method,
             enable_running_stats=enable_running_stats,
+            measure_drift=False,  # the fuse report carries one line about it
             step=step,
         )
         if loaded.onnx_model is not None:

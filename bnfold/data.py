@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnfold.errors import BnfoldError, LoadError, OutputError
-from bnfold.reports import DataSummary, RecalibratedLayer, RecalibrationReport
+from bnfold.reports import DataSummary, Drift, RecalibratedLayer, RecalibrationReport
 from bnfold.stats import _spread  # the min / median / max of every report
 
 if TYPE_CHECKING:
@@ -1495,11 +1495,15 @@ def recalibrate(
     *,
     method: str = "cumulative",
     enable_running_stats: bool = False,
+    measure_drift: bool = True,
     step: Step = _no_step,
 ) -> RecalibrationReport:
     """Re-estimate every BN of a loaded model in place (its module or ONNX graph).
 
     A model without any BatchNorm gives a report with no layers, and the data is not run.
+    ``measure_drift``: also run the data in eval mode before and after (two more forward
+    passes) and give each layer its drift on the data with the old statistics and with
+    the new ones (``drift_before``, ``drift_after``).
     ``enable_running_stats``: BN modules built with ``track_running_stats=False`` first get
     running buffers (see :func:`enable_running_stats`), which are then re-estimated.
     """
@@ -1535,6 +1539,9 @@ def recalibrate(
                 f"track_running_stats=False: {', '.join(enabled[:5])}"
                 + (" …" if len(enabled) > 5 else "")
             )
+    before: dict[str, Drift] = {}
+    if measure_drift:
+        before = drift_by_layer(loaded, measure(loaded, source, _labelled(step, "before")))
     if loaded.onnx_model is not None:
         layers, passes = _onnx_recalibrate(loaded.onnx_model, source, method, step)
         report = RecalibrationReport(
@@ -1558,6 +1565,19 @@ def recalibrate(
             hint="pass --arch (e.g. torchvision:resnet50 or path/file.py:Net)",
             path=loaded.path,
         )
+    if measure_drift:
+        after = drift_by_layer(loaded, measure(loaded, source, _labelled(step, "after")))
+        report = replace(
+            report,
+            layers=tuple(
+                replace(
+                    layer,
+                    drift_before=before.get(layer.name),
+                    drift_after=after.get(layer.name),
+                )
+                for layer in report.layers
+            ),
+        )
     return replace(
         report,
         model=str(loaded.path),
@@ -1568,7 +1588,47 @@ def recalibrate(
     )
 
 
+def _labelled(step: Step, when: str) -> Step:
+    """``step`` with labels saying which drift pass runs."""
+
+    def labelled(label: str) -> ContextManager[None]:
+        return step(f"{label}: drift {when} re-estimation")
+
+    return labelled
+
+
 NO_BN = "the model has no BatchNorm layer: nothing to measure or re-estimate"
+
+
+def drift_by_layer(loaded: LoadedModel, measured: Measurement) -> dict[str, Drift]:
+    """Per BN layer (first call), the drift of its current running statistics from what
+    ``measured`` says it receives on the data."""
+    out: dict[str, Drift] = {}
+    stats: list[tuple[str, np.ndarray, np.ndarray, float]] = []
+    if loaded.onnx_model is not None:
+        from onnx import numpy_helper
+
+        inits = {t.name: t for t in loaded.onnx_model.graph.initializer}
+        for bn in _onnx_bns(loaded.onnx_model):
+            if bn.mean and bn.var:
+                mean = numpy_helper.to_array(inits[bn.mean]).astype(np.float64)
+                var = numpy_helper.to_array(inits[bn.var]).astype(np.float64)
+                stats.append((bn.name, mean, var, bn.eps))
+    elif loaded.module is not None:
+        for t in _targets(loaded.module):
+            if t.mean is not None and t.var is not None:
+                stats.append((t.name, _numpy(t.mean), _numpy(t.var), t.eps))
+    for name, mean, var, eps in stats:
+        m = measured.moments.get(name)
+        if m is None or not m.count:
+            continue
+        shift, ratio = drift(m.mean, m.var, mean, var, eps)
+        spreads = _spread(shift), _spread(ratio)
+        if spreads[0] is None or spreads[1] is None:
+            continue
+        worst = worst_channels(shift, ratio)
+        out[name] = Drift(spreads[0], spreads[1], worst[0], worst[1])
+    return out
 
 
 def has_batchnorm(loaded: LoadedModel) -> bool:

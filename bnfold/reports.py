@@ -231,6 +231,17 @@ class CheckReport(_Report):
 
 
 @dataclass(frozen=True)
+class Drift:
+    """How far a BN's running statistics are from what it receives on the data (eval
+    mode): the mean shift and variance ratio of ``inspect --data``, worst channels named."""
+
+    mean_shift: Spread  # |data mean - running_mean| / sqrt(running_var + eps)
+    var_ratio: Spread  # (data var + eps) / (running_var + eps)
+    mean_shift_channel: int | None
+    var_ratio_channel: int | None
+
+
+@dataclass(frozen=True)
 class RecalibratedLayer:
     """One BatchNorm after re-estimation: whether its statistics changed, and how much."""
 
@@ -247,6 +258,10 @@ class RecalibratedLayer:
     running_var: Spread | None  # the new running_var
     mean_shift_channel: int | None = None  # the channel of the largest mean shift
     var_ratio_channel: int | None = None  # the channel whose ratio is furthest from 1 (log)
+    # the drift on the data with the old statistics and with the new ones (None: not
+    # measured, --no-drift, or the layer is not reached)
+    drift_before: Drift | None = None
+    drift_after: Drift | None = None
 
 
 @dataclass(frozen=True)

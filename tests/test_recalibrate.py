@@ -709,3 +709,42 @@ def test_data_that_does_not_fit_names_input_shape_and_the_onnx_inputs(tmp_path):
         f"input {declared.name!r} has shape [4, 5, 32, 32] (float32); the model takes [",
     )
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- drift before / after
+
+
+def test_recalibrate_reports_the_drift_before_and_after(tmp_path, data):
+    """issue 17: the report gives per layer the drift on the data with the old statistics
+    (what inspect --data reports on the original) and with the new ones: after the
+    sequential method none is left; --no-drift skips both passes."""
+    x = np.load(data)["input"] * 4 + 2  # other units: every layer drifts
+    np.savez(tmp_path / "big.npz", input=x)
+    spec = tmp_path / "big.npz"
+    inspected = json.loads(
+        invoke(
+            "inspect", STATE_DICT, "--arch", ARCH, "--data", spec, "--batch-size", 8, "-f", "json"
+        ).stdout
+    )
+    result = invoke("recalibrate", STATE_DICT, "--arch", ARCH, "--data", spec, "--batch-size", 8,
+                    "--method", "sequential", "--out", tmp_path / "o.pt", "-f", "json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.stdout)["layers"]
+    by_name = {layer["name"]: layer for layer in inspected["layers"]}
+    for layer in layers:
+        before, after, seen = layer["drift_before"], layer["drift_after"], by_name[layer["name"]]
+        assert before["mean_shift"] == pytest.approx(seen["mean_shift"], rel=1e-9)
+        assert before["var_ratio"] == pytest.approx(seen["var_ratio"], rel=1e-9)
+        assert before["mean_shift_channel"] == seen["mean_shift_channel"]
+        assert after["mean_shift"]["max"] < 1e-4
+        assert (
+            abs(after["var_ratio"]["min"] - 1) < 1e-4 and abs(after["var_ratio"]["max"] - 1) < 1e-4
+        )
+    table = invoke("recalibrate", STATE_DICT, "--arch", ARCH, "--data", spec, "--batch-size", 8,
+                   "--out", tmp_path / "t.pt")  # fmt: skip
+    assert table.exit_code == 0, table.output
+    assert "drift before" in table.stdout and "drift after" in table.stdout
+    quick = invoke("recalibrate", STATE_DICT, "--arch", ARCH, "--data", spec, "--batch-size", 8,
+                   "--out", tmp_path / "q.pt", "--no-drift", "-f", "json")  # fmt: skip
+    assert quick.exit_code == 0, quick.output
+    assert all(layer["drift_before"] is None for layer in json.loads(quick.stdout)["layers"])

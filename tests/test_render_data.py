@@ -131,6 +131,25 @@ def test_recalibration_table_fits_80_columns_and_says_what_stayed():
     assert "re-estimated 4 of 5 BatchNorm layers, method cumulative" in words
 
 
+def test_recalibration_table_with_drift_before_and_after_fits_80_columns():
+    """issue 17: with the drift measured, the table shows it before and after (largest
+    mean shift, variance ratio range) within 80 columns; markdown has both columns."""
+    from bnfold.reports import Drift
+
+    report = recalibration(4)
+    before = Drift(Spread(0.1, 0.5, 3.5), Spread(0.125, 1.0, 8.0), 7, 2)
+    after = Drift(Spread(0.0, 0.01, 0.02), Spread(0.99, 1.0, 1.01), 1, 3)
+    layers = tuple(
+        dataclasses.replace(layer, drift_before=before, drift_after=after)
+        for layer in report.layers
+    )
+    text = table(dataclasses.replace(report, layers=layers))
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "drift before" in text and "3.5, 0.12…8" in text and "0.02, 0.99…1" in text
+    markdown = render.to_markdown(dataclasses.replace(report, layers=layers))
+    assert "| 3.5, 0.12…8 | 0.02, 0.99…1 |" in markdown
+
+
 def test_recalibration_markdown_escapes_names():
     """issue 17: markdown has one row per layer, pipes in names and paths escaped."""
     text = render.to_markdown(recalibration())

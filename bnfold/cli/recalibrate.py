@@ -58,6 +58,12 @@ def recalibrate_command(
         "module as it is; a state_dict gains their buffers (build the architecture with "
         "track_running_stats=True to load it).",
     ),
+    no_drift: bool = typer.Option(
+        False,
+        "--no-drift",
+        help="Skip the two eval-mode passes that measure each layer's drift on the data "
+        "before and after re-estimation.",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
     debug: bool = DEBUG,
@@ -81,6 +87,7 @@ def recalibrate_command(
         trust_pickle=trust_pickle,
         method=method.value,
         enable_running_stats=enable_running_stats,
+        measure_drift=not no_drift,
         force=force,
         progress=progress.step,
     )

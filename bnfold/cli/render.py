@@ -506,6 +506,13 @@ def _result_cell(layer: Any) -> str:
     return "updated" if layer.updated else f"kept: {layer.reason}"
 
 
+def _drift_cell(d: Any) -> str:
+    """A Drift as ``shift max, ratio min…max``."""
+    if d is None:
+        return "-"
+    return f"{d.mean_shift.max:.2g}, {d.var_ratio.min:.2g}…{d.var_ratio.max:.2g}"
+
+
 def _recalibration_table(r: RecalibrationReport, console: Console) -> None:
     from rich import box
     from rich.table import Table
@@ -514,22 +521,39 @@ def _recalibration_table(r: RecalibrationReport, console: Console) -> None:
     console.print(Text(_recalibration_head(r), style="bold"))
     if r.data is not None:
         console.print(Text(data_line(r.data)))
+    measured = any(layer.drift_before or layer.drift_after for layer in r.layers)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("BN layer", overflow="fold", ratio=3)
     table.add_column("C", justify="right")
     table.add_column("result", overflow="fold", ratio=2)
-    table.add_column("shift", justify="right")
-    table.add_column("var ratio", justify="right")
-    table.add_column("new var min", justify="right")
+    if measured:
+        table.add_column("drift before", justify="right")
+        table.add_column("drift after", justify="right")
+    else:
+        table.add_column("shift", justify="right")
+        table.add_column("var ratio", justify="right")
+        table.add_column("new var min", justify="right")
     for layer in r.layers:
+        cells = (
+            [_drift_cell(layer.drift_before), _drift_cell(layer.drift_after)]
+            if measured
+            else [*_drift_cells(layer), _g(layer.running_var.min if layer.running_var else None)]
+        )
         table.add_row(
             Text(layer.name),
             str(layer.channels),
             Text(_result_cell(layer), style="green" if layer.updated else "yellow"),
-            *_drift_cells(layer),
-            _g(layer.running_var.min if layer.running_var else None),
+            *cells,
         )
     console.print(table)
+    if measured:
+        console.print(
+            Text(
+                "drift on the data (eval mode), old and new statistics: largest mean shift "
+                "|mean - running_mean| / sqrt(running_var + eps), variance ratio min…max",
+                style="dim",
+            )
+        )
     for layer in r.layers:
         if not layer.updated:
             console.print(
@@ -549,15 +573,17 @@ def _recalibration_markdown(r: RecalibrationReport) -> str:
         lines += ["", _md_escape(data_line(r.data)) + "."]
     lines += [
         "",
-        "| BN layer | C | result | mean shift max | var ratio min…max | new var min |",
-        "|---|---:|---|---:|---:|---:|",
+        "| BN layer | C | result | mean shift max | var ratio min…max | new var min "
+        "| drift before | drift after |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for layer in r.layers:
         result = "updated" if layer.updated else f"kept: `{layer.reason}`"
         lines.append(
             f"| `{_md_escape(layer.name)}` | {layer.channels} | {result} | "
             + "".join(f"{cell} | " for cell in _drift_cells(layer))
-            + f"{_g(layer.running_var.min if layer.running_var else None)} |"
+            + f"{_g(layer.running_var.min if layer.running_var else None)} | "
+            + f"{_drift_cell(layer.drift_before)} | {_drift_cell(layer.drift_after)} |"
         )
     for note in r.notes:
         lines += ["", f"_Note: {_md_escape(note)}_"]
