@@ -961,6 +961,8 @@ def test_sequential_statistics_are_what_each_bn_receives(widths, dims, eps, batc
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             got = moments[name]
-            scale = np.sqrt(got.var) + 1e-6 + np.abs(got.mean) * 1e-6
+            # float32 storage rounds a mean by up to 6e-8 of itself: a near-constant channel
+            # (widths of 1 after a ReLU) needs that much room
+            scale = np.sqrt(got.var) + 1e-6 + np.abs(got.mean) * 1e-2
             assert np.all(np.abs(m.running_mean.numpy() - got.mean) <= 1e-5 * scale), name
             assert np.all(np.abs(m.running_var.numpy() - got.var) <= 1e-4 * got.var + 1e-9), name
