@@ -936,6 +936,15 @@ def _misfit(
     )
 
 
+def _counted(batches: Iterable[Any], step: Step, label: str) -> Iterator[Any]:
+    """``batches``, each one run inside ``step(label: batch k[/n])``: a progress line per
+    batch on a terminal (the CLI's steps are silent elsewhere)."""
+    total = len(batches) if isinstance(batches, list) else None
+    for k, batch in enumerate(batches, 1):
+        with step(f"{label}: batch {k}" + (f"/{total}" if total else "")):
+            yield batch
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray:
     import torch
 
@@ -998,15 +1007,14 @@ def measure(
     if source.kind == "callable":
         label = f"Running the batches of {source.opts.spec}"
     if loaded.onnx_model is not None:
-        with step(label + " in onnxruntime"):
-            moments = _onnx_measure(loaded.onnx_model, source)
+        moments = _onnx_measure(loaded.onnx_model, source, step, label + " in onnxruntime")
     elif loaded.module is not None:
         model = loaded.module
         targets = _targets(model)
         run = _Pass(model, targets)
         run.accepted = [tuple(int(d) for d in shape) for shape in input_shapes]
-        with step(label), run.active(targets):
-            for batch in source.batches(_model_dtype(model)):
+        with run.active(targets):
+            for batch in _counted(source.batches(_model_dtype(model)), step, label):
                 run.run(batch)
         moments = {}
         for t in targets:
@@ -1060,8 +1068,9 @@ def recalibrate_module(
     try:
         if method == "cumulative":
             watch = [t for t in targets if t.trainable and t.mean is not None]
-            with step("Re-estimating BatchNorm statistics"), run.active(watch, train_bn=True):
-                for batch in batches:
+            label = "Re-estimating BatchNorm statistics"
+            with run.active(watch, train_bn=True):
+                for batch in _counted(batches, step, label):
                     if batch and batch[0].dim() > 0 and batch[0].shape[0] < 2:
                         raise BnfoldError(
                             "the cumulative method needs batches of at least 2 samples (training-"
@@ -1312,12 +1321,14 @@ def _run_onnx(session: Any, names: list[str], feeds: dict[str, np.ndarray]) -> d
     return {n: torch.from_numpy(np.asarray(got[n] if n in got else feeds[n])) for n in names}
 
 
-def _onnx_measure(model: onnx.ModelProto, source: DataSource) -> dict[str, Moments]:
+def _onnx_measure(
+    model: onnx.ModelProto, source: DataSource, step: Step = _no_step, label: str = ""
+) -> dict[str, Moments]:
     bns = _onnx_bns(model)
     inputs = [bn.node.input[0] for bn in bns]
     session = _onnx_session(_with_outputs(model, inputs))
     moments: dict[str, Moments] = {}
-    for batch in source.batches():
+    for batch in _counted(source.batches(), step, label):
         values = _run_onnx(session, inputs, _onnx_feeds(model, batch))
         for bn in bns:
             x = values[bn.node.input[0]]
@@ -1396,14 +1407,14 @@ def _onnx_recalibrate(
             work.graph.node.append(onnx.helper.make_node("Shape", [node.input[0]], [stats[2]]))
             wanted += stats
         session = _onnx_session(_with_outputs(work, wanted))
-        with step("Re-estimating BatchNorm statistics in onnxruntime"):
-            for batch in source.batches():
-                values = _run_onnx(session, wanted, _onnx_feeds(model, batch))
-                for bn in usable:
-                    mean = values[f"{bn.name}.bnfold_mean"].numpy().astype(np.float64)
-                    var = values[f"{bn.name}.bnfold_var"].numpy().astype(np.float64)  # biased
-                    n = int(np.prod(values[f"{bn.name}.bnfold_shape"].numpy())) // bn.channels
-                    moments[bn.name].add_stats(n, mean, var * n / max(n - 1, 1))
+        label = "Re-estimating BatchNorm statistics in onnxruntime"
+        for batch in _counted(source.batches(), step, label):
+            values = _run_onnx(session, wanted, _onnx_feeds(model, batch))
+            for bn in usable:
+                mean = values[f"{bn.name}.bnfold_mean"].numpy().astype(np.float64)
+                var = values[f"{bn.name}.bnfold_var"].numpy().astype(np.float64)  # biased
+                n = int(np.prod(values[f"{bn.name}.bnfold_shape"].numpy())) // bn.channels
+                moments[bn.name].add_stats(n, mean, var * n / max(n - 1, 1))
         passes = 1
         for bn in usable:
             _onnx_store(bn, moments[bn.name], current, average=True)
@@ -1592,7 +1603,7 @@ def _labelled(step: Step, when: str) -> Step:
     """``step`` with labels saying which drift pass runs."""
 
     def labelled(label: str) -> ContextManager[None]:
-        return step(f"{label}: drift {when} re-estimation")
+        return step(f"Drift {when} re-estimation. {label}")
 
     return labelled
 

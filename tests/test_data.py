@@ -430,6 +430,30 @@ def test_torch_export_and_onnx_measure_what_eager_measures(tmp_path):
         assert layer.data_mean.max == pytest.approx(float(mean.max()), rel=1e-4, abs=1e-5)
 
 
+def test_progress_names_every_batch(tmp_path):
+    """issue 17: on a terminal the CLI shows a step per batch while batches run: measuring,
+    re-estimating (cumulative) and, in recalibrate, the drift passes before and after."""
+    from contextlib import contextmanager
+
+    labels: list[str] = []
+
+    @contextmanager
+    def step(label):
+        labels.append(label)
+        yield
+
+    src = source(save_npz(tmp_path / "d.npz", images(6)), batch_size=2)
+    measure(loaded_module(chain()), src, step)
+    assert labels == [f"Running 6 samples (3 batches): batch {k}" for k in (1, 2, 3)]
+    labels.clear()
+    recalibrate(loaded_module(chain()), src, step=step)
+    assert [label for label in labels if "Re-estimating" in label] == [
+        f"Re-estimating BatchNorm statistics: batch {k}" for k in (1, 2, 3)
+    ]
+    assert sum(label.startswith("Drift before") for label in labels) == 3
+    assert sum(label.startswith("Drift after") for label in labels) == 3
+
+
 def test_torchscript_and_bare_state_dict_cannot_be_measured(tmp_path):
     """issue 17: TorchScript hides its BN calls and a bare state_dict has no forward: both
     are refused with what to pass instead."""
