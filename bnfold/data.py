@@ -12,8 +12,16 @@ Sources (``--data SPEC``):
   normalisation is ever assumed; the ImageNet values (mean 0.485,0.456,0.406, std
   0.229,0.224,0.225) are an example, for models trained with them.
 
+- ``module:callable`` or ``path/file.py:callable`` (resolved by ``--arch``'s importer,
+  ``bnfold.loading``): called with no arguments, it returns an iterable of batches, each
+  a tensor (or array) or a tuple/list of them, one per model input. It is called once
+  when the data is opened (its first batch checked before any model loads) and again
+  for each later pass; ``--limit`` cuts its batches, ``--batch-size`` does not apply.
+
 Samples are cut into batches of at most ``--batch-size``, of near-equal sizes (33
-samples at 32 make 17 + 16, never a lone sample that training-mode BatchNorm refuses).
+samples at 32 make 17 + 16, never a lone sample that training-mode BatchNorm refuses);
+fewer samples than one batch is an error, and so is NaN or Inf in any batch (checked as
+the batch is handed out: the data is never written).
 
 Statistics of a BN's input ``x`` (channel axis 1), over every sample and position:
 per channel the count ``n``, the sum and the sum of squares, accumulated in float64
