@@ -5,7 +5,7 @@
 1. **Cost.** ``bnfold inspect resnet50.pth --arch torchvision:resnet50 --data IMAGES``
    (512 JPEG images, 224x224, ImageNet mean/std) against ``bench/bare_forward.py``, a bare
    PyTorch loop of the same forward passes on the same images decoded the same way
-   (target: at most 1.3x), and ``bnfold recalibrate --method batch`` against the same
+   (target: at most 1.3x), and ``bnfold recalibrate --method cumulative`` against the same
    loop. Whole commands, side by side (``harness.compare``: A B A B ..., ratios per pair).
 2. **Quality.** The shipped sample models (really trained by ``sample_models/train.py``)
    with their statistics made wrong in two common ways, re-estimated on 512 unlabelled
@@ -107,7 +107,7 @@ def _methods(include_aimet: bool):
     def bnfold_batch(model, batches):
         from bnfold.data import recalibrate_module
 
-        recalibrate_module(model, batches, method="batch")
+        recalibrate_module(model, batches, method="cumulative")
 
     def bnfold_sequential(model, batches):
         from bnfold.data import recalibrate_module
@@ -127,7 +127,7 @@ def _methods(include_aimet: bool):
     if not include_aimet:
         methods.update(
             {
-                "bnfold batch": bnfold_batch,
+                "bnfold cumulative": bnfold_batch,
                 "bnfold sequential": bnfold_sequential,
                 "torch update_bn": update_bn,
             }
@@ -274,7 +274,7 @@ def markdown(results: dict) -> str:
         ]
         for key, label, target in (
             ("inspect", "`bnfold inspect --data`", "≤ 1.3x"),
-            ("recalibrate", "`bnfold recalibrate --method batch`", ""),
+            ("recalibrate", "`bnfold recalibrate --method cumulative`", ""),
         ):
             r = c[key]
             ok = " ✅" if target and r["ratio_median"] <= 1.3 else (" ❌" if target else "")
@@ -286,7 +286,7 @@ def markdown(results: dict) -> str:
     if "quality" in results:
         rows = results["quality"]
         methods = [
-            "bnfold batch",
+            "bnfold cumulative",
             "bnfold sequential",
             "torch update_bn",
             "AIMET reestimate_bn_stats",

@@ -6,6 +6,7 @@ The public API (``__all__``)::
     bnfold.inspect(model_or_path)           -> InspectReport
     bnfold.fuse(model_or_path, "m.onnx")    -> FuseReport
     bnfold.check(paths)                     -> CheckReport
+    bnfold.recalibrate(model_or_path, data) -> RecalibrationReport
     bnfold.BnfoldError and its subclasses   (bad input; see bnfold.errors)
 
 Every report has ``to_dict()``, the CLI's ``--format json``.  The library never prints
@@ -30,8 +31,8 @@ from bnfold.errors import (
 )
 
 if TYPE_CHECKING:
-    from bnfold.api import FoldReport, FoldResult, check, fold, fuse, inspect
-    from bnfold.reports import CheckReport, FuseReport, InspectReport
+    from bnfold.api import FoldReport, FoldResult, check, fold, fuse, inspect, recalibrate
+    from bnfold.reports import CheckReport, FuseReport, InspectReport, RecalibrationReport
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "InspectReport",
     "LoadError",
     "OutputError",
+    "RecalibrationReport",
     "UnsafePickleError",
     "VerifyError",
     "__version__",
@@ -55,10 +57,11 @@ __all__ = [
     "fold",
     "fuse",
     "inspect",
+    "recalibrate",
 ]
 
-_API = {"check", "fold", "fuse", "inspect", "FoldReport", "FoldResult"}
-_REPORTS = {"CheckReport", "FuseReport", "InspectReport"}
+_API = {"check", "fold", "fuse", "inspect", "recalibrate", "FoldReport", "FoldResult"}
+_REPORTS = {"CheckReport", "FuseReport", "InspectReport", "RecalibrationReport"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""bnfold as a library: ``fold``, ``inspect``, ``fuse`` and ``check``.
+"""bnfold as a library: ``fold``, ``inspect``, ``fuse``, ``check`` and ``recalibrate``.
 
 Each function parses nothing and prints nothing: it calls the stages (loading, capture,
 folding, export, verification) and returns the same report object the command line
@@ -24,6 +24,7 @@ from bnfold.reports import (
     FoldedSite,
     FuseReport,
     InspectReport,
+    RecalibrationReport,
     SkippedSite,
     Verification,
     to_dict,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from bnfold.data import DataOptions
     from bnfold.loading import LoadedModel
 
-__all__ = ["FoldReport", "FoldResult", "check", "fold", "fuse", "inspect"]
+__all__ = ["FoldReport", "FoldResult", "check", "fold", "fuse", "inspect", "recalibrate"]
 
 ModelLike = Any  # a path, an nn.Module, a torch.export.ExportedProgram or an onnx.ModelProto
 Step = Callable[[str], AbstractContextManager[None]]  # progress: a context per named step
@@ -214,11 +215,98 @@ def inspect(
     if source is not None:
         from bnfold.data import measure
 
-        measured = measure(loaded, source, step=step)
+        measured = measure(loaded, source, step=step, input_shapes=input_shapes)
         if example is None and loaded.onnx_model is None:
             example = source.example()  # the real input shape, for the fold analysis
     with step("Analysing BatchNorm layers"):
         return inspect_model(loaded, chosen, example, data=measured)
+
+
+def recalibrate(
+    model: ModelLike,
+    data: DataOptions | str | Path,
+    out: str | Path | None = None,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    method: str = "cumulative",
+    enable_running_stats: bool = False,
+    measure_drift: bool = True,
+    force: bool = False,
+    progress: Step | None = None,
+) -> RecalibrationReport:
+    """Re-estimate every BatchNorm's running statistics on ``data`` (``bnfold recalibrate``).
+
+    ``data`` is a ``bnfold.data.DataOptions`` or a ``--data`` spec (a .npz, a .npy, a
+    folder of images, ``module:callable``) read with the default options.  ``method``:
+    ``cumulative`` (PyTorch's own: what the BN layers alone in training mode with
+    ``momentum=None`` give on these batches) or ``sequential`` (layer by layer, the exact
+    statistics each BN receives at inference).  ``enable_running_stats`` gives BNs built
+    with ``track_running_stats=False`` running statistics first.  ``measure_drift`` also
+    runs the data in eval mode before and after (two more forward passes): each layer's
+    ``drift_before`` and ``drift_after`` on the data.  ``model`` is a path
+    (then ``out`` writes the result in the model's own format) or an in-memory
+    ``nn.Module``/``onnx.ModelProto``, changed in place.  A model without BatchNorm is
+    not an error: the report has no layers and says so in its notes, and nothing is
+    written.  Only the statistics change; the report's ``complete`` is False when some
+    BN kept its old ones (the CLI exits 1).
+
+    >>> import torch, bnfold
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+    >>> import numpy as np, tempfile
+    >>> path = tempfile.mkdtemp() + "/x.npy"
+    >>> np.save(path, np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype("f4"))
+    >>> report = bnfold.recalibrate(model, path)
+    >>> report.updated, int(model[1].num_batches_tracked)
+    (1, 2)
+    """
+    from bnfold.data import DataOptions, open_data, write_model
+    from bnfold.data import recalibrate as reestimate
+    from bnfold.errors import OutputError
+
+    opts = data if isinstance(data, DataOptions) else DataOptions(spec=data)
+    in_memory = not isinstance(model, (str, Path))
+    if out is not None:  # refuse a bad --out and bad data before the model is loaded and run
+        out = Path(out)
+        if in_memory:
+            raise OutputError("out= needs a model file: an in-memory model is changed in place")
+        if out.resolve() == Path(model).resolve():
+            raise OutputError(
+                f"refusing to overwrite the input {model}", hint="choose another --out"
+            )
+        if out.exists() and not force:
+            raise OutputError(f"{out} exists", hint="pass --force to overwrite it")
+        if out.is_dir() or not out.resolve().parent.is_dir():
+            raise OutputError(f"--out {out}: not a file in an existing folder")
+    source = open_data(opts)
+    step = progress or _no_progress
+    name = Path(model).name if not in_memory else type(model).__name__
+    with step(f"Loading {name}"):
+        loaded = _load(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+    report = reestimate(
+        loaded,
+        source,
+        method=method,
+        enable_running_stats=enable_running_stats,
+        measure_drift=measure_drift,
+        step=step,
+    )
+    if not report.layers:
+        return report
+    if not any(layer.reason != "no_running_stats" for layer in report.layers):
+        raise BnfoldError(
+            "the model has no BatchNorm layer with running statistics to re-estimate",
+            hint="--enable-running-stats gives them running statistics",
+            path=loaded.path,
+        )
+    if out is None:
+        return report
+    with step(f"Writing {out.name}"):
+        write_model(loaded, report, out, force=force)
+    from dataclasses import replace
+
+    return replace(report, output=str(out))
 
 
 def fuse(
@@ -241,6 +329,9 @@ def fuse(
     save_torch: str | Path | None = None,
     force: bool = False,
     eval_mode: bool = False,
+    recalibrate_data: DataOptions | str | Path | None = None,
+    recalibrate_method: str = "cumulative",
+    enable_running_stats: bool = False,
     progress: Step | None = None,
 ) -> FuseReport:
     """The whole ``bnfold fuse`` job: fold, export ``out`` (ONNX), verify it in onnxruntime.
@@ -249,7 +340,11 @@ def fuse(
     ``onnx.ModelProto``); the input shape comes from ``example_inputs``, ``input_shapes``
     or ``inputs_npz`` as for the CLI.  A model in training mode is refused unless
     ``eval_mode=True`` switches it.  Returns the report; check ``report.verification.passed``
-    (the CLI exits 1 when it is False).
+    (the CLI exits 1 when it is False).  ``recalibrate_data`` (a ``DataOptions`` or a
+    ``--data`` spec) first re-estimates the BatchNorm statistics on that data, as
+    ``recalibrate`` does with ``recalibrate_method`` and ``enable_running_stats``, and
+    folds the result; the report's ``recalibration`` says what changed.  The data's
+    first samples also give the input shape when none is given.
 
     >>> import tempfile, torch, bnfold
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
@@ -262,7 +357,18 @@ def fuse(
 
     loaded = None
     path: Path
+    step = progress or _no_progress
     scratch = tempfile.TemporaryDirectory(prefix="bnfold-fuse-")
+    source = None
+    if recalibrate_data is not None:  # bad data is refused before the model is loaded
+        from bnfold.data import DataOptions, open_data
+
+        opts_data = (
+            recalibrate_data
+            if isinstance(recalibrate_data, DataOptions)
+            else DataOptions(spec=recalibrate_data)
+        )
+        source = open_data(opts_data)
     if isinstance(model, (str, Path)):
         path = Path(model)
     elif type(model).__name__ == "ModelProto":  # the ONNX route reads the original file
@@ -271,6 +377,30 @@ def fuse(
         loaded = _load(model)
         path = loaded.path
     example = _as_inputs(example_inputs) if example_inputs is not None else None
+    recalibration = None
+    if source is not None:
+        from bnfold.data import recalibrate as reestimate
+
+        if loaded is None:
+            with step(f"Loading {path.name}"):
+                loaded = _load(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+        recalibration = reestimate(
+            loaded,
+            source,
+            method=recalibrate_method,
+            enable_running_stats=enable_running_stats,
+            measure_drift=False,  # the fuse report carries one line about it
+            step=step,
+        )
+        if loaded.onnx_model is not None:
+            # the ONNX route verifies against the file it folds: the re-estimated one
+            import onnx
+
+            path = Path(scratch.name) / path.name
+            onnx.save(loaded.onnx_model, str(path))
+            loaded = None
+        elif example is None and not input_shapes and inputs_npz is None:
+            example = source.example()  # the data's shape, for capture and verification
     opts = FuseOptions(
         model=path,
         out=Path(out) if out is not None else None,
@@ -291,7 +421,12 @@ def fuse(
         eval_mode=eval_mode,
     )
     with scratch:
-        return run_fuse(opts, progress or _no_progress, loaded=loaded, example_inputs=example)
+        report = run_fuse(opts, step, loaded=loaded, example_inputs=example)
+    if recalibration is not None:
+        from dataclasses import replace
+
+        report = replace(report, recalibration=recalibration)
+    return report
 
 
 def check(
@@ -361,29 +496,19 @@ def _check_runs(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> None
     and the shape the model's first layer wants."""
     import torch
 
+    from bnfold.inputs import accepted_shape
+
     try:
         with torch.no_grad():
             model(*example)
     except Exception as e:
         shapes = ", ".join(f"input {i}: {list(t.shape)}" for i, t in enumerate(example))
-        wanted = _wanted_shape(model)
+        wanted = accepted_shape(model)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise BnfoldError(
             f"the model does not run on the example inputs ({shapes}): {type(e).__name__}: {first}",
             hint=f"the first layer takes {wanted}" if wanted else "check the inputs' shapes",
         ) from e
-
-
-def _wanted_shape(model: torch.nn.Module) -> str | None:
-    from torch import nn
-
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            dims = len(m.kernel_size)
-            return f"(batch, {m.in_channels}" + ", size" * dims + ")"
-        if isinstance(m, nn.Linear):
-            return f"(..., {m.in_features})"
-    return None
 
 
 def _load(

@@ -12,8 +12,16 @@ Sources (``--data SPEC``):
   normalisation is ever assumed; the ImageNet values (mean 0.485,0.456,0.406, std
   0.229,0.224,0.225) are an example, for models trained with them.
 
+- ``module:callable`` or ``path/file.py:callable`` (resolved by ``--arch``'s importer,
+  ``bnfold.loading``): called with no arguments, it returns an iterable of batches, each
+  a tensor (or array) or a tuple/list of them, one per model input. It is called once
+  when the data is opened (its first batch checked before any model loads) and again
+  for each later pass; ``--limit`` cuts its batches, ``--batch-size`` does not apply.
+
 Samples are cut into batches of at most ``--batch-size``, of near-equal sizes (33
-samples at 32 make 17 + 16, never a lone sample that training-mode BatchNorm refuses).
+samples at 32 make 17 + 16, never a lone sample that training-mode BatchNorm refuses);
+fewer samples than one batch is an error, and so is NaN or Inf in any batch (checked as
+the batch is handed out: the data is never written).
 
 Statistics of a BN's input ``x`` (channel axis 1), over every sample and position:
 per channel the count ``n``, the sum and the sum of squares, accumulated in float64
@@ -31,19 +39,24 @@ eval mode: what every BN receives at inference.
 
 Re-estimation (``recalibrate``, :func:`recalibrate_module`), two methods:
 
-- ``batch`` (default): one pass; BN layers normalise with the statistics of their batch,
-  as in training (everything else, dropout included, stays in eval mode), and each BN's
-  new running statistics are the mean and variance of all the inputs it received over
-  the data, pooled exactly: ``var = (sum of within-batch squares + between-batch
-  spread) / (n - 1)``. AIMET's ``reestimate_bn_stats`` and torch's
-  ``swa_utils.update_bn`` average the per-batch variances instead, which leaves out the
-  spread of the batch means. The batch statistics come from BatchNorm's own kernel
-  (momentum 1 for the pass), so the pass costs what a forward pass costs.
-- ``sequential``: in eval mode, the BN layers in data-flow order, one pass each that
-  stops at the layer: each one gets the statistics of exactly the inputs it receives
-  at inference once the layers before it are re-estimated. Afterwards ``inspect
-  --data`` on the same data measures no drift at all (to float32 rounding); it costs
-  about half a forward pass per BN layer, and keeps the batches in memory.
+- ``cumulative`` (default): PyTorch's own convention. The result is what putting only the
+  BN layers in training mode with ``momentum=None`` (a cumulative moving average) and
+  running the same batches through the model gives: each BN normalises with the
+  statistics of its batch, as in training (everything else, dropout included, stays in
+  eval mode), and its new statistics are ``running_mean = (1/K) sum_k mean_k`` and
+  ``running_var = (1/K) sum_k var_k`` over its K calls (batches), ``var_k`` the unbiased
+  variance of batch k; ``num_batches_tracked = K``. The batch statistics come from
+  BatchNorm's own kernel (momentum 1 for the pass) and are averaged in float64, so the
+  pass costs what a forward pass costs. AIMET's ``reestimate_bn_stats`` and
+  ``torch.optim.swa_utils.update_bn`` compute the same thing. The average of per-batch
+  variances leaves out the spread of the batch means: with batches drawn in order from
+  data sorted by some property, shuffle the data first.
+- ``sequential`` (the known alternative, layer-by-layer re-estimation): in eval mode, the
+  BN layers in data-flow order, one pass each that stops at the layer: each one gets the
+  statistics (mean and unbiased variance pooled over all the data) of exactly the inputs
+  it receives at inference once the layers before it are re-estimated. Afterwards
+  ``inspect --data`` on the same data measures no drift at all (to float32 rounding); it
+  costs about half a forward pass per BN layer, and keeps the batches in memory.
 
 Writing back keeps the model's family: a state_dict or checkpoint is written as the same
 container with the same keys (only the BN buffers change), safetensors as safetensors
@@ -65,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnfold.errors import BnfoldError, LoadError, OutputError
-from bnfold.reports import DataSummary, RecalibratedLayer, RecalibrationReport
+from bnfold.reports import DataSummary, Drift, RecalibratedLayer, RecalibrationReport
 from bnfold.stats import _spread  # the min / median / max of every report
 
 if TYPE_CHECKING:
@@ -82,15 +95,18 @@ __all__ = [
     "DataSource",
     "Measurement",
     "Moments",
+    "enable_running_stats_of",
+    "has_batchnorm",
     "measure",
     "open_data",
     "recalibrate",
     "recalibrate_module",
+    "worst_channels",
     "write_model",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-METHODS = ("batch", "sequential")
+METHODS = ("cumulative", "sequential")
 INSTALL_HINT = "pip install 'bnfold[data]'"
 
 Step = Callable[[str], ContextManager[None]]
@@ -103,13 +119,36 @@ def _no_step(label: str) -> ContextManager[None]:
 # --------------------------------------------------------------------------- sources
 
 
+def _callable_spec(spec: str) -> tuple[str, str] | None:
+    """(source, name) when ``spec`` reads as ``module:callable`` or
+    ``path/file.py:callable`` (the ``--arch`` forms), else None."""
+    source, sep, name = spec.rpartition(":")
+    if not (sep and source and name.isidentifier()):
+        return None
+    if source.endswith(".py") or all(part.isidentifier() for part in source.split(".")):
+        return source, name
+    return None
+
+
+def _quote(e: BaseException) -> str:
+    """An exception in one line: ``Type: first line of its message``."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _cast_floats(batch: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    if dtype is None:
+        return batch
+    return [t.to(dtype) if t.is_floating_point() else t for t in batch]
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """What ``--data`` and its options ask for."""
 
-    spec: Path
+    spec: Path | str  # a file, a folder, or module:callable / path/file.py:callable
     batch_size: int = 32
-    samples: int | None = None  # at most this many (the first ones)
+    limit: int | None = None  # --limit: at most this many samples (the first ones)
     image_size: tuple[int, int] | None = None  # (height, width) for image folders
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -156,10 +195,15 @@ class DataSource:
     def __init__(self, opts: DataOptions):
         self.opts = opts
         self.path = Path(opts.spec)
+        self.kind = ""
+        self._callable: Callable[[], Any] | None = None
+        self._first: tuple[list[torch.Tensor], Iterator[Any]] | None = None
+        self.bounds: list[tuple[int, int]] = []
+        self.count = 0
         if opts.batch_size < 1:
             raise BnfoldError("--batch-size must be at least 1")
-        if opts.samples is not None and opts.samples < 1:
-            raise BnfoldError("--samples must be at least 1")
+        if opts.limit is not None and opts.limit < 1:
+            raise BnfoldError("--limit must be at least 1")
         if (opts.mean is None) != (opts.std is None):
             raise BnfoldError("--mean and --std go together: give both or neither")
         if opts.std is not None and any(s == 0 for s in opts.std):
@@ -169,10 +213,14 @@ class DataSource:
         self.notes: list[str] = []
         self._arrays: list[np.ndarray] = []
         self._files: list[Path] = []
+        if not self.path.exists() and _callable_spec(str(opts.spec)) is not None:
+            self.kind = "callable"
+            self._open_callable()
+            return
         if not self.path.exists():
             raise LoadError(
                 "no such file or folder",
-                hint="--data takes a .npz, .npy or a folder of images",
+                hint="--data takes a .npz, .npy, a folder of images or module:callable",
                 path=self.path,
             )
         if self.path.is_dir():
@@ -190,7 +238,126 @@ class DataSource:
                 hint="give a .npz (one array per model input), a .npy or a folder of images",
                 path=self.path,
             )
+        if self.count < opts.batch_size:
+            raise BnfoldError(
+                f"--data {self.path} holds {self.count} samples, fewer than one batch "
+                f"(--batch-size {opts.batch_size})",
+                hint=f"pass --batch-size {self.count} or less, or give more samples",
+            )
         self.bounds = _split(self.count, opts.batch_size)
+
+    # ---- a callable
+
+    def _open_callable(self) -> None:
+        """``module:callable`` or ``path/file.py:callable``, resolved as ``--arch`` is; it
+        is called now and its first batch checked, before any model is loaded."""
+        from bnfold.loading import _import_callable
+
+        spec = str(self.opts.spec)
+        o = self.opts
+        given = [n for n, v in (("--image-size", o.image_size), ("--mean", o.mean)) if v]
+        if given:
+            raise BnfoldError(
+                f"{', '.join(given)} apply to arrays and images, not to a callable's batches "
+                "(the callable does its own preprocessing)"
+            )
+        source, _, name = spec.rpartition(":")
+        try:
+            fn = _import_callable(source, name, spec, option="--data", error=LoadError)
+        except BnfoldError:
+            raise
+        except Exception as e:  # its module raised while being imported
+            raise LoadError(f"--data {spec!r}: importing {source} raised {_quote(e)}") from e
+        if not callable(fn):
+            raise LoadError(f"--data {spec!r}: {name} is a {type(fn).__name__}, not a callable")
+        self._callable = fn
+        self.notes.append(
+            f"batches as {spec} yields them (--batch-size does not apply to a callable)"
+        )
+        iterator = self._call()
+        first = self._next(iterator, 0)
+        if first is None:
+            raise LoadError(f"--data {spec!r} yielded no batches")
+        self._first = (first, iterator)
+        self.shapes = tuple(tuple(int(d) for d in t.shape[1:]) for t in first)
+        self.count = 0  # samples seen so far; known once the batches have run
+        self.bounds = []
+        self._example = [t[:2].clone() for t in first]
+
+    def _call(self) -> Iterator[Any]:
+        assert self._callable is not None
+        spec = str(self.opts.spec)
+        try:
+            return iter(self._callable())
+        except Exception as e:
+            raise LoadError(f"--data {spec!r}: the callable raised {_quote(e)}") from e
+
+    def _next(self, iterator: Iterator[Any], index: int) -> list[torch.Tensor] | None:
+        """The next batch of ``iterator`` as a list of tensors, checked; None at the end."""
+        import torch
+
+        spec = str(self.opts.spec)
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return None
+        except Exception as e:
+            raise LoadError(
+                f"--data {spec!r}: the callable raised {_quote(e)} in batch {index}"
+            ) from e
+        items = list(item) if isinstance(item, (tuple, list)) else [item]
+        tensors = []
+        for i, t in enumerate(items):
+            if isinstance(t, np.ndarray):
+                t = torch.from_numpy(t)
+            if not isinstance(t, torch.Tensor):
+                raise LoadError(
+                    f"--data {spec!r}: batch {index} holds a {type(t).__name__}"
+                    + (f" as input {i}" if len(items) > 1 else "")
+                    + ", not a tensor",
+                    hint="yield a tensor, or a tuple of tensors for several inputs",
+                )
+            if t.dim() == 0:
+                raise LoadError(
+                    f"--data {spec!r}: batch {index} input {i} is a scalar: the first axis "
+                    "must be the sample"
+                )
+            tensors.append(t.detach().cpu())
+        if not tensors:
+            raise LoadError(f"--data {spec!r}: batch {index} is empty")
+        sizes = {int(t.shape[0]) for t in tensors}
+        if len(sizes) > 1:
+            raise LoadError(
+                f"--data {spec!r}: the inputs of batch {index} hold different numbers of "
+                f"samples ({', '.join(str(int(t.shape[0])) for t in tensors)})"
+            )
+        return tensors
+
+    def _callable_batches(self) -> Iterator[list[torch.Tensor]]:
+        """The callable's batches (the first call's, then a new call each time), cut at
+        --limit samples; ``count`` and ``bounds`` follow."""
+        if self._first is not None:
+            first, iterator = self._first
+            self._first = None
+            batch: list[torch.Tensor] | None = first
+        else:
+            iterator = self._call()
+            batch = self._next(iterator, 0)
+            if batch is None:
+                raise LoadError(f"--data {str(self.opts.spec)!r} yielded no batches")
+        count, bounds, limit = 0, [], self.opts.limit
+        while batch is not None:
+            size = int(batch[0].shape[0])
+            if limit is not None and count + size > limit:
+                size = limit - count
+                batch = [t[:size] for t in batch]
+            bounds.append((count, count + size))
+            count += size
+            self.count, self.bounds = count, bounds
+            yield batch
+            if limit is not None and count >= limit:
+                break
+            batch = self._next(iterator, len(bounds))
 
     # ---- arrays
 
@@ -226,7 +393,7 @@ class DataSource:
         total = arrays[0].shape[0]
         if total == 0:
             raise LoadError("the arrays hold no samples", path=self.path)
-        count = min(total, self.opts.samples or total)
+        count = min(total, self.opts.limit or total)
         self._arrays = [a[:count] for a in arrays]
         self.count = count
         self.shapes = tuple(tuple(int(d) for d in a.shape[1:]) for a in arrays)
@@ -254,7 +421,7 @@ class DataSource:
                 path=self.path,
             )
         self._pil()
-        self._files = files[: self.opts.samples or len(files)]
+        self._files = files[: self.opts.limit or len(files)]
         self.count = len(self._files)
         if self.opts.image_size is None:
             with self._open(self._files[0]) as img:
@@ -327,12 +494,32 @@ class DataSource:
     # ---- batches
 
     def batches(self, dtype: torch.dtype | None = None) -> Iterator[list[torch.Tensor]]:
-        """The batches, in order: one tensor per model input; floats cast to ``dtype``."""
+        """The batches, in order: one tensor per model input; floats cast to ``dtype``.
+        NaN or Inf in a batch is an error (statistics of such data mean nothing)."""
+        if self.kind == "callable":
+            for batch in self._callable_batches():
+                start, stop = self.bounds[-1]
+                yield self._checked(_cast_floats(batch, dtype), start, stop)
+            return
         for start, stop in self.bounds:
-            yield self._batch(start, stop, dtype)
+            yield self._checked(self._batch(start, stop, dtype), start, stop)
+
+    def _checked(self, batch: list[torch.Tensor], start: int, stop: int) -> list[torch.Tensor]:
+        import torch
+
+        for i, t in enumerate(batch):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise LoadError(
+                    f"the data holds NaN or Inf (input {i}, samples {start}-{stop - 1})",
+                    hint="clean the data: statistics of NaN or Inf mean nothing",
+                    path=self.path if self.kind != "callable" else None,
+                )
+        return batch
 
     def example(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """The first one or two samples: example inputs of the real shape."""
+        if self.kind == "callable":
+            return _cast_floats(self._example, dtype)
         return self._batch(0, min(2, self.count), dtype)
 
     def _batch(self, start: int, stop: int, dtype: torch.dtype | None) -> list[torch.Tensor]:
@@ -369,6 +556,8 @@ class DataSource:
                     "and centre-cropped"
                 ]
             steps.append("scaled to [0, 1]")
+        elif self.kind == "callable":
+            steps = ["as the callable yields them (floats cast to the model's dtype)"]
         else:
             steps = ["as stored (floats cast to the model's dtype)"]
         if o.mean is not None and o.std is not None:
@@ -378,12 +567,15 @@ class DataSource:
             )
         else:
             steps.append("not normalised")
+        size = o.batch_size
+        if self.kind == "callable":
+            size = max((stop - start for start, stop in self.bounds), default=0)
         return DataSummary(
-            source=str(self.path),
+            source=str(self.opts.spec) if self.kind == "callable" else str(self.path),
             kind=self.kind,
             samples=self.count,
             batches=len(self.bounds),
-            batch_size=o.batch_size,
+            batch_size=size,
             input_shapes=self.shapes,
             preprocessing="; ".join(steps),
         )
@@ -405,10 +597,17 @@ class Moments:
     count: int = 0  # values per channel
     total: np.ndarray = field(init=False)
     squares: np.ndarray = field(init=False)
+    # batches known by their statistics (add_stats): how many, and the sums of their means
+    # and unbiased variances, for the cumulative average
+    batches: int = 0
+    mean_sum: np.ndarray = field(init=False)
+    var_sum: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.total = np.zeros(self.channels)
         self.squares = np.zeros(self.channels)
+        self.mean_sum = np.zeros(self.channels)
+        self.var_sum = np.zeros(self.channels)
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch ``x`` of shape (N, C, ...): per-sample sums, then float64."""
@@ -439,6 +638,19 @@ class Moments:
         self.total += n * mean
         self.squares += (n - 1) * var_unbiased + n * mean * mean
         self.count += n
+        self.batches += 1
+        self.mean_sum += mean
+        self.var_sum += var_unbiased
+
+    @property
+    def average_mean(self) -> np.ndarray:
+        """The average of the batch means (PyTorch's momentum=None running_mean)."""
+        return self.mean_sum / max(self.batches, 1)
+
+    @property
+    def average_var(self) -> np.ndarray:
+        """The average of the batches' unbiased variances (momentum=None running_var)."""
+        return self.var_sum / max(self.batches, 1)
 
     @property
     def mean(self) -> np.ndarray:
@@ -462,6 +674,19 @@ def drift(
         shift = np.abs(mean - running_mean) / np.sqrt(running_var + eps)
         ratio = (var + eps) / (running_var + eps)
     return shift, ratio
+
+
+def worst_channels(shift: np.ndarray, ratio: np.ndarray) -> tuple[int | None, int | None]:
+    """The channel of the largest mean shift, and the channel whose variance ratio is
+    furthest from 1 on a log scale (a ratio of 0.25 is as bad as one of 4); None when
+    every value is NaN."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        far = np.abs(np.log(ratio))
+    out: list[int | None] = []
+    for a in (shift, far):
+        known = ~np.isnan(a)
+        out.append(int(np.argmax(np.where(known, a, -np.inf))) if known.any() else None)
+    return out[0], out[1]
 
 
 # --------------------------------------------------------------------------- BN targets
@@ -490,7 +715,7 @@ class _Target:
     trainable: bool = True  # has a training behaviour (FrozenBatchNorm2d has none)
     calls: int = 0  # calls in one forward pass
     seen: int = 0  # calls so far in the current forward pass
-    pending: int = 0  # values per channel of the call in flight (batch method)
+    pending: int = 0  # values per channel of the call in flight (cumulative method)
     moments: list[Moments] = field(default_factory=list)  # one per call in a forward pass
     values: int = 0  # values per channel of the statistics written
     nonfinite: bool = False
@@ -576,6 +801,7 @@ class _Pass:
         self.train_bn = False
         self.stop_after: _Target | None = None
         self.call_order: list[_Target] = []
+        self.accepted: list[tuple[int, ...]] = []  # --input-shape, for the misfit message
 
     @contextmanager
     def active(
@@ -631,12 +857,7 @@ class _Pass:
         except BnfoldError:
             raise
         except Exception as e:
-            shapes = ", ".join(str(list(t.shape)) for t in batch)
-            raise BnfoldError(
-                f"the model does not run on the data (inputs of shape {shapes}): "
-                f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}",
-                hint="check --data and its --image-size/--mean/--std",
-            ) from e
+            raise _misfit(self.model, batch, e, self.accepted) from e
 
     def _called(self, t: _Target) -> Moments | None:
         """Count a call of ``t``; its accumulator when ``t`` is watched."""
@@ -676,7 +897,7 @@ class _Pass:
         return hook
 
     def functional(self, t: _Target, fn: Any, args: tuple[Any, ...], kwargs: dict) -> Any:
-        """A functional batch_norm call: observed, or (batch method) computed with the
+        """A functional batch_norm call: observed, or (cumulative method) computed with the
         batch's statistics in temporary buffers."""
         import torch
         import torch.nn.functional as F
@@ -695,6 +916,41 @@ class _Pass:
         if fn == torch.ops.aten._native_batch_norm_legit_no_training.default:
             return (out, torch.empty(0), torch.empty(0))  # only item 0 is read
         return out
+
+
+def _misfit(
+    model: torch.nn.Module,
+    batch: Sequence[torch.Tensor],
+    e: Exception,
+    accepted: Sequence[tuple[int, ...]] = (),
+) -> BnfoldError:
+    """The model does not run on a batch: one line naming each input, the shape and dtype
+    given, the shape the model takes (``--input-shape``, else its first layer's), and
+    what the model raised."""
+    from bnfold.inputs import accepted_shape, input_names
+
+    given = "; ".join(
+        f"{name} has shape {list(t.shape)} ({str(t.dtype).removeprefix('torch.')})"
+        for name, t in zip(input_names(model, len(batch)), batch, strict=True)
+    )
+    wanted = accepted_shape(model)
+    takes = f"; the model's first layer takes {wanted}" if wanted else ""
+    if accepted:
+        shapes = " and ".join(str(list(shape)) for shape in accepted)
+        takes = f"; --input-shape says the model takes {shapes}" + takes
+    return BnfoldError(
+        f"the model does not run on the data: {given}{takes}: {_quote(e)}",
+        hint="check --data and its --image-size/--mean/--std",
+    )
+
+
+def _counted(batches: Iterable[Any], step: Step, label: str) -> Iterator[Any]:
+    """``batches``, each one run inside ``step(label: batch k[/n])``: a progress line per
+    batch on a terminal (the CLI's steps are silent elsewhere)."""
+    total = len(batches) if isinstance(batches, list) else None
+    for k, batch in enumerate(batches, 1):
+        with step(f"{label}: batch {k}" + (f"/{total}" if total else "")):
+            yield batch
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -743,20 +999,30 @@ class Measurement:
     notes: list[str] = field(default_factory=list)
 
 
-def measure(loaded: LoadedModel, source: DataSource, step: Step = _no_step) -> Measurement:
+def measure(
+    loaded: LoadedModel,
+    source: DataSource,
+    step: Step = _no_step,
+    input_shapes: Sequence[Sequence[int]] = (),
+) -> Measurement:
     """Run the data through the model as at inference (eval mode) and measure the inputs
-    of every BN. The model is left as it was."""
+    of every BN. The model is left as it was. ``input_shapes`` (``--input-shape``) are
+    named, beside the first layer's, when the data does not fit the model."""
     notes = list(source.notes)
+    if not has_batchnorm(loaded):
+        return Measurement({}, source.summary(), [NO_BN])
     label = f"Running {source.count} samples ({len(source.bounds)} batches)"
+    if source.kind == "callable":
+        label = f"Running the batches of {source.opts.spec}"
     if loaded.onnx_model is not None:
-        with step(label + " in onnxruntime"):
-            moments = _onnx_measure(loaded.onnx_model, source)
+        moments = _onnx_measure(loaded.onnx_model, source, step, label + " in onnxruntime")
     elif loaded.module is not None:
         model = loaded.module
         targets = _targets(model)
         run = _Pass(model, targets)
-        with step(label), run.active(targets):
-            for batch in source.batches(_model_dtype(model)):
+        run.accepted = [tuple(int(d) for d in shape) for shape in input_shapes]
+        with run.active(targets):
+            for batch in _counted(source.batches(_model_dtype(model)), step, label):
                 run.run(batch)
         moments = {}
         for t in targets:
@@ -783,15 +1049,16 @@ def recalibrate_module(
     module: torch.nn.Module,
     batches: Iterable[Sequence[torch.Tensor]],
     *,
-    method: str = "batch",
+    method: str = "cumulative",
     step: Step = _no_step,
     data: DataSummary | None = None,
 ) -> RecalibrationReport:
     """Re-estimate the running statistics of every BatchNorm in ``module``, in place.
 
     ``batches`` yields the inputs of one forward pass at a time (floating tensors are
-    cast to the model's dtype; ``DataSource.batches()`` fits). ``method``: ``batch`` (one
-    pass, BatchNorm in its training behaviour, statistics pooled over all the data) or
+    cast to the model's dtype; ``DataSource.batches()`` fits). ``method``:
+    ``cumulative`` (one pass, only the BN layers in training mode with
+    ``momentum=None``: PyTorch's own cumulative average of the batch statistics) or
     ``sequential`` (the exact statistics each BN receives at inference, one pass per BN;
     the batches are kept in memory); see the module docstring. A BN the data never
     reaches, one without running statistics, or whose new statistics would not be finite
@@ -807,13 +1074,14 @@ def recalibrate_module(
     batches = _cast(batches, _model_dtype(module))
     count = passes = 0
     try:
-        if method == "batch":
+        if method == "cumulative":
             watch = [t for t in targets if t.trainable and t.mean is not None]
-            with step("Re-estimating BatchNorm statistics"), run.active(watch, train_bn=True):
-                for batch in batches:
+            label = "Re-estimating BatchNorm statistics"
+            with run.active(watch, train_bn=True):
+                for batch in _counted(batches, step, label):
                     if batch and batch[0].dim() > 0 and batch[0].shape[0] < 2:
                         raise BnfoldError(
-                            "the batch method needs batches of at least 2 samples (training-"
+                            "the cumulative method needs batches of at least 2 samples (training-"
                             "mode BatchNorm cannot normalise one value per channel)",
                             hint="give more samples or a larger --batch-size, or use "
                             "--method sequential",
@@ -822,7 +1090,7 @@ def recalibrate_module(
                     count += 1
             passes = 1
             for t in watch:
-                _store(t, count)
+                _store(t, count, average=True)
             # the pass overwrote the buffers of every watched BN: one that got no new
             # statistics (never reached, not finite) gets its old ones back
             _restore([t for t in watch if not t.values], before)
@@ -890,17 +1158,25 @@ def _pooled(parts: Iterable[Moments], channels: int) -> Moments:
         pooled.count += m.count
         pooled.total += m.total
         pooled.squares += m.squares
+        pooled.batches += m.batches
+        pooled.mean_sum += m.mean_sum
+        pooled.var_sum += m.var_sum
     return pooled
 
 
-def _store(t: _Target, batches: int) -> None:
-    """Write the pooled statistics into the target's running buffers (rounded once)."""
+def _store(t: _Target, batches: int, *, average: bool = False) -> None:
+    """Write the new statistics into the target's running buffers (rounded once):
+    ``average``, the cumulative average over every call (PyTorch's momentum=None, with
+    ``num_batches_tracked`` the number of calls); else the pooled statistics of all the
+    inputs, ``num_batches_tracked`` = ``batches``."""
     import torch
 
     pooled = _pooled(t.moments, t.channels)
     if pooled.count == 0:
         return
     mean, var = pooled.mean, pooled.var
+    if average:
+        mean, var, batches = pooled.average_mean, pooled.average_var, pooled.batches
     if not (np.isfinite(mean).all() and np.isfinite(var).all()):
         t.nonfinite = True
         return
@@ -924,8 +1200,10 @@ def _layer_result(t: _Target, old: tuple[Any, Any, Any]) -> RecalibratedLayer:
         reason = "frozen"
         detail = f"{t.kind} has no training behaviour; --method sequential re-estimates it"
     shift = ratio = None
+    worst: tuple[int | None, int | None] = (None, None)
     if t.values and old[0] is not None and old[1] is not None:
         shift, ratio = drift(_numpy(t.mean), _numpy(t.var), _numpy(old[0]), _numpy(old[1]), t.eps)
+        worst = worst_channels(shift, ratio)
     return RecalibratedLayer(
         name=t.name,
         kind=t.kind,
@@ -938,6 +1216,8 @@ def _layer_result(t: _Target, old: tuple[Any, Any, Any]) -> RecalibratedLayer:
         mean_shift=_spread(shift),
         var_ratio=_spread(ratio),
         running_var=_spread(_numpy(t.var)) if t.var is not None else None,
+        mean_shift_channel=worst[0],
+        var_ratio_channel=worst[1],
     )
 
 
@@ -1028,20 +1308,35 @@ def _run_onnx(session: Any, names: list[str], feeds: dict[str, np.ndarray]) -> d
     try:
         values = session.run(wanted, feeds) if wanted else []  # [] would ask for every output
     except Exception as e:
+        # name each graph input: the shape and dtype given, the shape and type it declares
+        declared = {i.name: i for i in session.get_inputs()}
+        parts = []
+        for name, array in feeds.items():
+            d = declared.get(name)
+            if d is None or name.endswith(("running_mean", "running_var")):
+                continue
+            shape = [dim if isinstance(dim, int) else str(dim) for dim in d.shape]
+            parts.append(
+                f"input {name!r} has shape {list(array.shape)} ({array.dtype}); the model "
+                f"takes {shape} ({d.type})"
+            )
+        given = "; ".join(parts[:4])
         raise BnfoldError(
-            f"onnxruntime cannot run the model on the data: {(str(e).splitlines() or [''])[0]}",
+            f"onnxruntime cannot run the model on the data: {given}: {_quote(e)}",
             hint="check --data and its --image-size/--mean/--std",
         ) from e
     got = dict(zip(wanted, values, strict=True))
     return {n: torch.from_numpy(np.asarray(got[n] if n in got else feeds[n])) for n in names}
 
 
-def _onnx_measure(model: onnx.ModelProto, source: DataSource) -> dict[str, Moments]:
+def _onnx_measure(
+    model: onnx.ModelProto, source: DataSource, step: Step = _no_step, label: str = ""
+) -> dict[str, Moments]:
     bns = _onnx_bns(model)
     inputs = [bn.node.input[0] for bn in bns]
     session = _onnx_session(_with_outputs(model, inputs))
     moments: dict[str, Moments] = {}
-    for batch in source.batches():
+    for batch in _counted(source.batches(), step, label):
         values = _run_onnx(session, inputs, _onnx_feeds(model, batch))
         for bn in bns:
             x = values[bn.node.input[0]]
@@ -1091,11 +1386,11 @@ def _onnx_recalibrate(
     usable = [bn for bn in bns if bn.mean and bn.var and not bn.training]
     moments = {bn.name: Moments(bn.channels) for bn in usable}
     passes = 0
-    if method == "batch":
+    if method == "cumulative":
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         if opset < 14:
             raise BnfoldError(
-                f"the batch method on ONNX needs opset 14 or later (BatchNormalization's "
+                f"the cumulative method on ONNX needs opset 14 or later (BatchNormalization's "
                 f"training mode); this model has opset {opset}",
                 hint="use --method sequential",
             )
@@ -1120,17 +1415,17 @@ def _onnx_recalibrate(
             work.graph.node.append(onnx.helper.make_node("Shape", [node.input[0]], [stats[2]]))
             wanted += stats
         session = _onnx_session(_with_outputs(work, wanted))
-        with step("Re-estimating BatchNorm statistics in onnxruntime"):
-            for batch in source.batches():
-                values = _run_onnx(session, wanted, _onnx_feeds(model, batch))
-                for bn in usable:
-                    mean = values[f"{bn.name}.bnfold_mean"].numpy().astype(np.float64)
-                    var = values[f"{bn.name}.bnfold_var"].numpy().astype(np.float64)  # biased
-                    n = int(np.prod(values[f"{bn.name}.bnfold_shape"].numpy())) // bn.channels
-                    moments[bn.name].add_stats(n, mean, var * n / max(n - 1, 1))
+        label = "Re-estimating BatchNorm statistics in onnxruntime"
+        for batch in _counted(source.batches(), step, label):
+            values = _run_onnx(session, wanted, _onnx_feeds(model, batch))
+            for bn in usable:
+                mean = values[f"{bn.name}.bnfold_mean"].numpy().astype(np.float64)
+                var = values[f"{bn.name}.bnfold_var"].numpy().astype(np.float64)  # biased
+                n = int(np.prod(values[f"{bn.name}.bnfold_shape"].numpy())) // bn.channels
+                moments[bn.name].add_stats(n, mean, var * n / max(n - 1, 1))
         passes = 1
         for bn in usable:
-            _onnx_store(bn, moments[bn.name], current)
+            _onnx_store(bn, moments[bn.name], current, average=True)
     else:
         # the statistics become inputs (initializers listed as inputs can be overridden)
         work = onnx.ModelProto()
@@ -1169,6 +1464,7 @@ def _onnx_recalibrate(
             reason, detail = "nonfinite", "the data gives NaN/Inf statistics: the old ones are kept"
         updated = reason is None
         shift = ratio = None
+        worst: tuple[int | None, int | None] = (None, None)
         if updated and bn.mean and bn.var:
             shift, ratio = drift(
                 current[bn.mean].astype(np.float64),
@@ -1177,6 +1473,7 @@ def _onnx_recalibrate(
                 before[bn.var],
                 bn.eps,
             )
+            worst = worst_channels(shift, ratio)
         layers.append(
             RecalibratedLayer(
                 name=bn.name,
@@ -1190,30 +1487,80 @@ def _onnx_recalibrate(
                 mean_shift=_spread(shift),
                 var_ratio=_spread(ratio),
                 running_var=_spread(current[bn.var].astype(np.float64)) if bn.var else None,
+                mean_shift_channel=worst[0],
+                var_ratio_channel=worst[1],
             )
         )
     return layers, passes
 
 
-def _onnx_store(bn: _OnnxBN, m: Moments, current: dict[str, np.ndarray]) -> None:
-    if not m.count or not (np.isfinite(m.mean).all() and np.isfinite(m.var).all()):
+def _onnx_store(
+    bn: _OnnxBN, m: Moments, current: dict[str, np.ndarray], *, average: bool = False
+) -> None:
+    mean, var = (m.average_mean, m.average_var) if average else (m.mean, m.var)
+    if not m.count or not (np.isfinite(mean).all() and np.isfinite(var).all()):
         return
     assert bn.mean is not None and bn.var is not None
-    current[bn.mean] = m.mean.astype(current[bn.mean].dtype)
-    current[bn.var] = m.var.astype(current[bn.var].dtype)
+    current[bn.mean] = mean.astype(current[bn.mean].dtype)
+    current[bn.var] = var.astype(current[bn.var].dtype)
 
 
 # --------------------------------------------------------------------------- whole models
 
 
 def recalibrate(
-    loaded: LoadedModel, source: DataSource, *, method: str = "batch", step: Step = _no_step
+    loaded: LoadedModel,
+    source: DataSource,
+    *,
+    method: str = "cumulative",
+    enable_running_stats: bool = False,
+    measure_drift: bool = True,
+    step: Step = _no_step,
 ) -> RecalibrationReport:
-    """Re-estimate every BN of a loaded model in place (its module or ONNX graph)."""
+    """Re-estimate every BN of a loaded model in place (its module or ONNX graph).
+
+    A model without any BatchNorm gives a report with no layers, and the data is not run.
+    ``measure_drift``: also run the data in eval mode before and after (two more forward
+    passes) and give each layer its drift on the data with the old statistics and with
+    the new ones (``drift_before``, ``drift_after``).
+    ``enable_running_stats``: BN modules built with ``track_running_stats=False`` first get
+    running buffers (see :func:`enable_running_stats`), which are then re-estimated.
+    """
     if method not in METHODS:
         raise BnfoldError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     started = time.perf_counter()
     notes = list(loaded.notes) + list(source.notes)
+    if not has_batchnorm(loaded):
+        return RecalibrationReport(
+            model=str(loaded.path),
+            format=loaded.format.value,
+            output=None,
+            method=method,
+            data=source.summary(),
+            layers=(),
+            updated=0,
+            complete=True,
+            batches=0,
+            passes=0,
+            seconds=0.0,
+            notes=(*notes, NO_BN),
+        )
+    if enable_running_stats:
+        if loaded.module is None:
+            raise BnfoldError(
+                "--enable-running-stats applies to PyTorch modules (an ONNX BatchNormalization "
+                "always has running statistics)"
+            )
+        enabled = enable_running_stats_of(loaded.module)
+        if enabled:
+            notes.append(
+                f"running statistics created for {len(enabled)} BatchNorm layer(s) built with "
+                f"track_running_stats=False: {', '.join(enabled[:5])}"
+                + (" …" if len(enabled) > 5 else "")
+            )
+    before: dict[str, Drift] = {}
+    if measure_drift:
+        before = drift_by_layer(loaded, measure(loaded, source, _labelled(step, "before")))
     if loaded.onnx_model is not None:
         layers, passes = _onnx_recalibrate(loaded.onnx_model, source, method, step)
         report = RecalibrationReport(
@@ -1237,6 +1584,19 @@ def recalibrate(
             hint="pass --arch (e.g. torchvision:resnet50 or path/file.py:Net)",
             path=loaded.path,
         )
+    if measure_drift:
+        after = drift_by_layer(loaded, measure(loaded, source, _labelled(step, "after")))
+        report = replace(
+            report,
+            layers=tuple(
+                replace(
+                    layer,
+                    drift_before=before.get(layer.name),
+                    drift_after=after.get(layer.name),
+                )
+                for layer in report.layers
+            ),
+        )
     return replace(
         report,
         model=str(loaded.path),
@@ -1245,6 +1605,96 @@ def recalibrate(
         seconds=round(time.perf_counter() - started, 3),
         notes=tuple(notes),
     )
+
+
+def _labelled(step: Step, when: str) -> Step:
+    """``step`` with labels saying which drift pass runs."""
+
+    def labelled(label: str) -> ContextManager[None]:
+        return step(f"Drift {when} re-estimation. {label}")
+
+    return labelled
+
+
+NO_BN = "the model has no BatchNorm layer: nothing to measure or re-estimate"
+
+
+def drift_by_layer(loaded: LoadedModel, measured: Measurement) -> dict[str, Drift]:
+    """Per BN layer (first call), the drift of its current running statistics from what
+    ``measured`` says it receives on the data."""
+    out: dict[str, Drift] = {}
+    stats: list[tuple[str, np.ndarray, np.ndarray, float]] = []
+    if loaded.onnx_model is not None:
+        from onnx import numpy_helper
+
+        inits = {t.name: t for t in loaded.onnx_model.graph.initializer}
+        for bn in _onnx_bns(loaded.onnx_model):
+            if bn.mean and bn.var:
+                mean = numpy_helper.to_array(inits[bn.mean]).astype(np.float64)
+                var = numpy_helper.to_array(inits[bn.var]).astype(np.float64)
+                stats.append((bn.name, mean, var, bn.eps))
+    elif loaded.module is not None:
+        for t in _targets(loaded.module):
+            if t.mean is not None and t.var is not None:
+                stats.append((t.name, _numpy(t.mean), _numpy(t.var), t.eps))
+    for name, mean, var, eps in stats:
+        m = measured.moments.get(name)
+        if m is None or not m.count:
+            continue
+        shift, ratio = drift(m.mean, m.var, mean, var, eps)
+        spreads = _spread(shift), _spread(ratio)
+        if spreads[0] is None or spreads[1] is None:
+            continue
+        worst = worst_channels(shift, ratio)
+        out[name] = Drift(spreads[0], spreads[1], worst[0], worst[1])
+    return out
+
+
+def has_batchnorm(loaded: LoadedModel) -> bool:
+    """Whether the loaded model has any BatchNorm (module, functional call or ONNX node);
+    True when it cannot be told without running (a bare state_dict is refused later)."""
+    if loaded.onnx_model is not None:
+        return bool(_onnx_bns(loaded.onnx_model))
+    if loaded.module is not None:
+        import torch
+
+        if isinstance(loaded.module, torch.jit.ScriptModule):
+            return True  # refused with its own message by _targets
+        return bool(_targets(loaded.module))
+    return True
+
+
+def enable_running_stats_of(module: torch.nn.Module) -> list[str]:
+    """Give every BatchNorm module built with ``track_running_stats=False`` running
+    buffers (``running_mean`` 0, ``running_var`` 1, ``num_batches_tracked`` 0, in its
+    parameters' dtype and device) and ``track_running_stats=True``, so that a
+    re-estimation fills them and the layer then folds. Returns the names of the layers."""
+    import torch
+
+    names = []
+    for name, m in module.named_modules():
+        if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        if m.track_running_stats and getattr(m, "running_mean", None) is not None:
+            continue
+        ref = m.weight if m.weight is not None else None
+        kwargs: dict[str, Any] = {"dtype": ref.dtype if ref is not None else torch.float32}
+        if ref is not None:
+            kwargs["device"] = ref.device
+        # register_buffer refuses a name already set to None as an attribute: drop it first
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            if buffer in m._buffers:
+                del m._buffers[buffer]
+        m.register_buffer("running_mean", torch.zeros(m.num_features, **kwargs))
+        m.register_buffer("running_var", torch.ones(m.num_features, **kwargs))
+        m.register_buffer(
+            "num_batches_tracked",
+            torch.tensor(0, dtype=torch.long, device=kwargs.get("device")),
+        )
+        m.track_running_stats = True
+        m.__dict__["_bnfold_created_stats"] = True  # write_model adds them to the file
+        names.append(name or "<root>")
+    return names
 
 
 def write_model(
@@ -1317,9 +1767,25 @@ def _prefix(container: Any, keys: list[str]) -> str | None:
 
 
 def _apply(container: dict, prefix: str, updates: dict[str, torch.Tensor]) -> None:
+    """Replace (same dtype) or, for buffers created by --enable-running-stats, add."""
     for key, value in updates.items():
-        old = container[prefix + key]
-        container[prefix + key] = value.to(dtype=old.dtype)
+        old = container.get(prefix + key)
+        container[prefix + key] = value if old is None else value.to(dtype=old.dtype)
+
+
+def _probe_keys(loaded: LoadedModel, updates: dict[str, torch.Tensor]) -> list[str]:
+    """Keys that find the container's prefix: the updated buffers the file already has
+    (all of them, unless --enable-running-stats created some), else parameter names."""
+    if loaded.module is None:
+        return list(updates)
+    created = {
+        f"{name}.{buffer}" if name else buffer
+        for name, m in loaded.module.named_modules()
+        if getattr(m, "_bnfold_created_stats", False)
+        for buffer in ("running_mean", "running_var", "num_batches_tracked")
+    }
+    keys = [k for k in updates if k not in created]
+    return keys or [k for k, _ in loaded.module.named_parameters()][:8]
 
 
 def _save_container(loaded: LoadedModel, updates: dict[str, torch.Tensor], target: Path) -> None:
@@ -1334,7 +1800,7 @@ def _save_container(loaded: LoadedModel, updates: dict[str, torch.Tensor], targe
     except pickle.UnpicklingError:
         # a checkpoint holding a whole module: loading it needed --trust-pickle already
         raw = torch.load(loaded.path, map_location="cpu", weights_only=False)
-    keys = list(updates)
+    keys = _probe_keys(loaded, updates)
     places = [raw] + (list(raw.values()) if isinstance(raw, dict) else [])
     for place in places:
         if isinstance(place, torch.nn.Module):
@@ -1366,7 +1832,7 @@ def _save_safetensors(loaded: LoadedModel, updates: dict[str, torch.Tensor], tar
     with safe_open(str(loaded.path), framework="pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    p = _prefix(tensors, list(updates))
+    p = _prefix(tensors, _probe_keys(loaded, updates))
     if p is None and updates:
         raise BnfoldError(f"cannot find the BatchNorm buffers in {loaded.path} to update")
     _apply(tensors, p or "", updates)

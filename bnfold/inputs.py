@@ -134,6 +134,41 @@ def random_batches(
     return out
 
 
+def accepted_shape(model: torch.nn.Module) -> str | None:
+    """The input shape the model's first conv or linear layer takes, as text:
+    ``(batch, 3, size, size)`` or ``(..., 128)``; None when neither comes first."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            dims = len(m.kernel_size)
+            return f"(batch, {m.in_channels}" + ", size" * dims + ")"
+        if isinstance(m, nn.Linear):
+            return f"(..., {m.in_features})"
+    return None
+
+
+def input_names(model: torch.nn.Module, count: int) -> list[str]:
+    """Names of the model's first ``count`` inputs: its forward's parameters (a graph's
+    placeholders), ``input i`` where unknown."""
+    import inspect
+
+    import torch
+
+    names: list[str] = []
+    if isinstance(model, torch.fx.GraphModule):
+        names = [n.name for n in model.graph.nodes if n.op == "placeholder"]
+    else:
+        try:
+            params = inspect.signature(model.forward).parameters.values()
+            names = [
+                p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        except (TypeError, ValueError):
+            names = []
+    return [f"input {i} ({names[i]})" if i < len(names) else f"input {i}" for i in range(count)]
+
+
 def dtype_name(t: torch.Tensor) -> str:
     """``torch.float32`` -> ``"float32"``."""
     return str(t.dtype).removeprefix("torch.")

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bnfold.errors import ArchError, LoadError, UnsafePickleError
+from bnfold.errors import ArchError, BnfoldError, LoadError, UnsafePickleError
 from bnfold.safe_pickle import check_record_sizes, check_zip_sizes
 
 if TYPE_CHECKING:
@@ -862,14 +862,18 @@ def _download_error(spec: str, attempts: list[str]) -> ArchError:
     )
 
 
-def _import_callable(source: str, name: str, spec: str) -> Any:
+def _import_callable(
+    source: str, name: str, spec: str, option: str = "--arch", error: type[BnfoldError] = ArchError
+) -> Any:
+    """The object ``name`` of ``source`` (a dotted module, found from the current folder
+    too, or a ``path/file.py``): ``--arch``'s builders and ``--data``'s callables."""
     if source.endswith(".py"):
         file = Path(source)
         if not file.is_file():
-            raise ArchError(f"--arch {spec!r}: no such file {source}")
+            raise error(f"{option} {spec!r}: no such file {source}")
         mod_spec = importlib.util.spec_from_file_location(f"_bnfold_arch_{file.stem}", file)
         if mod_spec is None or mod_spec.loader is None:
-            raise ArchError(f"--arch {spec!r}: cannot import {source}")
+            raise error(f"{option} {spec!r}: cannot import {source}")
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[mod_spec.name] = module
         mod_spec.loader.exec_module(module)
@@ -880,14 +884,14 @@ def _import_callable(source: str, name: str, spec: str) -> Any:
         try:
             module = importlib.import_module(source)
         except ImportError as e:
-            raise ArchError(
-                f"--arch {spec!r}: cannot import {source} ({e})",
+            raise error(
+                f"{option} {spec!r}: cannot import {source} ({e})",
                 hint="check the module path, or give a file: path/to/file.py:callable",
             ) from e
     try:
         return getattr(module, name)
     except AttributeError as e:
-        raise ArchError(f"--arch {spec!r}: {source} has no attribute {name!r}") from e
+        raise error(f"{option} {spec!r}: {source} has no attribute {name!r}") from e
 
 
 def _build_filled(

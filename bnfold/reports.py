@@ -72,6 +72,8 @@ class BNLayerReport:
     data_var: Spread | None = None  # unbiased, like running_var
     mean_shift: Spread | None = None  # |data mean - running_mean| / sqrt(running_var + eps)
     var_ratio: Spread | None = None  # (data var + eps) / (running_var + eps)
+    mean_shift_channel: int | None = None  # the channel of the largest mean shift
+    var_ratio_channel: int | None = None  # the channel whose ratio is furthest from 1 (log)
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,10 @@ class DataSummary:
     """The real inputs a run used (``--data``)."""
 
     source: str
-    kind: str  # "npz", "npy" or "images"
+    kind: str  # "npz", "npy", "images" or "callable"
     samples: int
     batches: int
-    batch_size: int
+    batch_size: int  # --batch-size; for a callable the largest batch it yielded
     input_shapes: tuple[tuple[int, ...], ...]  # per sample, one per model input
     preprocessing: str
 
@@ -229,6 +231,17 @@ class CheckReport(_Report):
 
 
 @dataclass(frozen=True)
+class Drift:
+    """How far a BN's running statistics are from what it receives on the data (eval
+    mode): the mean shift and variance ratio of ``inspect --data``, worst channels named."""
+
+    mean_shift: Spread  # |data mean - running_mean| / sqrt(running_var + eps)
+    var_ratio: Spread  # (data var + eps) / (running_var + eps)
+    mean_shift_channel: int | None
+    var_ratio_channel: int | None
+
+
+@dataclass(frozen=True)
 class RecalibratedLayer:
     """One BatchNorm after re-estimation: whether its statistics changed, and how much."""
 
@@ -243,16 +256,22 @@ class RecalibratedLayer:
     mean_shift: Spread | None  # |new mean - old mean| / sqrt(old var + eps)
     var_ratio: Spread | None  # (new var + eps) / (old var + eps)
     running_var: Spread | None  # the new running_var
+    mean_shift_channel: int | None = None  # the channel of the largest mean shift
+    var_ratio_channel: int | None = None  # the channel whose ratio is furthest from 1 (log)
+    # the drift on the data with the old statistics and with the new ones (None: not
+    # measured, --no-drift, or the layer is not reached)
+    drift_before: Drift | None = None
+    drift_after: Drift | None = None
 
 
 @dataclass(frozen=True)
-class RecalibrationReport:
+class RecalibrationReport(_Report):
     """``bnfold recalibrate``: the new running statistics, per layer."""
 
     model: str | None  # None when called as a library on a module
     format: str | None
     output: str | None
-    method: str  # "batch" or "sequential"
+    method: str  # "cumulative" or "sequential"
     data: DataSummary | None
     layers: tuple[RecalibratedLayer, ...]
     updated: int

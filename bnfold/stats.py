@@ -20,10 +20,11 @@ nonfinite           NaN or Inf in any parameter or statistic
 negative_variance   running_var < 0 in some channel
 train_mode          the module is in training mode
 no_running_stats    track_running_stats=False or no running buffers
-mean_drift          (with --data) |data mean - running_mean| / sqrt(running_var + eps) >
-                    ``drift_mean`` (default 0.5) in some channel
-var_drift           (with --data) (data var + eps) / (running_var + eps) > ``drift_var``
-                    (default 2) or < 1 / ``drift_var`` in some channel
+stats_drift         (with --data) in some channel the mean shift
+                    |data mean - running_mean| / sqrt(running_var + eps) is over
+                    ``drift_mean`` (default 0.5 running standard deviations), or the
+                    variance ratio (data var + eps) / (running_var + eps) is over
+                    ``drift_var`` (default 2) or under 1 / ``drift_var``
 ==================  ==================================================================
 
 The data statistics are those of each BN's inputs with the model in eval mode, over every
@@ -62,7 +63,7 @@ CODES = (
     "train_mode",
     "no_running_stats",
 )
-DATA_CODES = ("mean_drift", "var_drift")  # only with --data: the BN's inputs were measured
+DATA_CODES = ("stats_drift",)  # only with --data: the BN's inputs were measured
 DRIFT_THRESHOLDS = ("drift_mean", "drift_var")  # reported only when data was measured
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 DEFAULT_EPS = 1e-5
@@ -215,38 +216,43 @@ def _drift(rec: BNRecord) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _drift_diagnostics(rec: BNRecord, th: Thresholds) -> list[Diagnostic]:
+    """``stats_drift``: one diagnostic for both measures, naming the worst channels."""
     both = _drift(rec)
     if both is None:
         return []
+    from bnfold.data import worst_channels
+
     shift, ratio = both
-    out = []
     with np.errstate(invalid="ignore"):
         far = int((shift > th.drift_mean).sum())
         off = int(((ratio > th.drift_var) | (ratio < 1 / th.drift_var)).sum())
+    if not (far or off):
+        return []
+    worst_shift, worst_ratio = worst_channels(shift, ratio)
+    parts = []
     if far:
-        out.append(
-            Diagnostic(
-                "mean_drift",
-                f"{far} of {rec.channels} channels: the data's mean is over {th.drift_mean:g} "
-                f"running standard deviations from running_mean (up to "
-                f"{float(np.nanmax(shift)):.3g})",
-            )
+        parts.append(
+            f"mean shift up to {float(np.nanmax(shift)):.3g} running standard deviations "
+            f"(channel {worst_shift}), over {th.drift_mean:g} in {far} of {rec.channels} "
+            "channels"
         )
     if off:
-        out.append(
-            Diagnostic(
-                "var_drift",
-                f"{off} of {rec.channels} channels: the data's variance is over "
-                f"{th.drift_var:g}x off running_var (ratios {float(np.nanmin(ratio)):.3g} to "
-                f"{float(np.nanmax(ratio)):.3g})",
-            )
+        parts.append(
+            f"variance ratio {float(np.nanmin(ratio)):.3g} to {float(np.nanmax(ratio)):.3g} "
+            f"(worst: channel {worst_ratio}), outside 1/{th.drift_var:g}..{th.drift_var:g} "
+            f"in {off} of {rec.channels} channels"
         )
-    return out
+    return [Diagnostic("stats_drift", "on the data: " + "; ".join(parts))]
 
 
 def layer_report(rec: BNRecord, th: Thresholds) -> BNLayerReport:
     diags = diagnose(rec, th)
     both = _drift(rec)
+    worst: tuple[int | None, int | None] = (None, None)
+    if both is not None:
+        from bnfold.data import worst_channels
+
+        worst = worst_channels(*both)
     return BNLayerReport(
         name=rec.name,
         kind=rec.kind,
@@ -274,6 +280,8 @@ def layer_report(rec: BNRecord, th: Thresholds) -> BNLayerReport:
         data_var=_spread(rec.data_var),
         mean_shift=_spread(both[0]) if both is not None else None,
         var_ratio=_spread(both[1]) if both is not None else None,
+        mean_shift_channel=worst[0],
+        var_ratio_channel=worst[1],
     )
 
 

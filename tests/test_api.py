@@ -31,7 +31,8 @@ def test_public_surface_is_pinned():
     assert sorted(bnfold.__all__) == [
         "ArchError", "BnfoldError", "CaptureError", "CheckReport", "ExportError", "FoldError",
         "FoldReport", "FoldResult", "FuseReport", "InspectReport", "LoadError", "OutputError",
-        "UnsafePickleError", "VerifyError", "__version__", "check", "fold", "fuse", "inspect",
+        "RecalibrationReport", "UnsafePickleError", "VerifyError", "__version__", "check",
+        "fold", "fuse", "inspect", "recalibrate",
     ]  # fmt: skip
     for name in bnfold.__all__:
         assert getattr(bnfold, name) is not None
@@ -54,7 +55,7 @@ def test_docstring_examples_run():
     from bnfold import api
 
     result = doctest.testmod(api, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 4 and result.failed == 0
+    assert result.attempted >= 5 and result.failed == 0
 
 
 def resnet(seed: int = 0) -> nn.Module:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -51,7 +50,8 @@ def save_npz(path: Path, *arrays: np.ndarray) -> Path:
 
 
 def source(path: Path, **kwargs) -> DataSource:
-    return open_data(DataOptions(path, **kwargs))
+    """The data at ``path``; batches of 2 unless given (small test data, at least one batch)."""
+    return open_data(DataOptions(path, **{"batch_size": 2, **kwargs}))
 
 
 def loaded_module(model: nn.Module, fmt: ModelFormat = ModelFormat.PICKLED_MODULE) -> LoadedModel:
@@ -146,10 +146,10 @@ def test_npz_batches_hold_the_data_in_key_order(tmp_path):
 
 
 def test_npy_samples_limit_and_normalisation(tmp_path):
-    """issue 17: a .npy is one input; --samples keeps the first N; --mean/--std on axis 1."""
+    """issue 17: a .npy is one input; --limit keeps the first N; --mean/--std on axis 1."""
     x = images(10, c=2)
     np.save(tmp_path / "d.npy", x)
-    src = source(tmp_path / "d.npy", samples=7, mean=(0.5, -1.0), std=(2.0, 0.25))
+    src = source(tmp_path / "d.npy", limit=7, mean=(0.5, -1.0), std=(2.0, 0.25))
     got = torch.cat([b[0] for b in src.batches()]).numpy()
     mean = np.array([0.5, -1.0], dtype=np.float32).reshape(1, 2, 1, 1)
     std = np.array([2.0, 0.25], dtype=np.float32).reshape(1, 2, 1, 1)
@@ -312,6 +312,50 @@ def test_moments_refuse_an_input_with_the_wrong_channels():
         Moments(3).add(torch.zeros(2, 4))
 
 
+def exact_gaussian_sample(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> np.ndarray:
+    """n samples whose sample mean is exactly ``mean`` and whose unbiased sample
+    covariance is exactly ``cov`` (to float64 rounding): random points, centred, whitened
+    with their own covariance, then coloured with ``cov``'s Cholesky factor."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, len(mean)))
+    z -= z.mean(axis=0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T
+    return mean + z @ np.linalg.cholesky(cov).T
+
+
+@pytest.mark.parametrize("batch_size", [5, 13, 60])
+def test_statistics_after_a_linear_layer_are_known_in_closed_form(tmp_path, batch_size):
+    """issue 17: data of known mean mu and covariance S through y = W x + b: the BN after
+    the linear layer receives mean W mu + b and variance diag(W S W^T), exactly. inspect
+    --data measures that, and the sequential method writes it, whatever the batch size
+    (the merge across batches equals one pass over all the data); the cumulative method
+    on one batch writes it too. (Data files are read as float32: 1e-6 is their rounding.)"""
+    d, k, n = 4, 3, 60
+    rng = np.random.default_rng(1)
+    mu = rng.uniform(-2, 2, d)
+    a = rng.standard_normal((d, d))
+    cov = a @ a.T + 0.5 * np.eye(d)
+    x = exact_gaussian_sample(n, mu, cov, seed=2)
+    np.testing.assert_allclose(np.cov(x, rowvar=False), cov, rtol=1e-6)
+    model = nn.Sequential(nn.Linear(d, k), nn.BatchNorm1d(k)).double().eval()
+    randomize_all(model, 3)
+    fresh = copy.deepcopy(model)
+    w, b = model[0].weight.detach().numpy(), model[0].bias.detach().numpy()
+    want_mean, want_var = w @ mu + b, np.diag(w @ cov @ w.T)
+    src = source(save_npz(tmp_path / "d.npz", x), batch_size=batch_size)
+    got = measure(loaded_module(model), src).moments["1"]
+    assert got.count == n
+    np.testing.assert_allclose(got.mean, want_mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.var, want_var, rtol=1e-6)
+    recalibrate_module(model, src.batches(torch.float64), method="sequential")
+    np.testing.assert_allclose(model[1].running_mean.numpy(), want_mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(model[1].running_var.numpy(), want_var, rtol=1e-6)
+    if batch_size == n:
+        recalibrate_module(fresh, src.batches(torch.float64))
+        np.testing.assert_allclose(fresh[1].running_mean.numpy(), want_mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(fresh[1].running_var.numpy(), want_var, rtol=1e-6)
+
+
 def test_drift_by_hand():
     """issue 17: mean shift in running standard deviations, variance ratio with eps."""
     shift, ratio = drift(
@@ -386,6 +430,30 @@ def test_torch_export_and_onnx_measure_what_eager_measures(tmp_path):
         assert layer.data_mean.max == pytest.approx(float(mean.max()), rel=1e-4, abs=1e-5)
 
 
+def test_progress_names_every_batch(tmp_path):
+    """issue 17: on a terminal the CLI shows a step per batch while batches run: measuring,
+    re-estimating (cumulative) and, in recalibrate, the drift passes before and after."""
+    from contextlib import contextmanager
+
+    labels: list[str] = []
+
+    @contextmanager
+    def step(label):
+        labels.append(label)
+        yield
+
+    src = source(save_npz(tmp_path / "d.npz", images(6)), batch_size=2)
+    measure(loaded_module(chain()), src, step)
+    assert labels == [f"Running 6 samples (3 batches): batch {k}" for k in (1, 2, 3)]
+    labels.clear()
+    recalibrate(loaded_module(chain()), src, step=step)
+    assert [label for label in labels if "Re-estimating" in label] == [
+        f"Re-estimating BatchNorm statistics: batch {k}" for k in (1, 2, 3)
+    ]
+    assert sum(label.startswith("Drift before") for label in labels) == 3
+    assert sum(label.startswith("Drift after") for label in labels) == 3
+
+
 def test_torchscript_and_bare_state_dict_cannot_be_measured(tmp_path):
     """issue 17: TorchScript hides its BN calls and a bare state_dict has no forward: both
     are refused with what to pass instead."""
@@ -399,10 +467,18 @@ def test_torchscript_and_bare_state_dict_cannot_be_measured(tmp_path):
 
 
 def test_data_that_does_not_fit_the_model_is_one_error(tmp_path):
-    """issue 17: inputs of the wrong shape are a BnfoldError naming the shape, not a crash."""
+    """issue 17: inputs of the wrong shape or dtype are a BnfoldError naming the input, the
+    shape (and dtype) given and the shape the model's first layer takes, not a crash."""
     src = source(save_npz(tmp_path / "d.npz", images(4, c=5)))
-    with pytest.raises(BnfoldError, match=r"inputs of shape \[4, 5, 8, 8\]"):
+    with pytest.raises(BnfoldError) as info:
         measure(loaded_module(chain()), src)
+    line = info.value.one_line()
+    assert "input 0 (x) has shape [2, 5, 8, 8] (float32)" in line
+    assert "the model's first layer takes (batch, 3, size, size)" in line
+    ints = source(save_npz(tmp_path / "i.npz", images(4).astype(np.int64)))
+    with pytest.raises(BnfoldError) as info:
+        measure(loaded_module(chain()), ints)
+    assert "input 0 (x) has shape [2, 3, 8, 8] (int64)" in info.value.one_line()
 
 
 # --------------------------------------------------------------------------- drift
@@ -418,7 +494,8 @@ def _lone_with(mean, var, c=4) -> nn.Module:
 
 def test_drift_codes_fire_on_the_channels_that_drift(tmp_path):
     """issue 17: running statistics equal to the data's raise nothing; a mean 1 std off in
-    two channels is mean_drift '2 of 4', a variance 3x off in one is var_drift '1 of 4'."""
+    two channels (2 stds in channel 1, whose variance is 3x off) is one stats_drift naming
+    both counts and the worst channels (channel 1 for both: 2/sqrt(3) and 1/3)."""
     x = images(64, c=4, h=6, w=6, seed=3)
     mean, var = reference_stats(x)
     src = source(save_npz(tmp_path / "d.npz", x))
@@ -427,19 +504,42 @@ def test_drift_codes_fire_on_the_channels_that_drift(tmp_path):
     assert not set(layer.warnings) & set(DATA_CODES)
     assert layer.mean_shift is not None and layer.mean_shift.max < 1e-5
     assert layer.var_ratio is not None and abs(layer.var_ratio.max - 1) < 1e-5
-    off_mean = mean + np.sqrt(var) * np.array([1.0, -1.0, 0.25, 0.0])
+    off_mean = mean + np.sqrt(var) * np.array([1.0, -2.0, 0.25, 0.0])
     off_var = var * np.array([1.0, 3.0, 1.0, 1.0])
     model = _lone_with(off_mean.tolist(), off_var.tolist())
     report = inspect_model(loaded_module(model), data=measure(loaded_module(model), src))
     layer = report.layers[0]
-    messages = {d.code: d.message for d in layer.diagnostics}
-    assert messages["mean_drift"].startswith("2 of 4 channels")
-    assert messages["var_drift"].startswith("1 of 4 channels")
-    assert report.summary.warnings_by_code["mean_drift"] == 1
+    assert DATA_CODES == ("stats_drift",)
+    drifts = [d.message for d in layer.diagnostics if d.code in DATA_CODES]
+    assert len(drifts) == 1  # num_batches_tracked is 0 too: stale_stats beside it
+    message = drifts[0]
+    assert "(channel 1), over 0.5 in 2 of 4 channels" in message
+    assert "(worst: channel 1), outside 1/2..2 in 1 of 4 channels" in message
+    assert report.summary.warnings_by_code["stats_drift"] == 1
+    # the largest standardised mean shift, the range of the variance ratio, worst channels
+    shift = np.abs(mean - off_mean) / np.sqrt(off_var + 1e-5)
+    ratio = (var + 1e-5) / (off_var + 1e-5)
+    assert layer.mean_shift is not None and layer.var_ratio is not None
+    assert layer.mean_shift.max == pytest.approx(shift.max(), rel=1e-5)
+    assert (layer.var_ratio.min, layer.var_ratio.max) == pytest.approx(
+        (ratio.min(), ratio.max()), rel=1e-5
+    )
+    assert (layer.mean_shift_channel, layer.var_ratio_channel) == (1, 1)
     assert report.thresholds["drift_mean"] == 0.5 and report.data is not None
     raised = Thresholds().with_overrides({"drift_mean": 2.0, "drift_var": 4.0})
     quiet = inspect_model(loaded_module(model), raised, data=measure(loaded_module(model), src))
     assert not set(quiet.layers[0].warnings) & set(DATA_CODES)
+
+
+def test_worst_channels_by_log_distance_from_one():
+    """issue 17: the worst variance ratio is the furthest from 1 either way (0.2 beats 3),
+    NaN channels are skipped, and all-NaN gives no channel."""
+    from bnfold.data import worst_channels
+
+    shift = np.array([0.1, np.nan, 0.7, 0.3])
+    ratio = np.array([3.0, 0.2, np.nan, 1.0])
+    assert worst_channels(shift, ratio) == (2, 1)
+    assert worst_channels(np.array([np.nan]), np.array([np.nan])) == (None, None)
 
 
 def test_thresholds_without_data_stay_as_before():
@@ -458,56 +558,102 @@ def _batches(x: np.ndarray, size: int) -> list[list[torch.Tensor]]:
     return [[torch.from_numpy(x[i : i + size])] for i in range(0, len(x), size)]
 
 
+def batch_average(batches: list[list[torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's momentum=None statistics of a BN on the input, in float64: the average
+    of the batch means and of the unbiased batch variances."""
+    stats = [reference_stats(b[0].numpy()) for b in batches]
+    return np.mean([m for m, _ in stats], axis=0), np.mean([v for _, v in stats], axis=0)
+
+
+def pytorch_momentum_none(model: nn.Module, batches: list[list[torch.Tensor]]) -> nn.Module:
+    """A copy of ``model`` re-estimated by PyTorch itself: every BN reset, momentum=None,
+    alone in training mode (dropout and the rest in eval), the batches run through."""
+    ref = copy.deepcopy(model).eval()
+    for m in ref.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+    with torch.no_grad():
+        for batch in batches:
+            ref(*batch)
+    return ref
+
+
 @settings(max_examples=25)
 @given(size=st.integers(2, 9), seed=st.integers(0, 2**16))
-def test_batch_method_pools_a_lone_bn_exactly(size, seed):
-    """issue 17: for a BN on the input the batch method writes the data's exact mean and
-    unbiased variance, whatever the batch size; num_batches_tracked = batches."""
+def test_cumulative_method_on_a_lone_bn_averages_the_batch_statistics(size, seed):
+    """issue 17: for a BN on the input the default method writes the average of the batch
+    means and of the unbiased batch variances, whatever the batch size (uneven batches
+    included), and num_batches_tracked = batches, as PyTorch's momentum=None does."""
     x = images(19, c=3, h=3, w=2, seed=seed)
     if len(x) % size == 1:  # no lone sample in the last batch
         x = x[:-1]
     model = randomize_all(Lone(3), seed)
-    report = recalibrate_module(model, _batches(x, size))
-    mean, var = reference_stats(x)
+    batches = _batches(x, size)
+    report = recalibrate_module(model, batches)
+    mean, var = batch_average(batches)
     np.testing.assert_allclose(model.bn.running_mean.numpy(), mean, atol=1e-6)
     np.testing.assert_allclose(model.bn.running_var.numpy(), var, rtol=1e-5)
     assert int(model.bn.num_batches_tracked) == report.batches == math.ceil(len(x) / size)
     assert report.complete and report.updated == 1 and report.passes == 1
+    assert report.method == "cumulative"
 
 
-def test_batch_method_is_training_behaviour_with_pooled_variance(tmp_path):
-    """issue 17: each BN gets the pooled statistics of what it receives when the BNs before
-    it normalise with batch statistics (dropout off)."""
-    model = chain(1)
+@pytest.mark.parametrize(("model", "size"), [(Chain, 12), (Chain, 7), (Twice, 5)])
+def test_cumulative_method_is_pytorch_train_mode_with_momentum_none(model, size):
+    """issue 17: the default method gives, in every BN, what PyTorch's own train-mode
+    update with momentum=None gives on the same batches (BN layers alone in training mode,
+    dropout in eval), to float32 rounding; num_batches_tracked equal (a BN called twice
+    per pass counts both calls, as PyTorch does); weights, gamma and beta bit-identical;
+    flags and momenta restored."""
+    torch.manual_seed(0)
+    net = randomize_all(model(), 4).eval()
     x = images(24, h=6, w=6, seed=2)
-    x[:12] += 1.5  # two batches with different means
-    ref = copy.deepcopy(model)
-    recalibrate_module(model, _batches(x, 12))
-    first, second = [], []
-    with torch.no_grad():
-        for (b,) in _batches(x, 12):
-            h = ref.conv1(b)
-            first.append(h.numpy())
-            h = F.batch_norm(h, None, None, ref.bn1.weight, ref.bn1.bias, True, 0.0, ref.bn1.eps)
-            second.append(ref.conv2(torch.relu(h)).numpy())
-    for bn, inputs in ((model.bn1, first), (model.bn2, second)):
-        mean, var = reference_stats(np.concatenate(inputs))
-        np.testing.assert_allclose(bn.running_mean.numpy(), mean, atol=1e-5)
-        np.testing.assert_allclose(bn.running_var.numpy(), var, rtol=1e-4)
-    assert not model.bn1.training and model.bn1.momentum == 0.1  # flags and momentum restored
+    x[:12] += 1.5  # batches whose statistics differ
+    batches = _batches(x, size)
+    ref = pytorch_momentum_none(net, batches)
+    params = {k: v.clone() for k, v in net.named_parameters()}
+    report = recalibrate_module(net, batches)
+    assert report.complete
+    got, want = net.state_dict(), ref.state_dict()
+    for key in want:
+        if key.endswith("num_batches_tracked"):
+            assert int(got[key]) == int(want[key]) > 0, key
+        elif key.endswith(("running_mean", "running_var")):
+            np.testing.assert_allclose(got[key], want[key], rtol=2e-6, atol=1e-7, err_msg=key)
+    for name, p in net.named_parameters():
+        assert torch.equal(p, params[name]), name  # bit-identical
+    assert not any(m.training for m in net.modules())
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
 
 
-def test_pooled_variance_keeps_the_spread_of_the_batch_means():
-    """issue 17: batches whose means differ: the batch method's variance is the data's
-    variance; the average of the per-batch variances (AIMET's and update_bn's estimate)
-    misses the spread of the batch means."""
+def test_dropout_stays_in_eval_during_the_pass():
+    """issue 17: with dropout in training mode the statistics after it would be random;
+    two runs on the same data give bit-identical statistics, equal to PyTorch's with
+    the dropout in eval."""
+    batches = _batches(images(24, h=6, w=6, seed=7), 8)
+    first, second = chain(5), chain(5)
+    recalibrate_module(first, batches)
+    recalibrate_module(second, batches)
+    assert torch.equal(first.bn2.running_var, second.bn2.running_var)
+    ref = pytorch_momentum_none(chain(5), batches)
+    np.testing.assert_allclose(first.bn2.running_var, ref.bn2.running_var, rtol=2e-6)
+
+
+def test_cumulative_and_sequential_variances_differ_by_the_spread_of_batch_means():
+    """issue 17: batches whose means differ: the cumulative method averages the per-batch
+    variances (PyTorch's convention); the sequential one pools all the data, which adds
+    the spread of the batch means ((1.5 / 2)^2 = 0.56)."""
     x = images(24, h=4, w=4, seed=3)
     x[:12] += 1.5
-    model = randomize_all(Lone(3))
-    recalibrate_module(model, _batches(x, 12))
-    average = np.mean([reference_stats(b[0].numpy())[1] for b in _batches(x, 12)], axis=0)
-    np.testing.assert_allclose(model.bn.running_var.numpy(), reference_stats(x)[1], rtol=1e-5)
-    assert (model.bn.running_var.numpy() > average + 0.5).all()  # (1.5 / 2)^2 = 0.56
+    batches = _batches(x, 12)
+    cumulative, sequential = randomize_all(Lone(3)), randomize_all(Lone(3))
+    recalibrate_module(cumulative, batches)
+    recalibrate_module(sequential, batches, method="sequential")
+    np.testing.assert_allclose(cumulative.bn.running_var.numpy(), batch_average(batches)[1], 1e-5)
+    np.testing.assert_allclose(sequential.bn.running_var.numpy(), reference_stats(x)[1], 1e-5)
+    assert (sequential.bn.running_var.numpy() > cumulative.bn.running_var.numpy() + 0.5).all()
 
 
 @pytest.mark.parametrize("spec", ["convnet.state_dict.pt", "convnet.pt2", "convnet.onnx"])
@@ -527,9 +673,9 @@ def test_sequential_method_leaves_no_drift(tmp_path, spec):
 
 
 @pytest.mark.parametrize("spec", ["convnet.pt2", "convnet.onnx"])
-def test_batch_method_agrees_across_formats(tmp_path, spec):
-    """issue 17: the batch method on a .pt2 or .onnx writes what it writes on the eager
-    model (same statistics to float32 rounding)."""
+def test_cumulative_method_agrees_across_formats(tmp_path, spec):
+    """issue 17: the cumulative method on a .pt2 or .onnx writes what it writes on the
+    eager model (same statistics to float32 rounding)."""
     x = images(20, h=32, w=32, seed=6)
     src = source(save_npz(tmp_path / "d.npz", x), batch_size=10)
     eager = load_model(SAMPLES / "convnet.state_dict.pt", arch=ARCH)
@@ -553,7 +699,7 @@ def test_failure_mid_pass_restores_every_statistic():
     x = images(30, h=5, w=5)
     batches = _batches(x, 10)
     batches[2] = [torch.zeros(10, 7, 5, 5)]  # wrong channels: the model raises
-    for method in ("batch", "sequential"):
+    for method in ("cumulative", "sequential"):
         with pytest.raises(BnfoldError, match="does not run on the data"):
             recalibrate_module(model, batches, method=method)
         after = model.state_dict()
@@ -573,7 +719,7 @@ class Interrupted(Chain):
         return super().forward(x)
 
 
-@pytest.mark.parametrize("method", ["batch", "sequential"])
+@pytest.mark.parametrize("method", ["cumulative", "sequential"])
 def test_ctrl_c_mid_pass_restores_everything_and_stops(method):
     """issue 17: a KeyboardInterrupt inside a pass is not swallowed; the statistics, flags
     and momenta are as they were."""
@@ -605,7 +751,7 @@ class Mixed(nn.Module):
 
 
 def test_layers_that_keep_their_statistics_say_why():
-    """issue 17: frozen (batch method only), no_running_stats and not_called layers keep
+    """issue 17: frozen (cumulative method only), no_running_stats and not_called layers keep
     their statistics with a reason; a layer never reached makes the run incomplete."""
     model = randomize_all(Mixed())
     before = state_fingerprint(model)
@@ -635,12 +781,12 @@ def test_timm_bn_act_is_re_estimated_on_its_input():
     model = nn.Sequential(BatchNormAct2d(3)).eval()
     x = images(10, h=4, w=4, seed=9)
     recalibrate_module(model, _batches(x, 5))
-    mean, var = reference_stats(x)
+    mean, var = batch_average(_batches(x, 5))
     np.testing.assert_allclose(model[0].running_mean.numpy(), mean, atol=1e-6)
     np.testing.assert_allclose(model[0].running_var.numpy(), var, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["batch", "sequential"])
+@pytest.mark.parametrize("method", ["cumulative", "sequential"])
 def test_nonfinite_data_keeps_the_old_statistics(method):
     """issue 17: NaN in the data gives no NaN statistics: the layer keeps its old ones
     (all three buffers), reason nonfinite."""
@@ -654,8 +800,8 @@ def test_nonfinite_data_keeps_the_old_statistics(method):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_batch_method_refuses_a_single_sample_batch():
-    """issue 17: training-mode BN cannot normalise one sample: the batch method says so and
+def test_cumulative_method_refuses_a_single_sample_batch():
+    """issue 17: training-mode BN cannot normalise one sample: the cumulative method says so and
     the sequential one works."""
     x = images(1, h=2, w=2)
     with pytest.raises(BnfoldError, match="at least 2 samples"):
@@ -839,6 +985,8 @@ def test_sequential_statistics_are_what_each_bn_receives(widths, dims, eps, batc
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             got = moments[name]
-            scale = np.sqrt(got.var) + 1e-6 + np.abs(got.mean) * 1e-6
+            # float32 storage rounds a mean by up to 6e-8 of itself: a near-constant channel
+            # (widths of 1 after a ReLU) needs that much room
+            scale = np.sqrt(got.var) + 1e-6 + np.abs(got.mean) * 1e-2
             assert np.all(np.abs(m.running_mean.numpy() - got.mean) <= 1e-5 * scale), name
             assert np.all(np.abs(m.running_var.numpy() - got.var) <= 1e-4 * got.var + 1e-9), name

@@ -61,7 +61,7 @@ def recalibration(n: int = 3) -> RecalibrationReport:
         model="resnet50.pth",
         format="state_dict",
         output="out.pth",
-        method="batch",
+        method="cumulative",
         data=DATA,
         layers=tuple(layers),
         updated=n - 1,
@@ -79,9 +79,7 @@ def with_data(layers, thresholds=None) -> InspectReport:
         architecture_known=True,
         order="data-flow",
         layers=tuple(layers),
-        summary=InspectSummary(
-            len(layers), len(layers), 0, 0, 0, {"mean_drift": 1, "var_drift": 1}
-        ),
+        summary=InspectSummary(len(layers), len(layers), 0, 0, 0, {"stats_drift": 1}),
         thresholds=thresholds or {**THRESHOLDS, "drift_mean": 0.5, "drift_var": 2.0},
         data=DATA,
     )
@@ -94,10 +92,11 @@ def drifted(name: str, **changes) -> object:
         "data_var": Spread(0.5, 1.0, 9.0),
         "mean_shift": Spread(0.0, 0.2, 1.5),
         "var_ratio": Spread(0.25, 1.0, 3.0),
-        "warnings": ("mean_drift", "var_drift"),
+        "mean_shift_channel": 17,
+        "var_ratio_channel": 5,
+        "warnings": ("stats_drift",),
         "diagnostics": (
-            Diagnostic("mean_drift", "3 of 64 channels: the data's mean is over 0.5 ..."),
-            Diagnostic("var_drift", "2 of 64 channels: the data's variance is over 2x ..."),
+            Diagnostic("stats_drift", "on the data: mean shift up to 1.5 (channel 17) ..."),
         ),
     }
     return bn_layer(name, **{**values, **changes})
@@ -129,7 +128,26 @@ def test_recalibration_table_fits_80_columns_and_says_what_stayed():
     words = " ".join(text.split())
     assert "kept (not_called): the data never reaches it" in words
     assert "not every BatchNorm was re-estimated (exit 1)" in words
-    assert "re-estimated 4 of 5 BatchNorm layers, method batch" in words
+    assert "re-estimated 4 of 5 BatchNorm layers, method cumulative" in words
+
+
+def test_recalibration_table_with_drift_before_and_after_fits_80_columns():
+    """issue 17: with the drift measured, the table shows it before and after (largest
+    mean shift, variance ratio range) within 80 columns; markdown has both columns."""
+    from bnfold.reports import Drift
+
+    report = recalibration(4)
+    before = Drift(Spread(0.1, 0.5, 3.5), Spread(0.125, 1.0, 8.0), 7, 2)
+    after = Drift(Spread(0.0, 0.01, 0.02), Spread(0.99, 1.0, 1.01), 1, 3)
+    layers = tuple(
+        dataclasses.replace(layer, drift_before=before, drift_after=after)
+        for layer in report.layers
+    )
+    text = table(dataclasses.replace(report, layers=layers))
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "drift before" in text and "3.5, 0.12…8" in text and "0.02, 0.99…1" in text
+    markdown = render.to_markdown(dataclasses.replace(report, layers=layers))
+    assert "| 3.5, 0.12…8 | 0.02, 0.99…1 |" in markdown
 
 
 def test_recalibration_markdown_escapes_names():
@@ -147,10 +165,10 @@ def test_inspect_with_data_table_and_markdown():
     report = with_data([drifted("layer1.0.bn1"), drifted("layer1.0.bn2")])
     text = table(report)
     assert all(len(line) <= 80 for line in text.splitlines())
-    assert "values/ch" in text and "0.25…3" in text and "1.5" in text
-    assert "flagged over 0.5 and outside 1/2…2" in text
+    assert "values/ch" in text and "0.25…3 c5" in text and "1.5 c17" in text
+    assert "stats_drift over 0.5 or outside 1/2…2" in " ".join(text.split())
     markdown = render.to_markdown(report)
-    assert "| 1.5 | 0.25…3 |" in markdown
+    assert "| 1.5 c17 | 0.25…3 c5 |" in markdown
     plain = dataclasses.replace(report, data=None)
     assert "values/ch" not in table(plain)
     assert "var ratio" not in render.to_markdown(plain)
@@ -182,6 +200,8 @@ def test_html_has_the_data_and_escapes_its_source():
     assert "imgs/&lt;script&gt;|x" in page and "<script>" not in page
     assert "<th>values/ch</th>" in page and "<th>var ratio</th>" in page
     assert "drift_mean (0.75)" in page and "below 1/3" in page
+    assert '<h3 id="stats_drift">' in page
+    assert "(worst: channel 17)" in page and "(worst: channel 5)" in page
 
 
 def test_fuse_report_says_the_statistics_were_re_estimated_first():

@@ -14,13 +14,20 @@ if TYPE_CHECKING:
 
 DATA_HELP = (
     "Real inputs: a .npz (one array per model input, the first axis the sample), a .npy, "
-    "or a folder of images (needs: pip install 'bnfold[data]')."
+    "a folder of images (needs: pip install 'bnfold[data]'), or module:callable / "
+    "path/file.py:callable returning an iterable of batches (a tensor, or a tuple of "
+    "tensors for several inputs)."
 )
 BATCH_SIZE = typer.Option(
     32, "--batch-size", min=1, help="Samples per forward pass (batches of near-equal sizes)."
 )
-SAMPLES = typer.Option(
-    None, "--samples", min=1, help="Use only the first N samples (images in path order)."
+LIMIT = typer.Option(
+    None,
+    "--limit",
+    min=1,
+    metavar="N",
+    help="Use only the first N samples (images in path order; a callable's batches are "
+    "cut at N samples).",
 )
 IMAGE_SIZE = typer.Option(
     None,
@@ -45,9 +52,9 @@ STD = typer.Option(
 
 
 def data_options(
-    spec: Path | None,
+    spec: str | Path | None,
     batch_size: int,
-    samples: int | None,
+    limit: int | None,
     image_size: str | None,
     mean: str | None,
     std: str | None,
@@ -61,7 +68,7 @@ def data_options(
         given = [
             name
             for name, value in (
-                ("--samples", samples),
+                ("--limit", limit),
                 ("--image-size", image_size),
                 ("--mean", mean),
                 ("--std", std),
@@ -74,7 +81,7 @@ def data_options(
     return DataOptions(
         spec=spec,
         batch_size=batch_size,
-        samples=samples,
+        limit=limit,
         image_size=parse_size(image_size) if image_size is not None else None,
         mean=parse_floats(mean, "--mean") if mean is not None else None,
         std=parse_floats(std, "--std") if std is not None else None,

@@ -20,6 +20,8 @@ from bnfold.cli.common import (
     parse_arch_kwargs,
     stdout_console,
 )
+from bnfold.cli.data_options import BATCH_SIZE, DATA_HELP, IMAGE_SIZE, LIMIT, MEAN, STD
+from bnfold.cli.recalibrate import Method
 
 if TYPE_CHECKING:
     from bnfold.reports import FuseReport
@@ -110,6 +112,27 @@ def fuse_command(
         "--eval",
         help="Switch a model saved in training mode to eval mode (refused otherwise).",
     ),
+    recalibrate_data: str | None = typer.Option(
+        None,
+        "--recalibrate-data",
+        metavar="SPEC",
+        help="Re-estimate the BatchNorm statistics on this data first (as bnfold "
+        "recalibrate does), then fold. " + DATA_HELP,
+    ),
+    recalibrate_method: Method = typer.Option(
+        Method.cumulative, "--recalibrate-method", help="See bnfold recalibrate --method."
+    ),
+    enable_running_stats: bool = typer.Option(
+        False,
+        "--enable-running-stats",
+        help="With --recalibrate-data: BatchNorm layers built with track_running_stats=False "
+        "get running statistics too, and fold.",
+    ),
+    batch_size: int = BATCH_SIZE,
+    limit: int | None = LIMIT,
+    image_size: str | None = IMAGE_SIZE,
+    mean: str | None = MEAN,
+    std: str | None = STD,
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
     html: Path | None = typer.Option(
         None,
@@ -122,7 +145,15 @@ def fuse_command(
     """Fold BatchNorm exactly, export ONNX and prove it in onnxruntime (exit 1 if not)."""
     from bnfold.api import fuse
     from bnfold.cli import render
+    from bnfold.cli.data_options import data_options
+    from bnfold.errors import BnfoldError
     from bnfold.inputs import parse_shape
+
+    data = data_options(
+        recalibrate_data, batch_size, limit, image_size, mean, std, option="--recalibrate-data"
+    )
+    if enable_running_stats and data is None:
+        raise BnfoldError("--enable-running-stats only applies with --recalibrate-data")
 
     options: dict[str, Any] = {
         "arch": arch,
@@ -151,6 +182,9 @@ def fuse_command(
         save_torch=save_torch,
         force=force,
         eval_mode=eval_mode,
+        recalibrate_data=data,
+        recalibrate_method=recalibrate_method.value,
+        enable_running_stats=enable_running_stats,
         progress=progress.step,
     )
     render.emit(report, fmt.value, stdout_console())

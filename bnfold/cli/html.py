@@ -61,14 +61,14 @@ def explanations(thresholds: dict[str, float]) -> dict[str, str]:
         "of each batch, not its running statistics; call model.eval() before saving.",
         "no_running_stats": "track_running_stats=False or no running buffers: the layer "
         "always normalises with batch statistics, so there is nothing to fold.",
-        "mean_drift": "on the data (--data, the model in eval mode), the mean of the layer's "
-        f"inputs is more than drift_mean ({shift:g}) running standard deviations away from "
-        "running_mean in some channel: the statistics do not describe what the layer "
-        "receives (stale statistics, other preprocessing, a domain shift). Re-estimate "
-        "them with bnfold recalibrate if the data is what the model will see.",
-        "var_drift": "on the data, (variance + eps) / (running_var + eps) is above drift_var "
-        f"({factor:g}) or below 1/{factor:g} in some channel: the layer scales what it "
-        "receives by the wrong amount.",
+        "stats_drift": "on the data (--data, the model in eval mode), the layer's inputs "
+        "do not match its running statistics in some channel: the mean is more than "
+        f"drift_mean ({shift:g}) running standard deviations from running_mean "
+        "(|mean - running_mean| / sqrt(running_var + eps)), or (variance + eps) / "
+        f"(running_var + eps) is above drift_var ({factor:g}) or below 1/{factor:g}. The "
+        "worst channel of each measure is named. Stale statistics, other preprocessing or "
+        "a domain shift; re-estimate them with bnfold recalibrate if the data is what the "
+        "model will see.",
     }
 
 
@@ -163,9 +163,13 @@ def _data_cells(layer: BNLayerReport) -> list[str]:
         f'<td class="num">{values}</td>',
         f'<td class="num">{_spread(layer.data_mean)}</td>',
         f'<td class="num">{_spread(layer.data_var)}</td>',
-        f'<td class="num">{_spread(layer.mean_shift)}</td>',
-        f'<td class="num">{_spread(layer.var_ratio)}</td>',
+        f'<td class="num">{_spread(layer.mean_shift)}{_channel(layer.mean_shift_channel)}</td>',
+        f'<td class="num">{_spread(layer.var_ratio)}{_channel(layer.var_ratio_channel)}</td>',
     ]
+
+
+def _channel(channel: int | None) -> str:
+    return "" if channel is None else f' <span class="muted">(worst: channel {channel})</span>'
 
 
 def _layer_row(i: int, layer: BNLayerReport, data: bool = False) -> str:

@@ -20,7 +20,7 @@ from bnfold.cli.common import (
     parse_thresholds,
     stdout_console,
 )
-from bnfold.cli.data_options import BATCH_SIZE, DATA_HELP, IMAGE_SIZE, MEAN, SAMPLES, STD
+from bnfold.cli.data_options import BATCH_SIZE, DATA_HELP, IMAGE_SIZE, LIMIT, MEAN, STD
 
 if TYPE_CHECKING:
     from bnfold.reports import InspectReport
@@ -45,7 +45,21 @@ def inspect_command(
         help="Override a diagnostic threshold: dead_gamma (1e-3), tiny_variance (1e-4), "
         "scale_spread (100); with --data drift_mean (0.5) and drift_var (2).",
     ),
-    data: Path | None = typer.Option(
+    drift_mean: float | None = typer.Option(
+        None,
+        "--drift-mean",
+        metavar="STDS",
+        help="With --data: stats_drift when a channel's data mean is more than this many "
+        "running standard deviations from running_mean (default 0.5).",
+    ),
+    drift_var: float | None = typer.Option(
+        None,
+        "--drift-var",
+        metavar="FACTOR",
+        help="With --data: stats_drift when (data var + eps) / (running_var + eps) is above "
+        "this factor or below its inverse in a channel (default 2).",
+    ),
+    data: str | None = typer.Option(
         None,
         "--data",
         metavar="SPEC",
@@ -53,7 +67,7 @@ def inspect_command(
         "its running statistics.",
     ),
     batch_size: int = BATCH_SIZE,
-    samples: int | None = SAMPLES,
+    limit: int | None = LIMIT,
     image_size: str | None = IMAGE_SIZE,
     mean: str | None = MEAN,
     std: str | None = STD,
@@ -78,12 +92,17 @@ def inspect_command(
     from bnfold.stats import Thresholds
 
     thresholds = parse_thresholds(threshold)
+    for name, value in (("drift_mean", drift_mean), ("drift_var", drift_var)):
+        if value is not None:
+            if data is None:
+                raise BnfoldError(f"--{name.replace('_', '-')} only applies with --data")
+            thresholds[name] = value
     try:  # checked here, before the model loads
         Thresholds().with_overrides(thresholds)
     except ValueError as e:
         raise BnfoldError(f"--threshold: {e}") from e
     kwargs = parse_arch_kwargs(arch_kwargs)
-    data_opts = data_options(data, batch_size, samples, image_size, mean, std)
+    data_opts = data_options(data, batch_size, limit, image_size, mean, std)
     # refuse bad --plot/--html paths (and a missing matplotlib) before loading the model
     plot_format = None
     if plot is not None:
@@ -110,6 +129,9 @@ def inspect_command(
         progress=progress.step,
     )
     render.emit(report, fmt.value, stdout_console())
+    if data_opts is not None and not report.layers:  # not an error: nothing to measure
+        tell(f"note: {model.name} has no BatchNorm layer: the data was not run, nothing written")
+        return
     picture = None
     if plot_format is not None and plot is not None:
         picture = write_picture(report, plot, plot_format)

@@ -16,7 +16,8 @@ layer in the report's (data-flow) order:
 With ``--data`` two more panels come before the strip: the mean shift of each BN's inputs
 on the data, ``|data mean - running_mean| / sqrt(running_var + eps)``, with the
 ``drift_mean`` threshold, and the variance ratio ``(data var + eps) / (running_var +
-eps)`` with ``drift_var`` and ``1 / drift_var``.
+eps)`` with ``drift_var`` and ``1 / drift_var``; a layer with ``stats_drift`` is red in
+both, its worst channel written above its bar (``c5``).
 
 A bar is red when the layer has the warning that panel shows (``large_scale_spread``,
 ``tiny_variance``, ``dead_channels``). Zero reaches the bottom edge of a log axis. The
@@ -76,8 +77,7 @@ _CODE_COLOURS = {
     "negative_variance": "#da8bc3",
     "train_mode": "#55a868",
     "no_running_stats": "#64b5cd",
-    "mean_drift": "#4c72b0",
-    "var_drift": "#8c613c",
+    "stats_drift": "#4c72b0",
 }
 _CODE_ORDER = list(_CODE_COLOURS)  # bnfold.stats.CODES + DATA_CODES, without importing numpy
 
@@ -384,7 +384,8 @@ def _legend_entries(layers: tuple[BNLayerReport, ...]) -> list[str]:
         return any((r := _magnitude(pick(layer))) is not None and r.mixed_signs for layer in layers)
 
     entries = ["range", "median"]
-    if any(has(code) for code in ("large_scale_spread", "tiny_variance", "dead_channels")):
+    flags = ("large_scale_spread", "tiny_variance", "dead_channels", "stats_drift")
+    if any(has(code) for code in flags):
         entries.append("flagged")
     if mixed(lambda layer: layer.fold_scale) or mixed(lambda layer: layer.gamma):
         entries.append("mixed")
@@ -519,14 +520,15 @@ def figure(report: InspectReport) -> Any:
 def _drift_panels(
     shift_ax: Any, ratio_ax: Any, layers: tuple[BNLayerReport, ...], th: dict[str, float]
 ) -> bool:
-    """--data: mean shift and variance ratio per layer; whether a threshold was drawn."""
+    """--data: mean shift and variance ratio per layer, the worst channel named above the
+    bar of each drifted layer; whether a threshold was drawn."""
     mean = th.get("drift_mean")
     factor = th.get("drift_var")
     drawn = _panel(
         shift_ax,
         layers,
         lambda layer: _positive(layer.mean_shift),
-        "mean_drift",
+        "stats_drift",
         "on the data: mean shift |mean - running_mean| / sqrt(running_var + eps)",
         None if mean is None else (mean, f"drift_mean {mean:g}"),
     )
@@ -534,7 +536,7 @@ def _drift_panels(
         ratio_ax,
         layers,
         lambda layer: _positive(layer.var_ratio),
-        "var_drift",
+        "stats_drift",
         "on the data: variance ratio (var + eps) / (running_var + eps)",
         None if factor is None else (factor, f"drift_var {factor:g}"),
     )
@@ -542,6 +544,25 @@ def _drift_panels(
         low, (bottom, top) = 1 / factor, ratio_ax.get_ylim()
         if bottom < low < top:
             ratio_ax.axhline(low, color=_THRESHOLD, lw=1, ls="--", zorder=1)
+    for x, layer in enumerate(layers):
+        if "stats_drift" not in layer.warnings:
+            continue
+        for ax, spread, channel in (
+            (shift_ax, layer.mean_shift, layer.mean_shift_channel),
+            (ratio_ax, layer.var_ratio, layer.var_ratio_channel),
+        ):
+            if spread is not None and channel is not None and spread.max > 0:
+                ax.annotate(
+                    f"c{channel}",
+                    (x, spread.max),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                    color=_FLAGGED,
+                    annotation_clip=True,
+                )
     return drawn
 
 

@@ -75,11 +75,16 @@ def _range(s: Spread | None) -> str:
 
 
 def _drift_cells(layer: Any) -> list[str]:
-    """With --data: the largest mean shift and the range of variance ratios."""
+    """With --data: the largest mean shift and the range of variance ratios, each with
+    its worst channel (``c5``)."""
     shift, ratio = layer.mean_shift, layer.var_ratio
+
+    def at(channel: int | None) -> str:
+        return "" if channel is None else f" c{channel}"
+
     return [
-        f"{shift.max:.2g}" if shift else "-",
-        f"{ratio.min:.2g}…{ratio.max:.2g}" if ratio else "-",
+        f"{shift.max:.2g}{at(layer.mean_shift_channel)}" if shift else "-",
+        f"{ratio.min:.2g}…{ratio.max:.2g}{at(layer.var_ratio_channel)}" if ratio else "-",
     ]
 
 
@@ -97,7 +102,7 @@ def _data_table(r: InspectReport, console: Console) -> None:
     table.add_column("mean shift max", justify="right")
     table.add_column("var ratio min…max", justify="right")
     for layer in r.layers:
-        drifted = {"mean_drift", "var_drift"} & set(layer.warnings)
+        drifted = "stats_drift" in layer.warnings
         table.add_row(
             Text(layer.name),
             "-" if layer.data_values is None else str(layer.data_values),
@@ -108,8 +113,9 @@ def _data_table(r: InspectReport, console: Console) -> None:
     console.print(
         Text(
             "mean shift: |data mean - running_mean| / sqrt(running_var + eps); var ratio: "
-            f"(data var + eps) / (running_var + eps); flagged over {th.get('drift_mean', 0):g} "
-            f"and outside 1/{th.get('drift_var', 0):g}…{th.get('drift_var', 0):g}",
+            f"(data var + eps) / (running_var + eps); cN: the worst channel; stats_drift over "
+            f"{th.get('drift_mean', 0):g} or outside 1/{th.get('drift_var', 0):g}…"
+            f"{th.get('drift_var', 0):g}",
             style="dim",
         )
     )
@@ -500,6 +506,13 @@ def _result_cell(layer: Any) -> str:
     return "updated" if layer.updated else f"kept: {layer.reason}"
 
 
+def _drift_cell(d: Any) -> str:
+    """A Drift as ``shift max, ratio min…max``."""
+    if d is None:
+        return "-"
+    return f"{d.mean_shift.max:.2g}, {d.var_ratio.min:.2g}…{d.var_ratio.max:.2g}"
+
+
 def _recalibration_table(r: RecalibrationReport, console: Console) -> None:
     from rich import box
     from rich.table import Table
@@ -508,22 +521,39 @@ def _recalibration_table(r: RecalibrationReport, console: Console) -> None:
     console.print(Text(_recalibration_head(r), style="bold"))
     if r.data is not None:
         console.print(Text(data_line(r.data)))
+    measured = any(layer.drift_before or layer.drift_after for layer in r.layers)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("BN layer", overflow="fold", ratio=3)
     table.add_column("C", justify="right")
     table.add_column("result", overflow="fold", ratio=2)
-    table.add_column("shift", justify="right")
-    table.add_column("var ratio", justify="right")
-    table.add_column("new var min", justify="right")
+    if measured:
+        table.add_column("drift before", justify="right")
+        table.add_column("drift after", justify="right")
+    else:
+        table.add_column("shift", justify="right")
+        table.add_column("var ratio", justify="right")
+        table.add_column("new var min", justify="right")
     for layer in r.layers:
+        cells = (
+            [_drift_cell(layer.drift_before), _drift_cell(layer.drift_after)]
+            if measured
+            else [*_drift_cells(layer), _g(layer.running_var.min if layer.running_var else None)]
+        )
         table.add_row(
             Text(layer.name),
             str(layer.channels),
             Text(_result_cell(layer), style="green" if layer.updated else "yellow"),
-            *_drift_cells(layer),
-            _g(layer.running_var.min if layer.running_var else None),
+            *cells,
         )
     console.print(table)
+    if measured:
+        console.print(
+            Text(
+                "drift on the data (eval mode), old and new statistics: largest mean shift "
+                "|mean - running_mean| / sqrt(running_var + eps), variance ratio min…max",
+                style="dim",
+            )
+        )
     for layer in r.layers:
         if not layer.updated:
             console.print(
@@ -543,15 +573,17 @@ def _recalibration_markdown(r: RecalibrationReport) -> str:
         lines += ["", _md_escape(data_line(r.data)) + "."]
     lines += [
         "",
-        "| BN layer | C | result | mean shift max | var ratio min…max | new var min |",
-        "|---|---:|---|---:|---:|---:|",
+        "| BN layer | C | result | mean shift max | var ratio min…max | new var min "
+        "| drift before | drift after |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for layer in r.layers:
         result = "updated" if layer.updated else f"kept: `{layer.reason}`"
         lines.append(
             f"| `{_md_escape(layer.name)}` | {layer.channels} | {result} | "
             + "".join(f"{cell} | " for cell in _drift_cells(layer))
-            + f"{_g(layer.running_var.min if layer.running_var else None)} |"
+            + f"{_g(layer.running_var.min if layer.running_var else None)} | "
+            + f"{_drift_cell(layer.drift_before)} | {_drift_cell(layer.drift_after)} |"
         )
     for note in r.notes:
         lines += ["", f"_Note: {_md_escape(note)}_"]
