@@ -201,9 +201,9 @@ def merge_parallel(
                 f"an identity branch needs C_in == C_out and an odd kernel, not {shapes[0]}"
             )
         out = np.arange(c_out)
-        mid = tuple(k // 2 for k in size)
+        centre_tap: tuple[np.ndarray | int, ...] = (out, out % c_in_g, *(k // 2 for k in size))
         for s, t in identities:
-            w[(out, out % c_in_g, *mid)] += _wide(s)
+            w[centre_tap] += _wide(s)
             b += _wide(t)
     w_out, w_overflow = _rounded(w, dtype)
     b_out, b_overflow = _rounded(b, dtype)
