@@ -1,0 +1,594 @@
+"""Merging parallel branches summed by Add/Sum into one Conv on the ONNX route
+(bnfold/merge_onnx.py, issue 18): structure and numbers against a float64 reference, and
+every decline with its reason code on the BatchNormalization that stays."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.onnx_fold import fold_onnx
+from bnfold.rules import Reason
+
+# --------------------------------------------------------------------------- builders
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One conv branch ``x -> Conv [-> BatchNormalization]``."""
+
+    kernel: tuple[int, ...]
+    group: int = 1
+    bias: bool = True
+    bn: bool = True  # a BN after the conv, which the pairwise pass folds first
+    stride: int = 1
+    dilation: int = 1
+    pads: tuple[int, ...] | None = None  # begin..., end...; None: centred
+    auto_pad: str | None = None
+    c_out: int | None = None  # None: the model's
+
+
+@dataclass
+class Built:
+    """An ONNX model and the float64 numbers to compute what it computes."""
+
+    model: onnx.ModelProto
+    convs: list[dict] = field(default_factory=list)
+    identity: list[tuple[np.ndarray, np.ndarray] | None] = field(default_factory=list)
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """The sum of the branches in float64 (torch's conv on explicitly padded input)."""
+        x64 = torch.from_numpy(x.astype(np.float64))
+        dims = x.ndim - 2
+        conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        total = None
+        for c in self.convs:
+            pads = c["pads"]
+            torch_pads = [p for a in reversed(range(dims)) for p in (pads[a], pads[dims + a])]
+            y = conv(
+                F.pad(x64, torch_pads),
+                torch.from_numpy(c["w"]),
+                None if c["b"] is None else torch.from_numpy(c["b"]),
+                stride=c["stride"],
+                dilation=c["dilation"],
+                groups=c["group"],
+            )
+            if c["bn"] is not None:
+                y = affine(y, *c["bn"])
+            total = y if total is None else total + y
+        for ident in self.identity:
+            y = x64 if ident is None else affine(x64, *ident)
+            total = y if total is None else total + y
+        assert total is not None
+        return total.numpy()
+
+
+def affine(y: torch.Tensor, s: np.ndarray, t: np.ndarray) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    return y * torch.from_numpy(s).reshape(shape) + torch.from_numpy(t).reshape(shape)
+
+
+def f32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
+
+
+def bn_params(rng: np.random.Generator, c: int, prefix: str, eps: float = 1e-5):
+    """A BN's initializers and its float64 (s, t), computed from the float32 values."""
+    scale, bias = f32(rng.uniform(0.5, 1.5, c)), f32(rng.normal(0, 0.3, c))
+    mean, var = f32(rng.normal(0, 0.3, c)), f32(rng.uniform(0.5, 2.0, c))
+    inits = [
+        numpy_helper.from_array(a, f"{prefix}.{n}")
+        for a, n in zip((scale, bias, mean, var), ("scale", "bias", "mean", "var"), strict=True)
+    ]
+    s = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+    t = bias.astype(np.float64) - mean.astype(np.float64) * s
+    return inits, (s, t)
+
+
+def same_pads(k: int, d: int, upper: bool) -> tuple[int, int]:
+    total = d * (k - 1)  # stride 1
+    small, big = total // 2, total - total // 2
+    return (small, big) if upper else (big, small)
+
+
+def build(
+    convs: list[ConvSpec],
+    identity: list[str],
+    c_in: int,
+    c_out: int,
+    spatial: tuple[int, ...],
+    sum_op: str = "Add",
+    seed: int = 0,
+) -> Built:
+    """``x`` -> the conv branches and identity branches (``"bn"``: a BatchNormalization of
+    ``x``, ``"skip"``: ``x`` itself), summed by a chain of Adds or one Sum into ``y``."""
+    rng = np.random.default_rng(seed)
+    dims = len(spatial)
+    nodes, inits, summed = [], [], []
+    built = Built(model=None)  # type: ignore[arg-type]
+    for i, spec in enumerate(convs):
+        out_ch = spec.c_out or c_out
+        k = spec.kernel
+        w = f32(rng.normal(0, 0.5, (out_ch, c_in // spec.group, *k)))
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        inputs = ["x", f"w{i}"]
+        b = None
+        if spec.bias:
+            b = f32(rng.normal(0, 0.3, out_ch))
+            inits.append(numpy_helper.from_array(b, f"b{i}"))
+            inputs.append(f"b{i}")
+        attrs: dict = {"group": spec.group}
+        if spec.stride != 1:
+            attrs["strides"] = [spec.stride] * dims
+        if spec.dilation != 1:
+            attrs["dilations"] = [spec.dilation] * dims
+        if spec.auto_pad:
+            attrs["auto_pad"] = spec.auto_pad
+            upper = spec.auto_pad == "SAME_UPPER"
+            pairs = [same_pads(kk, spec.dilation, upper) for kk in k]
+            pads = tuple(p for p, _ in pairs) + tuple(q for _, q in pairs)
+        else:
+            pads = spec.pads or tuple(spec.dilation * (kk - 1) // 2 for kk in k) * 2
+            attrs["pads"] = list(pads)
+        out = f"c{i}"
+        nodes.append(helper.make_node("Conv", inputs, [out], name=f"conv{i}", **attrs))
+        bn = None
+        if spec.bn:
+            bn_inits, bn = bn_params(rng, out_ch, f"bn{i}")
+            inits += bn_inits
+            nodes.append(
+                helper.make_node(
+                    "BatchNormalization",
+                    [out, *(t.name for t in bn_inits)],
+                    [f"n{i}"],
+                    name=f"bn{i}",
+                )
+            )
+            out = f"n{i}"
+        summed.append(out)
+        built.convs.append(
+            {
+                "w": w.astype(np.float64),
+                "b": None if b is None else b.astype(np.float64),
+                "bn": bn,
+                "pads": pads,
+                "stride": spec.stride,
+                "dilation": spec.dilation,
+                "group": spec.group,
+            }
+        )
+    for j, kind in enumerate(identity):
+        if kind == "skip":
+            summed.append("x")
+            built.identity.append(None)
+            continue
+        bn_inits, st_ = bn_params(rng, c_in, f"id{j}")
+        inits += bn_inits
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                ["x", *(t.name for t in bn_inits)],
+                [f"i{j}"],
+                name=f"identity{j}",
+            )
+        )
+        summed.append(f"i{j}")
+        built.identity.append(st_)
+    if sum_op == "Sum":
+        nodes.append(helper.make_node("Sum", summed, ["y"], name="sum"))
+    else:
+        acc = summed[0]
+        for j, value in enumerate(summed[1:]):
+            out = "y" if j == len(summed) - 2 else f"s{j}"
+            nodes.append(helper.make_node("Add", [acc, value], [out], name=f"add{j}"))
+            acc = out
+    spatial_names = [f"out{a}" for a in range(dims)]
+    graph = helper.make_graph(
+        nodes,
+        "branches",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in, *spatial])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "C", *spatial_names])],
+        initializer=inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    check(m)
+    built.model = m
+    return built
+
+
+def check(m: onnx.ModelProto) -> None:
+    """A valid model (the output's shape is left to inference, strict about what it sees)."""
+    onnx.checker.check_model(m)
+    onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True)
+
+
+def run(m: onnx.ModelProto, x: np.ndarray, name: str = "x") -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, {name: x})[0]
+
+
+def ops(m: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in m.graph.node]
+
+
+def decision(out, bn: str):
+    return next(d for d in out.decisions if d.bn == bn)
+
+
+def assert_close(got: np.ndarray, ref: np.ndarray) -> None:
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max() + 1e-6
+
+
+def assert_merged(built: Built, spatial: tuple[int, ...], c_in: int) -> object:
+    """One Conv and nothing else is left, every BN merged, the numbers equal the float64
+    reference at batch sizes 1 and 3."""
+    out = fold_onnx(built.model)
+    check(out.model)
+    assert ops(out.model) == ["Conv"], ops(out.model)
+    assert all(d.folded for d in out.decisions), out.decisions
+    assert [o.name for o in out.model.graph.output] == ["y"]
+    assert len(out.merges) == 1 and out.merges[0].rule == "branch_merge"
+    rng = np.random.default_rng(1)
+    for batch in (1, 3):
+        x = f32(rng.normal(size=(batch, c_in, *spatial)))
+        ref = built.reference(x)
+        assert_close(run(built.model, x), ref)  # the builder's reference is the graph's
+        assert_close(run(out.model, x), ref)
+    return out
+
+
+# --------------------------------------------------------------------------- merges
+
+
+@st.composite
+def branch_sets(draw: st.DrawFn):
+    dims = draw(st.integers(1, 2))
+    identity = draw(st.sampled_from([[], ["bn"], ["skip"], ["bn", "skip"]]))
+    c = draw(st.integers(1, 4))
+    depthwise = draw(st.booleans())
+    c_in = c
+    c_out = c if identity or depthwise else draw(st.integers(1, 4))
+    group = c if depthwise else 1
+    n_convs = draw(st.integers(max(1, 2 - len(identity)), 3 - min(len(identity), 1)))
+    dilation = draw(st.integers(1, 2))
+    stride = 1 if identity else draw(st.integers(1, 2))
+    convs = [
+        ConvSpec(
+            kernel=(draw(st.sampled_from([1, 3, 5])),) * dims,
+            group=group,
+            bias=draw(st.booleans()),
+            bn=draw(st.booleans()),
+            stride=stride,
+            dilation=dilation,
+        )
+        for _ in range(n_convs)
+    ]
+    spatial = (draw(st.integers(5, 8)),) * dims
+    sum_op = draw(st.sampled_from(["Add", "Sum"]))
+    order = draw(st.permutations(range(n_convs)))
+    return [convs[i] for i in order], identity, c_in, c_out, spatial, sum_op
+
+
+@given(branch_sets(), st.integers(0, 2**16))
+def test_random_branch_sets_merge_into_one_conv(case, seed):
+    """Conv branches (kernels 1/3/5, group 1 or depthwise, bias on/off, a BN or not) and
+    identity branches (a BN of x, x itself) summed by Adds or a Sum: after the ONNX route
+    one Conv is left, no BatchNormalization, and it computes the float64 sum."""
+    convs, identity, c_in, c_out, spatial, sum_op = case
+    built = build(convs, identity, c_in, c_out, spatial, sum_op, seed)
+    assert_merged(built, spatial, c_in)
+
+
+def test_repvgg_block_merges_into_the_3x3_conv():
+    """The RepVGG block: 3x3 conv + BN, 1x1 conv + BN, BN of x; the 3x3 conv stays, named
+    in the merge with both branches and the identity BN."""
+    built = build(
+        [ConvSpec((3, 3), bias=False), ConvSpec((1, 1), bias=False)], ["bn"], 4, 4, (6, 6)
+    )
+    out = assert_merged(built, (6, 6), 4)
+    (merge,) = out.merges  # type: ignore[attr-defined]
+    assert (merge.into, merge.branches, merge.identity) == (
+        "conv0",
+        ("conv0", "conv1"),
+        ("identity0",),
+    )
+    assert merge.output == "y"
+    assert decision(out, "identity0").rule == "branch_merge"
+    assert decision(out, "identity0").into == "conv0"
+    assert decision(out, "bn1").into == "conv0"  # folded into conv1, which merged into conv0
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+def test_auto_pad_same_with_stride_1_merges_even_kernels(mode):
+    """auto_pad SAME_* with stride 1 pads d * (k - 1) in all, whatever the input size: a
+    2-kernel and a 4-kernel share their centre and merge."""
+    built = build(
+        [ConvSpec((2, 2), auto_pad=mode), ConvSpec((4, 4), auto_pad=mode)], [], 3, 5, (7, 7)
+    )
+    out = assert_merged(built, (7, 7), 3)
+    conv = out.model.graph.node[0]  # type: ignore[attr-defined]
+    assert "auto_pad" not in [a.name for a in conv.attribute]
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_asymmetric_pads_with_aligned_centres_merge(dims):
+    """Pads need not be symmetric, only aligned: a 3-kernel padded (2, 1) and a 1-kernel
+    padded (1, 0) read around the same centre (doubled offsets 2 * 2 - 2 = 2 * 1 - 0 at the
+    start, 2 * 1 - 2 = 2 * 0 - 0 at the end) and merge."""
+    built = build(
+        [
+            ConvSpec((3,) * dims, pads=(2,) * dims + (1,) * dims),
+            ConvSpec((1,) * dims, pads=(1,) * dims + (0,) * dims),
+        ],
+        [],
+        2,
+        3,
+        (6,) * dims,
+    )
+    assert_merged(built, (6,) * dims, 2)
+
+
+def test_bn_after_the_sum_folds_into_the_merged_conv():
+    """A BN after the sum has no layer to fold into until the branches merge; then it
+    folds backward into the merged Conv."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 3, 3, (5, 5))
+    m = built.model
+    rng = np.random.default_rng(3)
+    inits, _ = bn_params(rng, 3, "post")
+    graph = m.graph
+    graph.node[-1].output[0] = "z"
+    graph.node.append(
+        helper.make_node("BatchNormalization", ["z", *(t.name for t in inits)], ["y"], name="post")
+    )
+    graph.initializer.extend(inits)
+    check(m)
+    out = fold_onnx(m)
+    assert ops(out.model) == ["Conv"]
+    assert decision(out, "post").rule == "conv_bn"
+    x = f32(rng.normal(size=(2, 3, 5, 5)))
+    assert_close(run(out.model, x), run(m, x).astype(np.float64))
+
+
+def test_shared_weight_stays_for_its_other_reader():
+    """A branch weight read by another Conv too: the merge writes new tensors, so the other
+    Conv still reads the original weight."""
+    built = build([ConvSpec((3, 3), bn=False), ConvSpec((1, 1))], ["bn"], 2, 2, (4, 4))
+    m = built.model
+    m.graph.node.append(
+        helper.make_node("Conv", ["x", "w0"], ["other"], name="other", pads=[1] * 4)
+    )
+    m.graph.output.append(
+        helper.make_tensor_value_info("other", TensorProto.FLOAT, ["N", "C", "H", "W"])
+    )
+    out = fold_onnx(m)
+    assert ops(out.model) == ["Conv", "Conv"]
+    assert out.merges
+    x = f32(np.random.default_rng(4).normal(size=(1, 2, 4, 4)))
+    opts = ort.SessionOptions()
+    before = ort.InferenceSession(m.SerializeToString(), opts).run(None, {"x": x})
+    after = ort.InferenceSession(out.model.SerializeToString(), opts).run(None, {"x": x})
+    np.testing.assert_array_equal(after[1], before[1])
+    assert_close(after[0], built.reference(x))
+
+
+# --------------------------------------------------------------------------- declines
+
+
+def assert_declined(m: onnx.ModelProto, reason: Reason, bn: str = "identity0") -> None:
+    """Nothing merges, the identity BN stays with ``reason``, the graph still computes what
+    it computed."""
+    out = fold_onnx(m)
+    d = decision(out, bn)
+    assert d.reason is reason, d
+    assert not out.merges
+    assert bn in [n.name for n in out.model.graph.node if n.op_type == "BatchNormalization"]
+    x_info = m.graph.input[0]
+    shape = [d.dim_value or 1 for d in x_info.type.tensor_type.shape.dim]
+    feeds = {i.name: f32(np.random.default_rng(5).normal(size=shape)) for i in m.graph.input}
+    opts = ort.SessionOptions()
+    want = ort.InferenceSession(m.SerializeToString(), opts).run(None, feeds)[0]
+    got = ort.InferenceSession(out.model.SerializeToString(), opts).run(None, feeds)[0]
+    assert_close(got.astype(np.float64), want.astype(np.float64))
+
+
+def test_decline_branches_read_different_tensors():
+    """The identity BN reads another tensor than the convs: merge_inputs_differ."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 2, 2, (4, 4))
+    m = built.model
+    bn = next(n for n in m.graph.node if n.name == "identity0")
+    bn.input[0] = "x2"
+    m.graph.input.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["N", 2, 4, 4]))
+    assert_declined(m, Reason.MERGE_INPUTS)
+
+
+def test_decline_pads_that_do_not_centre():
+    """A 3x3 padded (0, 2) beside a 1x1 and an identity: the centres are one apart."""
+    built = build([ConvSpec((3, 3), pads=(0, 0, 2, 2)), ConvSpec((1, 1))], ["bn"], 2, 2, (4, 4))
+    assert_declined(built.model, Reason.MERGE_PADDING)
+
+
+def test_decline_even_kernel_with_an_identity():
+    """A 2x2 kernel has no centre tap for the identity branch."""
+    built = build([ConvSpec((2, 2), auto_pad="SAME_UPPER"), ConvSpec((1, 1))], ["bn"], 2, 2, (4, 4))
+    assert_declined(built.model, Reason.MERGE_PADDING)
+
+
+def test_decline_different_strides():
+    """Convs of strides 2 and 1 (equal shapes on a 1x1 input): merge_geometry."""
+    built = build([ConvSpec((1, 1), stride=2), ConvSpec((1, 1))], ["bn"], 2, 2, (1, 1))
+    assert_declined(built.model, Reason.MERGE_GEOMETRY)
+
+
+def test_decline_identity_beside_a_strided_conv():
+    """An identity branch and convs of stride 2 compute on different grids."""
+    built = build([ConvSpec((1, 1), stride=2), ConvSpec((1, 1), stride=2)], ["bn"], 2, 2, (1, 1))
+    out = fold_onnx(built.model)
+    assert "strides" in decision(out, "identity0").detail
+    assert_declined(built.model, Reason.MERGE_GEOMETRY)
+
+
+def test_decline_branch_output_used_elsewhere():
+    """The 1x1 branch's output (its folded BN's) is also a graph output."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 2, 2, (4, 4))
+    m = built.model
+    m.graph.output.append(
+        helper.make_tensor_value_info("n1", TensorProto.FLOAT, ["N", "C", "H", "W"])
+    )
+    assert_declined(m, Reason.MERGE_BRANCH_SHARED)
+
+
+def test_decline_branch_output_read_in_a_subgraph():
+    """A branch's output read inside an If's branch counts as a use."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1), bn=False)], ["bn"], 2, 2, (4, 4))
+    m = built.model
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["c1"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+    )
+    m.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    m.graph.node.append(
+        helper.make_node("If", ["cond"], ["picked"], then_branch=then, else_branch=other)
+    )
+    m.graph.output.append(
+        helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["N", "C", "H", "W"])
+    )
+    assert_declined(m, Reason.MERGE_BRANCH_SHARED)
+
+
+def test_decline_groups_that_differ():
+    """A dense 3x3 beside a depthwise 1x1: merge_groups."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1), group=4)], ["bn"], 4, 4, (4, 4))
+    assert_declined(built.model, Reason.MERGE_GROUPS)
+
+
+def test_decline_broadcasting_add():
+    """The Add broadcasts 1-channel convs over the 2-channel identity: merge_geometry."""
+    built = build([ConvSpec((1, 1), c_out=1), ConvSpec((3, 3), c_out=1)], ["bn"], 2, 1, (4, 4))
+    assert_declined(built.model, Reason.MERGE_GEOMETRY)
+    out = fold_onnx(built.model)
+    assert "broadcasts" in decision(out, "identity0").detail
+
+
+def test_decline_auto_pad_same_with_a_stride_and_unknown_size():
+    """auto_pad SAME_UPPER with stride 2 pads by the input's size; a symbolic size:
+    merge_padding_mode."""
+    built = build(
+        [ConvSpec((3, 3), auto_pad="SAME_UPPER", stride=2), ConvSpec((1, 1), stride=2)],
+        ["bn"],
+        2,
+        2,
+        ("H", "W"),  # type: ignore[arg-type]
+    )
+    assert_declined(built.model, Reason.MERGE_PADDING_MODE)
+
+
+def test_identity_bn_in_training_mode_keeps_its_own_reason():
+    """A BN that is not plain (training_mode=1) keeps train_mode, not a merge code."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 2, 2, (4, 4))
+    bn = next(n for n in built.model.graph.node if n.name == "identity0")
+    bn.attribute.append(helper.make_attribute("training_mode", 1))
+    out = fold_onnx(built.model)
+    assert decision(out, "identity0").reason is Reason.TRAIN_MODE
+    assert not out.merges
+
+
+def test_conv_branches_with_different_strides_stay_apart():
+    """Without an identity BN nothing is reported, and nothing merges: 3x3 stride 2 and
+    2x2 stride 1 give equal shapes on a 3x3 input but not on the same grid."""
+    built = build(
+        [ConvSpec((3, 3), stride=2, bn=False), ConvSpec((2, 2), pads=(0, 0, 0, 0), bn=False)],
+        [],
+        2,
+        2,
+        (3, 3),
+    )
+    out = fold_onnx(built.model)
+    assert out.model is built.model and not out.merges
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_fuse_reports_the_merge(tmp_path):
+    """bnfold fuse on an ONNX RepVGG block: the JSON report names the merge, verification
+    passes, no BatchNormalization left; the table names it too."""
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 3, 3, (6, 6))
+    source = tmp_path / "block.onnx"
+    onnx.save(built.model, str(source))
+    out = tmp_path / "folded.onnx"
+    result = CliRunner().invoke(app, ["fuse", str(source), "--out", str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["onnx_bn_nodes"] == 0 and report["verification"]["passed"]
+    assert report["merged"] == [
+        {
+            "rule": "branch_merge",
+            "into": "conv0",
+            "output": "y",
+            "branches": ["conv0", "conv1"],
+            "identity": ["identity0"],
+        }
+    ]
+    merged_bn = next(f for f in report["folded"] if f["bn"] == "identity0")
+    assert (merged_bn["rule"], merged_bn["direction"]) == ("branch_merge", "parallel")
+    table = CliRunner().invoke(app, ["fuse", str(source), "--out", str(out), "--force"])
+    assert table.exit_code == 0, table.output
+    assert "branch_merge" in table.stdout and "conv1" in table.stdout
+
+
+@pytest.mark.slow
+def test_timm_repvgg_a0_legacy_export_folds_every_bn(tmp_path):
+    """timm repvgg_a0 (random weights, realistic BN statistics) exported by the legacy
+    exporter keeps its 17 identity BNs; bnfold fuse merges every block: 0 left, verified."""
+    timm = pytest.importorskip("timm")
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    model = timm.create_model("repvgg_a0", pretrained=False).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+    source = tmp_path / "repvgg_a0.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(source), dynamo=False)
+    assert ops(onnx.load(str(source))).count("BatchNormalization") == 17
+    out = tmp_path / "folded.onnx"
+    result = CliRunner().invoke(app, ["fuse", str(source), "--out", str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["onnx_bn_nodes"] == 0 and report["skipped"] == []
+    assert report["verification"]["passed"], report["verification"]
+    assert len(report["merged"]) == 22  # every block, the 5 without identity included
+    folded = ops(onnx.load(str(out)))
+    assert folded.count("Add") == 0 and folded.count("Conv") == 22
