@@ -28,6 +28,9 @@ made only when it is proven exact; anything else keeps the BN with a reason code
   rank with the shapes onnx infers.
 
 BatchNormalization nodes inside If/Loop/Scan subgraphs and functions stay (``subgraph``).
+After the pairwise folds, ``merge_onnx.py`` merges parallel Conv branches and identity
+BatchNormalization nodes summed by ``Add``/``Sum`` into one Conv (``rules.MERGE``); BNs
+that a merge leaves next to a Conv are then tried again.
 The rewrite keeps node names, graph inputs (initializers listed as inputs too) and outputs,
 metadata and opsets: a backward fold gives the BN's output name to the tensor that now
 carries its values, so everything downstream is untouched; only the constants that folds

@@ -428,7 +428,9 @@ def test_decline_even_kernel_with_an_identity():
 
 def test_decline_different_strides():
     """Convs of strides 2 and 1 (equal shapes on a 1x1 input): merge_geometry."""
-    built = build([ConvSpec((1, 1), stride=2), ConvSpec((1, 1))], ["bn"], 2, 2, (1, 1))
+    built = build([ConvSpec((1, 1)), ConvSpec((1, 1), stride=2)], ["bn"], 2, 2, (1, 1))
+    out = fold_onnx(built.model)
+    assert "conv1 has strides [2, 2], conv0 [1, 1]" in decision(out, "identity0").detail
     assert_declined(built.model, Reason.MERGE_GEOMETRY)
 
 
@@ -592,3 +594,19 @@ def test_timm_repvgg_a0_legacy_export_folds_every_bn(tmp_path):
     assert len(report["merged"]) == 22  # every block, the 5 without identity included
     folded = ops(onnx.load(str(out)))
     assert folded.count("Add") == 0 and folded.count("Conv") == 22
+
+
+def test_inspect_names_the_conv_an_identity_bn_merges_into():
+    """bnfold.inspect on ONNX input: the identity BN folds into the conv that stays, with
+    direction ``parallel``; the pairwise BNs fold as before."""
+    import bnfold
+
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 3, 3, (6, 6))
+    report = bnfold.inspect(built.model)
+    layers = {layer.name: layer for layer in report.layers}
+    assert (layers["identity0"].fold_into, layers["identity0"].fold_direction) == (
+        "conv0",
+        "parallel",
+    )
+    assert (layers["bn1"].fold_into, layers["bn1"].fold_direction) == ("conv0", "backward")
+    assert report.summary.foldable == 3
