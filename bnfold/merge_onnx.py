@@ -58,6 +58,7 @@ from bnfold.onnx_fold import (
     _ints_attr,
     _label,
     _Pass,
+    _per_channel,
     _torch,
     _torch_dtype,
     _Write,
@@ -116,6 +117,7 @@ class _Merged:
     bns: list[ir.Node]  # identity BatchNormalization nodes
     skips: int  # plain identity branches (``x`` itself)
     x: ir.Value
+    consts: list[ir.Value]  # constants the sum added (now in the bias)
     weight: torch.Tensor
     bias: torch.Tensor
     pads: list[int]
@@ -181,8 +183,8 @@ class _Merger:
                 continue
             tree = _tree(node)
             convs = [v for v in tree.leaves if _is(v.producer(), "Conv")]
-            if len(tree.leaves) < 2 or not convs:
-                continue
+            if len([v for v in tree.leaves if _constant(v) is None]) < 2 or not convs:
+                continue  # one branch plus constants is a bias, not a merge
             x, identity_bns = self.branch_input(tree)
             try:
                 if x is None:
@@ -211,11 +213,15 @@ class _Merger:
 
         def reads(value: ir.Value, x: ir.Value) -> bool:
             producer = value.producer()
-            return value is x or (
-                (_is(producer, "Conv") or _is(producer, "BatchNormalization"))
-                and producer is not None
-                and bool(producer.inputs)
-                and producer.inputs[0] is x
+            return (
+                value is x
+                or _constant(value) is not None
+                or (
+                    (_is(producer, "Conv") or _is(producer, "BatchNormalization"))
+                    and producer is not None
+                    and bool(producer.inputs)
+                    and producer.inputs[0] is x
+                )
             )
 
         counts = Counter(id(c) for c in candidates)
@@ -260,10 +266,15 @@ class _Merger:
         conv_nodes: list[ir.Node] = []
         bns: list[ir.Node] = []
         skips = 0
+        consts: list[tuple[ir.Value, np.ndarray]] = []  # constants summed in: a bias
         for value in tree.leaves:
             producer = value.producer()
             if value is x:
                 skips += 1
+                continue
+            const = _constant(value)
+            if const is not None:
+                consts.append((value, const))
                 continue
             assert producer is not None  # branch_input found it reading x
             if value.is_graph_output() or any(id(u.node) not in in_tree for u in value.uses()):
@@ -332,16 +343,39 @@ class _Merger:
 
             one = torch.ones(c_out, dtype=torch.float64)
             identities += [(one, torch.zeros_like(one))] * skips
-        folded = self.merge(convs, identities, group)
+        shift = np.zeros(c_out)
+        for value, const in consts:
+            per = _per_channel(const, rank, 1, c_out) if _floating(const) else None
+            if per is None:
+                raise _Declined(
+                    Reason.MERGE_GEOMETRY,
+                    f"the sum adds {value.name}, a constant of shape {list(const.shape)} that "
+                    "is not one value per output channel",
+                )
+            shift += per
+        folded = self.merge(convs, identities, group, shift if consts else None)
         keep = next((c.node for c in convs if list(c.kernel) == kernel), first.node)
         return _Merged(
-            keep, convs, bns, skips, x, folded.weight, folded.bias, pads, dilations, kernel
+            keep,
+            convs,
+            bns,
+            skips,
+            x,
+            [v for v, _ in consts],
+            folded.weight,
+            folded.bias,
+            pads,
+            dilations,
+            kernel,
         )
 
     def check_shapes(self, tree: _Tree) -> None:
         """No sum broadcasts: operand shapes that onnx knows agree, axis by axis."""
         for node in tree.nodes:
-            values = [v for v in (*node.inputs, node.outputs[0]) if v is not None]
+            # constants summed in are checked to be one value per channel (plan)
+            values = [
+                v for v in (*node.inputs, node.outputs[0]) if v is not None and _constant(v) is None
+            ]
             shapes = [self.work.shapes(v) for v in values]
             known = [s for s in shapes if s is not None]
             if len({len(s) for s in known}) > 1 or any(
@@ -425,13 +459,19 @@ class _Merger:
             end.append(big if mode == "SAME_UPPER" else small)
         return tuple(begin), tuple(end)
 
-    def merge(self, convs: list[_Conv], identities: list[Any], group: int) -> Any:
+    def merge(
+        self, convs: list[_Conv], identities: list[Any], group: int, shift: np.ndarray | None
+    ) -> Any:
+        """The merged (W, b); ``shift``: constants the sum adds, one per channel."""
         from bnfold.folding import merge_parallel
 
         kernels = [
             (_torch(c.w), None if c.b is None else _torch(np.asarray(c.b, dtype=np.float64)))
             for c in convs
         ]
+        if shift is not None:
+            w0, b0 = kernels[0]
+            kernels[0] = (w0, _torch(shift if b0 is None else b0.numpy() + shift))
         folded = merge_parallel(kernels, identities, group, dtype=_torch_dtype(convs[0].w))
         if folded.overflow:
             raise _Declined(Reason.OVERFLOW, f"the merged weights overflow {convs[0].w.dtype}")
@@ -463,6 +503,7 @@ class _Merger:
         gone = list({id(n): n for n in gone}.values())
         bns = list({id(n): n for n in merged.bns}.values())
         constants = [v for n in (*gone, *bns) for v in n.inputs[1:] if v is not None]
+        constants += merged.consts
         self.graph.remove([*tree.nodes, *gone, *bns], safe=True)
         for value in constants:
             work.release(value)

@@ -610,3 +610,44 @@ def test_inspect_names_the_conv_an_identity_bn_merges_into():
     )
     assert (layers["bn1"].fold_into, layers["bn1"].fold_direction) == ("conv0", "backward")
     assert report.summary.foldable == 3
+
+
+def with_constant_leaf(built: Built, const: np.ndarray, as_node: bool) -> onnx.ModelProto:
+    """``built``'s sum plus a constant (an initializer, or a Constant node as the legacy
+    exporter writes MobileOne's ``0 + conv(x)``), added first."""
+    m = built.model
+    first_add = next(n for n in m.graph.node if n.op_type == "Add")
+    tensor = numpy_helper.from_array(f32(const), "k")
+    if as_node:
+        node = helper.make_node("Constant", [], ["k"], name="const", value=tensor)
+        m.graph.node.insert(0, node)
+    else:
+        m.graph.initializer.append(tensor)
+    extra = helper.make_node("Add", [first_add.input[0], "k"], ["plus_k"], name="add_k")
+    first_add.input[0] = "plus_k"
+    index = list(m.graph.node).index(first_add)
+    m.graph.node.insert(index, extra)
+    check(m)
+    return m
+
+
+@pytest.mark.parametrize("as_node", [False, True])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 3, 1, 1)])
+def test_constants_summed_in_go_into_the_bias(as_node, shape):
+    """MobileOne's legacy export sums ``Constant(0) + conv(x)``: a constant of one value per
+    channel (or one value) summed with the branches goes into the merged bias."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 3, 3, (5, 5))
+    const = np.random.default_rng(6).normal(size=shape)
+    m = with_constant_leaf(built, const, as_node)
+    out = fold_onnx(m)
+    assert ops(out.model) == ["Conv"] and len(out.model.graph.initializer) == 2
+    x = f32(np.random.default_rng(7).normal(size=(2, 3, 5, 5)))
+    ref = built.reference(x) + const.astype(np.float64)
+    assert_close(run(out.model, x), ref)
+
+
+def test_decline_constant_that_is_not_one_value_per_channel():
+    """A constant that varies over the spatial axes is not a bias: merge_geometry."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 3, 3, (5, 5))
+    m = with_constant_leaf(built, np.random.default_rng(8).normal(size=(1, 1, 5, 5)), False)
+    assert_declined(m, Reason.MERGE_GEOMETRY)
