@@ -564,15 +564,20 @@ def test_cli_fuse_reports_the_merge(tmp_path):
 
 
 @pytest.mark.slow
-def test_timm_repvgg_a0_legacy_export_folds_every_bn(tmp_path):
-    """timm repvgg_a0 (random weights, realistic BN statistics) exported by the legacy
-    exporter keeps its 17 identity BNs; bnfold fuse merges every block: 0 left, verified."""
+@pytest.mark.parametrize(
+    ("name", "bns", "merges", "convs"),
+    [("repvgg_a0", 17, 22, 22), ("mobileone_s0", 35, 43, 43)],
+)
+def test_timm_reparameterizable_legacy_export_folds_every_bn(tmp_path, name, bns, merges, convs):
+    """timm repvgg_a0 and mobileone_s0 (random weights, realistic BN statistics) exported by
+    the legacy exporter keep their identity BNs (17 and 35); bnfold fuse merges every block
+    (those without an identity too): 0 left, no Add, one Conv per block, verified."""
     timm = pytest.importorskip("timm")
     from typer.testing import CliRunner
 
     from bnfold.cli import app
 
-    model = timm.create_model("repvgg_a0", pretrained=False).eval()
+    model = timm.create_model(name, pretrained=False).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
@@ -582,18 +587,18 @@ def test_timm_repvgg_a0_legacy_export_folds_every_bn(tmp_path):
                 m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.5)
                 m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.5)
                 m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-    source = tmp_path / "repvgg_a0.onnx"
+    source = tmp_path / f"{name}.onnx"
     torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(source), dynamo=False)
-    assert ops(onnx.load(str(source))).count("BatchNormalization") == 17
+    assert ops(onnx.load(str(source))).count("BatchNormalization") == bns
     out = tmp_path / "folded.onnx"
     result = CliRunner().invoke(app, ["fuse", str(source), "--out", str(out), "--format", "json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["onnx_bn_nodes"] == 0 and report["skipped"] == []
     assert report["verification"]["passed"], report["verification"]
-    assert len(report["merged"]) == 22  # every block, the 5 without identity included
+    assert len(report["merged"]) == merges
     folded = ops(onnx.load(str(out)))
-    assert folded.count("Add") == 0 and folded.count("Conv") == 22
+    assert folded.count("Add") == 0 and folded.count("Conv") == convs
 
 
 def test_inspect_names_the_conv_an_identity_bn_merges_into():
