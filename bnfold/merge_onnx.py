@@ -9,6 +9,12 @@ itself) and a tree of ``Add`` (or ``Sum``) nodes.  ``rules.MERGE`` names the pat
 
     sum_i conv(x, W_i, b_i) + sum_j (s_j * x + t_j) = conv(x, W, b)
 
+The tree may also hold ``Sub`` (its second operand counts negatively) and ``Mul`` by a
+constant of one value per channel (FastViT's RepMixer, ``x + gamma * (mixer(x) -
+norm(x))``): each branch then has a coefficient per output channel, which scales its
+weight, bias and identity affine in float64 before the merge.  A constant summed in (one
+value per channel; MobileOne's legacy export adds ``Constant(0)``) goes into the bias.
+
 The Conv with the largest kernel is kept and given ``W``, ``b`` and the merged padding;
 the other branch Convs, the identity BatchNormalization nodes and the sum nodes go, and the
 kept Conv's output takes the name of the sum's output.
@@ -80,14 +86,19 @@ _NEIGHBOUR_REASONS = frozenset(
 )
 
 
+# a leaf's coefficient in the sum: a sign (``Sub``) and the constants that scale it (``Mul``)
+_Coef = tuple[int, tuple[tuple[ir.Value, np.ndarray], ...]]
+
+
 @dataclass
 class _Tree:
     """A sum of several values: the sum nodes (root first) and the summed values (leaves,
-    with repeats when a value is summed twice)."""
+    with repeats when a value is summed twice), each with its coefficient."""
 
     root: ir.Node
     nodes: list[ir.Node]
     leaves: list[ir.Value]
+    coefs: list[_Coef]
 
 
 @dataclass
@@ -117,7 +128,6 @@ class _Merged:
     bns: list[ir.Node]  # identity BatchNormalization nodes
     skips: int  # plain identity branches (``x`` itself)
     x: ir.Value
-    consts: list[ir.Value]  # constants the sum added (now in the bias)
     weight: torch.Tensor
     bias: torch.Tensor
     pads: list[int]
@@ -126,14 +136,37 @@ class _Merged:
 
 
 def _is_sum(node: ir.Node | None) -> bool:
-    return (
-        node is not None
-        and node.domain in _ONNX_DOMAINS
-        and node.op_type in MERGE.sum.onnx_ops
-        and bool(node.inputs)
-        and all(v is not None for v in node.inputs)
-        and (node.op_type != "Add" or len(node.inputs) == 2)
-    )
+    """A node of a sum tree: ``Add``/``Sum`` (``rules.MERGE``), and the two linear operations
+    that keep a sum of branches a sum of branches: ``Sub`` (a negative coefficient) and
+    ``Mul`` by a constant (a coefficient per channel, checked in the plan; FastViT's
+    RepMixer computes ``x + gamma * (mixer(x) - norm(x))``)."""
+    if node is None or node.domain not in _ONNX_DOMAINS or not node.inputs:
+        return False
+    if any(v is None for v in node.inputs):
+        return False
+    op, n = node.op_type, len(node.inputs)
+    if op in MERGE.sum.onnx_ops:
+        return op != "Add" or n == 2
+    if op == "Sub":
+        return n == 2
+    if op == "Mul" and n == 2:
+        consts = [_constant(v) for v in node.inputs]
+        return [c is not None and _floating(c) for c in consts].count(True) == 1
+    return False
+
+
+def _operands(node: ir.Node, coef: _Coef) -> list[tuple[ir.Value, _Coef]]:
+    """The values a sum-tree node combines, each with its coefficient."""
+    sign, scales = coef
+    inputs: list[ir.Value] = list(node.inputs)  # type: ignore[arg-type]  # _is_sum: no None
+    if node.op_type == "Sub":
+        return [(inputs[0], coef), (inputs[1], (-sign, scales))]
+    if node.op_type == "Mul":
+        k = 0 if _constant(inputs[0]) is not None else 1
+        const = _constant(inputs[k])
+        assert const is not None  # _is_sum checked
+        return [(inputs[1 - k], (sign, (*scales, (inputs[k], const))))]
+    return [(v, coef) for v in inputs]
 
 
 def _is(node: ir.Node | None, op: str) -> bool:
@@ -152,18 +185,19 @@ def _absorbed(node: ir.Node) -> bool:
 
 
 def _tree(root: ir.Node) -> _Tree:
-    nodes, leaves = [root], []
-    stack: list[ir.Value] = list(reversed(root.inputs))  # type: ignore[arg-type]
+    tree = _Tree(root, [root], [], [])
+    stack = list(reversed(_operands(root, (1, ()))))
     while stack:
-        value = stack.pop()
+        value, coef = stack.pop()
         producer = value.producer()
         if producer is not None and _is_sum(producer) and _absorbed(producer):
-            if producer not in nodes:
-                nodes.append(producer)
-            stack.extend(reversed(producer.inputs))  # type: ignore[arg-type]
+            if producer not in tree.nodes:
+                tree.nodes.append(producer)
+            stack.extend(reversed(_operands(producer, coef)))
         else:
-            leaves.append(value)
-    return _Tree(root, nodes, leaves)
+            tree.leaves.append(value)
+            tree.coefs.append(coef)
+    return tree
 
 
 # --------------------------------------------------------------------------- the pass
@@ -263,18 +297,18 @@ class _Merger:
 
     def plan(self, tree: _Tree, x: ir.Value) -> _Merged:
         in_tree = {id(n) for n in tree.nodes}
-        conv_nodes: list[ir.Node] = []
-        bns: list[ir.Node] = []
-        skips = 0
-        consts: list[tuple[ir.Value, np.ndarray]] = []  # constants summed in: a bias
-        for value in tree.leaves:
+        conv_nodes: list[tuple[ir.Node, _Coef]] = []
+        bns: list[tuple[ir.Node, _Coef]] = []
+        skips: list[_Coef] = []
+        consts: list[tuple[ir.Value, np.ndarray, _Coef]] = []  # constants summed in: a bias
+        for value, coef in zip(tree.leaves, tree.coefs, strict=True):
             producer = value.producer()
             if value is x:
-                skips += 1
+                skips.append(coef)
                 continue
             const = _constant(value)
             if const is not None:
-                consts.append((value, const))
+                consts.append((value, const, coef))
                 continue
             assert producer is not None  # branch_input found it reading x
             if value.is_graph_output() or any(id(u.node) not in in_tree for u in value.uses()):
@@ -282,9 +316,9 @@ class _Merger:
                     Reason.MERGE_BRANCH_SHARED,
                     f"{_label(producer)}'s output is also used outside the sum",
                 )
-            (conv_nodes if producer.op_type == "Conv" else bns).append(producer)
+            (conv_nodes if producer.op_type == "Conv" else bns).append((producer, coef))
         self.check_shapes(tree)
-        convs = [self.conv(node, x) for node in conv_nodes]
+        convs = [self.conv(node, x) for node, _ in conv_nodes]
         first = convs[0]
         rank = first.w.ndim
         c_out, c_in_g, group = first.w.shape[0], first.w.shape[1], first.group
@@ -329,39 +363,50 @@ class _Merger:
         dtypes = {str(c.w.dtype) for c in convs}
         if len(dtypes) != 1:
             raise _Declined(Reason.UNSUPPORTED_LAYER, f"conv weights of dtypes {sorted(dtypes)}")
+        import torch
+
+        def per_channel(value: ir.Value, const: np.ndarray, what: str) -> np.ndarray:
+            per = _per_channel(const, rank, 1, c_out) if _floating(const) else None
+            if per is None:
+                raise _Declined(
+                    Reason.MERGE_GEOMETRY,
+                    f"the sum {what} {value.name}, a constant of shape {list(const.shape)} "
+                    "that is not one value per output channel",
+                )
+            return per
+
+        def factor(coef: _Coef) -> np.ndarray:
+            sign, scales = coef
+            out = np.full(c_out, float(sign))
+            for value, const in scales:
+                out = out * per_channel(value, const, "scales a branch by")
+            return out
+
         identities = []
-        for bn in bns:
+        for bn, coef in bns:
             affine = _bn_affine(bn, self.work.opset, self.work.shapes)
             if affine.s.shape[0] != c_out:
                 raise _Declined(
                     Reason.MERGE_GROUPS,
                     f"{_label(bn)} has {affine.s.shape[0]} channels, the convs {c_out}",
                 )
-            identities.append((affine.s, affine.t))
-        if skips:
-            import torch
-
-            one = torch.ones(c_out, dtype=torch.float64)
-            identities += [(one, torch.zeros_like(one))] * skips
+            a = torch.from_numpy(factor(coef))
+            identities.append((a * affine.s, a * affine.t))
+        for coef in skips:
+            a = torch.from_numpy(factor(coef))
+            identities.append((a, torch.zeros_like(a)))
         shift = np.zeros(c_out)
-        for value, const in consts:
-            per = _per_channel(const, rank, 1, c_out) if _floating(const) else None
-            if per is None:
-                raise _Declined(
-                    Reason.MERGE_GEOMETRY,
-                    f"the sum adds {value.name}, a constant of shape {list(const.shape)} that "
-                    "is not one value per output channel",
-                )
-            shift += per
-        folded = self.merge(convs, identities, group, shift if consts else None)
+        for value, const, coef in consts:
+            shift += factor(coef) * per_channel(value, const, "adds")
+        factors = [factor(coef) for _, coef in conv_nodes]
+        folded = self.merge(convs, factors, identities, group, shift if consts else None)
         keep = next((c.node for c in convs if list(c.kernel) == kernel), first.node)
         return _Merged(
             keep,
             convs,
-            bns,
-            skips,
+            [bn for bn, _ in bns],
+            len(skips),
             x,
-            [v for v, _ in consts],
             folded.weight,
             folded.bias,
             pads,
@@ -460,15 +505,25 @@ class _Merger:
         return tuple(begin), tuple(end)
 
     def merge(
-        self, convs: list[_Conv], identities: list[Any], group: int, shift: np.ndarray | None
+        self,
+        convs: list[_Conv],
+        factors: list[np.ndarray],
+        identities: list[Any],
+        group: int,
+        shift: np.ndarray | None,
     ) -> Any:
-        """The merged (W, b); ``shift``: constants the sum adds, one per channel."""
+        """The merged (W, b) of the convs each times its coefficient (one per output
+        channel, in float64) and the identities; ``shift``: constants the sum adds."""
+        import torch
+
         from bnfold.folding import merge_parallel
 
-        kernels = [
-            (_torch(c.w), None if c.b is None else _torch(np.asarray(c.b, dtype=np.float64)))
-            for c in convs
-        ]
+        kernels = []
+        for c, a in zip(convs, factors, strict=True):
+            w, b = _torch(c.w), None if c.b is None else np.asarray(c.b, dtype=np.float64) * a
+            if (a != 1.0).any():
+                w = w.to(torch.float64) * torch.from_numpy(a).reshape(-1, *[1] * (w.dim() - 1))
+            kernels.append((w, None if b is None else _torch(b)))
         if shift is not None:
             w0, b0 = kernels[0]
             kernels[0] = (w0, _torch(shift if b0 is None else b0.numpy() + shift))
@@ -503,7 +558,9 @@ class _Merger:
         gone = list({id(n): n for n in gone}.values())
         bns = list({id(n): n for n in merged.bns}.values())
         constants = [v for n in (*gone, *bns) for v in n.inputs[1:] if v is not None]
-        constants += merged.consts
+        constants += [
+            v for n in tree.nodes for v in n.inputs if v is not None and _constant(v) is not None
+        ]
         self.graph.remove([*tree.nodes, *gone, *bns], safe=True)
         for value in constants:
             work.release(value)

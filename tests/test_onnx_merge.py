@@ -45,13 +45,15 @@ class Built:
     model: onnx.ModelProto
     convs: list[dict] = field(default_factory=list)
     identity: list[tuple[np.ndarray, np.ndarray] | None] = field(default_factory=list)
+    last_sign: int = 1  # -1: the last summand is subtracted (Sub)
+    scale: np.ndarray | None = None  # the sum times one value per channel (Mul)
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         """The sum of the branches in float64 (torch's conv on explicitly padded input)."""
         x64 = torch.from_numpy(x.astype(np.float64))
         dims = x.ndim - 2
         conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-        total = None
+        summands = []
         for c in self.convs:
             pads = c["pads"]
             torch_pads = [p for a in reversed(range(dims)) for p in (pads[a], pads[dims + a])]
@@ -65,11 +67,12 @@ class Built:
             )
             if c["bn"] is not None:
                 y = affine(y, *c["bn"])
-            total = y if total is None else total + y
+            summands.append(y)
         for ident in self.identity:
-            y = x64 if ident is None else affine(x64, *ident)
-            total = y if total is None else total + y
-        assert total is not None
+            summands.append(x64 if ident is None else affine(x64, *ident))
+        total = sum(summands[:-1], start=torch.zeros(())) + self.last_sign * summands[-1]
+        if self.scale is not None:
+            total = affine(total, self.scale, np.zeros_like(self.scale))
         return total.numpy()
 
 
@@ -109,9 +112,12 @@ def build(
     spatial: tuple[int, ...],
     sum_op: str = "Add",
     seed: int = 0,
+    scale: bool = False,
 ) -> Built:
     """``x`` -> the conv branches and identity branches (``"bn"``: a BatchNormalization of
-    ``x``, ``"skip"``: ``x`` itself), summed by a chain of Adds or one Sum into ``y``."""
+    ``x``, ``"skip"``: ``x`` itself), summed by a chain of Adds or one Sum into ``y``;
+    ``sum_op="Sub"``: a chain of Adds whose last node subtracts; ``scale``: the sum times a
+    constant per channel (a Mul), as FastViT's layer scale."""
     rng = np.random.default_rng(seed)
     dims = len(spatial)
     nodes, inits, summed = [], [], []
@@ -184,14 +190,23 @@ def build(
         )
         summed.append(f"i{j}")
         built.identity.append(st_)
+    result = "total" if scale else "y"
     if sum_op == "Sum":
-        nodes.append(helper.make_node("Sum", summed, ["y"], name="sum"))
+        nodes.append(helper.make_node("Sum", summed, [result], name="sum"))
     else:
         acc = summed[0]
         for j, value in enumerate(summed[1:]):
-            out = "y" if j == len(summed) - 2 else f"s{j}"
-            nodes.append(helper.make_node("Add", [acc, value], [out], name=f"add{j}"))
+            last = j == len(summed) - 2
+            op = "Sub" if last and sum_op == "Sub" else "Add"
+            out = result if last else f"s{j}"
+            nodes.append(helper.make_node(op, [acc, value], [out], name=f"add{j}"))
             acc = out
+        built.last_sign = -1 if sum_op == "Sub" else 1
+    if scale:
+        gamma = f32(rng.uniform(0.5, 1.5, c_out))
+        built.scale = gamma.astype(np.float64)
+        inits.append(numpy_helper.from_array(gamma.reshape(-1, *[1] * dims), "gamma"))
+        nodes.append(helper.make_node("Mul", ["gamma", "total"], ["y"], name="layer_scale"))
     spatial_names = [f"out{a}" for a in range(dims)]
     graph = helper.make_graph(
         nodes,
@@ -277,18 +292,20 @@ def branch_sets(draw: st.DrawFn):
         for _ in range(n_convs)
     ]
     spatial = (draw(st.integers(5, 8)),) * dims
-    sum_op = draw(st.sampled_from(["Add", "Sum"]))
+    sum_op = draw(st.sampled_from(["Add", "Sum", "Sub"]))
     order = draw(st.permutations(range(n_convs)))
-    return [convs[i] for i in order], identity, c_in, c_out, spatial, sum_op
+    scale = draw(st.booleans())
+    return [convs[i] for i in order], identity, c_in, c_out, spatial, sum_op, scale
 
 
 @given(branch_sets(), st.integers(0, 2**16))
 def test_random_branch_sets_merge_into_one_conv(case, seed):
     """Conv branches (kernels 1/3/5, group 1 or depthwise, bias on/off, a BN or not) and
-    identity branches (a BN of x, x itself) summed by Adds or a Sum: after the ONNX route
-    one Conv is left, no BatchNormalization, and it computes the float64 sum."""
-    convs, identity, c_in, c_out, spatial, sum_op = case
-    built = build(convs, identity, c_in, c_out, spatial, sum_op, seed)
+    identity branches (a BN of x, x itself) summed by Adds, a Sum or Adds ending in a Sub,
+    times a per-channel scale or not: after the ONNX route one Conv is left, no
+    BatchNormalization, and it computes the float64 sum at batch sizes 1 and 3."""
+    convs, identity, c_in, c_out, spatial, sum_op, scale = case
+    built = build(convs, identity, c_in, c_out, spatial, sum_op, seed, scale)
     assert_merged(built, spatial, c_in)
 
 
@@ -565,13 +582,19 @@ def test_cli_fuse_reports_the_merge(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "bns", "merges", "convs"),
-    [("repvgg_a0", 17, 22, 22), ("mobileone_s0", 35, 43, 43)],
+    ("name", "bns", "merges", "convs", "adds"),
+    [
+        ("repvgg_a0", 17, 22, 22, 0),
+        ("mobileone_s0", 35, 43, 43, 0),
+        ("fastvit_t8", 24, 20, 52, 10),  # the adds left are the MLPs' residuals
+    ],
 )
-def test_timm_reparameterizable_legacy_export_folds_every_bn(tmp_path, name, bns, merges, convs):
-    """timm repvgg_a0 and mobileone_s0 (random weights, realistic BN statistics) exported by
-    the legacy exporter keep their identity BNs (17 and 35); bnfold fuse merges every block
-    (those without an identity too): 0 left, no Add, one Conv per block, verified."""
+def test_timm_reparameterizable_legacy_export_folds_every_bn(
+    tmp_path, name, bns, merges, convs, adds
+):
+    """timm repvgg_a0, mobileone_s0 and fastvit_t8 (random weights, realistic BN
+    statistics) exported by the legacy exporter keep 17, 35 and 24 BNs on summed branches;
+    bnfold fuse merges every block (those without an identity too): 0 left, verified."""
     timm = pytest.importorskip("timm")
     from typer.testing import CliRunner
 
@@ -598,7 +621,8 @@ def test_timm_reparameterizable_legacy_export_folds_every_bn(tmp_path, name, bns
     assert report["verification"]["passed"], report["verification"]
     assert len(report["merged"]) == merges
     folded = ops(onnx.load(str(out)))
-    assert folded.count("Add") == 0 and folded.count("Conv") == convs
+    assert folded.count("Add") == adds and folded.count("Conv") == convs
+    assert folded.count("Sub") == 0
 
 
 def test_inspect_names_the_conv_an_identity_bn_merges_into():
@@ -656,3 +680,80 @@ def test_decline_constant_that_is_not_one_value_per_channel():
     built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 3, 3, (5, 5))
     m = with_constant_leaf(built, np.random.default_rng(8).normal(size=(1, 1, 5, 5)), False)
     assert_declined(m, Reason.MERGE_GEOMETRY)
+
+
+def repmixer(gamma_shape: tuple[int, ...] = (3, 1, 1), seed: int = 9):
+    """FastViT's RepMixer as the legacy exporter writes it:
+    ``x + gamma * ((conv_3x3(x) + conv_1x1(x) + BN_id(x)) - BN_norm(x))``, depthwise; and
+    the float64 reference."""
+    c = 3
+    built = build(
+        [ConvSpec((3, 3), group=c, bn=False), ConvSpec((1, 1), group=c, bn=False)],
+        ["bn"],
+        c,
+        c,
+        (5, 5),
+        seed=seed,
+    )
+    m = built.model
+    rng = np.random.default_rng(seed)
+    m.graph.node[-1].output[0] = "mixed"
+    inits, (s, t) = bn_params(rng, c, "norm")
+    gamma = f32(rng.uniform(0.5, 1.5, gamma_shape))
+    m.graph.initializer.extend([*inits, numpy_helper.from_array(gamma, "gamma")])
+    m.graph.node.extend(
+        [
+            helper.make_node(
+                "BatchNormalization", ["x", *(i.name for i in inits)], ["normed"], name="norm"
+            ),
+            helper.make_node("Sub", ["mixed", "normed"], ["diff"], name="sub"),
+            helper.make_node("Mul", ["diff", "gamma"], ["scaled"], name="layer_scale"),
+            helper.make_node("Add", ["x", "scaled"], ["y"], name="residual"),
+        ]
+    )
+    check(m)
+
+    def reference(x: np.ndarray) -> np.ndarray:
+        x64 = torch.from_numpy(x.astype(np.float64))
+        diff = torch.from_numpy(built.reference(x)) - affine(x64, s, t)
+        return (x64 + torch.from_numpy(gamma.astype(np.float64)) * diff).numpy()
+
+    return m, reference
+
+
+def test_fastvit_repmixer_with_sub_and_layer_scale_merges():
+    """``x + gamma * (mixer(x) - norm(x))``: Sub gives the norm branch a negative
+    coefficient and Mul by a per-channel constant scales the difference; one depthwise
+    Conv is left, both BNs merged."""
+    m, reference = repmixer()
+    out = fold_onnx(m)
+    assert ops(out.model) == ["Conv"], ops(out.model)
+    assert all(d.folded for d in out.decisions)
+    (merge,) = out.merges
+    assert sorted(merge.identity) == ["identity0", "norm", "x (skip)"]
+    rng = np.random.default_rng(10)
+    for batch in (1, 3):
+        x = f32(rng.normal(size=(batch, 3, 5, 5)))
+        assert_close(run(m, x), reference(x))
+        assert_close(run(out.model, x), reference(x))
+
+
+def test_decline_scale_that_is_not_one_value_per_channel():
+    """A layer scale that varies over space is not a coefficient per channel:
+    merge_geometry on the BNs."""
+    m, _ = repmixer(gamma_shape=(1, 5, 5))
+    assert_declined(m, Reason.MERGE_GEOMETRY, bn="norm")
+    assert "scales a branch by gamma" in decision(fold_onnx(m), "norm").detail
+
+
+def test_product_of_two_tensors_is_not_a_sum():
+    """Mul of two computed tensors is not linear: the identity BN stays (merge_inputs_differ),
+    nothing merges."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 2, 2, (4, 4))
+    m = built.model
+    mul = helper.make_node("Mul", ["n1", "n1"], ["sq"], name="square")
+    m.graph.node.insert(len(m.graph.node) - 2, mul)
+    add0 = next(n for n in m.graph.node if n.name == "add0")
+    add0.input[1] = "sq"
+    check(m)
+    assert_declined(m, Reason.MERGE_INPUTS)
