@@ -84,6 +84,9 @@ __all__ = ["merge_branches"]
 _NEIGHBOUR_REASONS = frozenset(
     {Reason.NO_NEIGHBOUR, Reason.PRODUCER_SHARED_OUTPUT, Reason.OUTPUT_SHARED}
 )
+# a sum that does not merge is tried again without its root: a smaller sum's reason is the
+# more precise one
+_MERGE_REASONS = frozenset(r for r in Reason if r.value.startswith("merge_"))
 
 
 # a leaf's coefficient in the sum: a sign (``Sub``) and the constants that scale it (``Mul``)
@@ -209,12 +212,24 @@ class _Merger:
         self.graph = work.graph
         self.decisions = decisions
         self.index = {id(bn): i for i, (_, bn) in enumerate(found)}
+        self.pairwise = [d.detail for d in decisions]  # why the pairwise pass kept each BN
         self.merges: list[Merge] = []
 
     def run(self) -> list[Merge]:
         for node in list(self.graph):
-            if node.graph is not self.graph or not _is_sum(node) or _absorbed(node):
-                continue
+            if node.graph is self.graph and _is_sum(node) and not _absorbed(node):
+                self.attempt(node)
+        return self.merges
+
+    def attempt(self, root: ir.Node) -> None:
+        """Merge the sum at ``root``; when it does not merge, the sums it is made of, one
+        level down at a time (``(conv_a(x) + conv_b(x) + bn(x)) + r`` merges the inner sum
+        and keeps the outer ``Add``)."""
+        todo = [root]
+        while todo:
+            node = todo.pop()
+            if node.graph is not self.graph:
+                continue  # merged away by an earlier sum
             tree = _tree(node)
             convs = [v for v in tree.leaves if _is(v.producer(), "Conv")]
             if len([v for v in tree.leaves if _constant(v) is None]) < 2 or not convs:
@@ -229,9 +244,11 @@ class _Merger:
                 merged = self.plan(tree, x)
             except _Declined as e:
                 self.declined(tree, identity_bns, e)
+                inner = {id(n) for n in tree.nodes[1:]}
+                children = [v.producer() for v in node.inputs if v is not None]
+                todo += reversed([c for c in children if c is not None and id(c) in inner])
                 continue
             self.apply(tree, merged)
-        return self.merges
 
     def branch_input(self, tree: _Tree) -> tuple[ir.Value | None, list[ir.Node]]:
         """The tensor every branch reads (None if there is none) and the identity
@@ -277,7 +294,8 @@ class _Merger:
 
     def only_neighbour(self, bn: ir.Node) -> bool:
         i = self.index.get(id(bn))
-        return i is not None and self.decisions[i].reason is Reason.NO_NEIGHBOUR
+        reasons = _MERGE_REASONS | {Reason.NO_NEIGHBOUR}
+        return i is not None and self.decisions[i].reason in reasons
 
     def declined(self, tree: _Tree, bns: list[ir.Node], e: _Declined) -> None:
         for bn in bns:
@@ -285,12 +303,11 @@ class _Merger:
             if i is None:
                 continue
             old = self.decisions[i]
-            if old.reason not in _NEIGHBOUR_REASONS:
+            if old.reason not in _NEIGHBOUR_REASONS | _MERGE_REASONS:
                 continue  # a reason of its own (training mode, not constant, ...) says more
+            where = "" if _label(tree.root) in e.detail else f" (the sum {_label(tree.root)})"
             self.decisions[i] = replace(
-                old,
-                reason=e.reason,
-                detail=f"{e.detail} (branches summed by {_label(tree.root)}); {old.detail}",
+                old, reason=e.reason, detail=f"{e.detail}{where}; {self.pairwise[i]}"
             )
 
     # ----------------------------------------------------------------------- checks

@@ -405,12 +405,11 @@ def test_shared_weight_stays_for_its_other_reader():
 
 
 def assert_declined(m: onnx.ModelProto, reason: Reason, bn: str = "identity0") -> None:
-    """Nothing merges, the identity BN stays with ``reason``, the graph still computes what
-    it computed."""
+    """The identity BN stays with ``reason`` (smaller sums without it may merge), the graph
+    still computes what it computed."""
     out = fold_onnx(m)
     d = decision(out, bn)
     assert d.reason is reason, d
-    assert not out.merges
     assert bn in [n.name for n in out.model.graph.node if n.op_type == "BatchNormalization"]
     x_info = m.graph.input[0]
     shape = [d.dim_value or 1 for d in x_info.type.tensor_type.shape.dim]
@@ -529,7 +528,7 @@ def test_identity_bn_in_training_mode_keeps_its_own_reason():
     bn.attribute.append(helper.make_attribute("training_mode", 1))
     out = fold_onnx(built.model)
     assert decision(out, "identity0").reason is Reason.TRAIN_MODE
-    assert not out.merges
+    assert [m.branches for m in out.merges] == [("conv0", "conv1")]  # the sum without it
 
 
 def test_conv_branches_with_different_strides_stay_apart():
@@ -739,11 +738,27 @@ def test_fastvit_repmixer_with_sub_and_layer_scale_merges():
 
 
 def test_decline_scale_that_is_not_one_value_per_channel():
-    """A layer scale that varies over space is not a coefficient per channel:
-    merge_geometry on the BNs."""
-    m, _ = repmixer(gamma_shape=(1, 5, 5))
+    """``mixer(x) - gamma * norm(x)`` with a gamma that varies over space: not a coefficient
+    per channel, merge_geometry on the norm BN; the mixer's own sum merges."""
+    m, _ = repmixer()
+    gamma = next(i for i in m.graph.initializer if i.name == "gamma")
+    gamma.CopyFrom(numpy_helper.from_array(f32(np.full((1, 5, 5), 0.5)), "gamma"))
+    for node in m.graph.node:  # diff = mixed - gamma * normed; scaled = diff
+        if node.name == "sub":
+            node.input[1] = "normed_scaled"
+        if node.name == "layer_scale":
+            node.input[:] = ["normed", "gamma"]
+            node.output[0] = "normed_scaled"
+        if node.name == "residual":
+            node.input[1] = "diff"
+    nodes = sorted(m.graph.node, key=lambda n: n.name == "sub" or n.name == "residual")
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    check(m)
     assert_declined(m, Reason.MERGE_GEOMETRY, bn="norm")
-    assert "scales a branch by gamma" in decision(fold_onnx(m), "norm").detail
+    out = fold_onnx(m)
+    assert "scales a branch by gamma" in decision(out, "norm").detail
+    assert decision(out, "identity0").rule == "branch_merge"
 
 
 def test_product_of_two_tensors_is_not_a_sum():
@@ -757,3 +772,24 @@ def test_product_of_two_tensors_is_not_a_sum():
     add0.input[1] = "sq"
     check(m)
     assert_declined(m, Reason.MERGE_INPUTS)
+
+
+def test_inner_sum_merges_when_the_outer_sum_adds_another_tensor():
+    """``(conv_3x3(x) + conv_1x1(x) + bn(x)) + r`` with ``r`` another input: the whole sum
+    does not merge (merge_inputs_differ), the inner one does; the outer Add stays."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 2, 2, (4, 4))
+    m = built.model
+    m.graph.node[-1].output[0] = "block"
+    m.graph.node.append(helper.make_node("Add", ["block", "r"], ["y"], name="residual"))
+    m.graph.input.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 2, 4, 4]))
+    check(m)
+    out = fold_onnx(m)
+    assert ops(out.model) == ["Conv", "Add"]
+    assert decision(out, "identity0").rule == "branch_merge"
+    (merge,) = out.merges
+    assert merge.output == "block"
+    rng = np.random.default_rng(11)
+    x, r = (f32(rng.normal(size=(2, 2, 4, 4))) for _ in range(2))
+    session = ort.InferenceSession(out.model.SerializeToString())
+    got = session.run(None, {"x": x, "r": r})[0]
+    assert_close(got, built.reference(x) + r)
