@@ -574,9 +574,19 @@ def test_cli_fuse_reports_the_merge(tmp_path):
     ]
     merged_bn = next(f for f in report["folded"] if f["bn"] == "identity0")
     assert (merged_bn["rule"], merged_bn["direction"]) == ("branch_merge", "parallel")
-    table = CliRunner().invoke(app, ["fuse", str(source), "--out", str(out), "--force"])
+    page = tmp_path / "report.html"
+    table = CliRunner().invoke(
+        app, ["fuse", str(source), "--out", str(out), "--force", "--html", str(page)]
+    )
     assert table.exit_code == 0, table.output
-    assert "branch_merge" in table.stdout and "conv1" in table.stdout
+    merged = "merged (branch_merge): conv0 + conv1 + identity0 → conv0"
+    assert merged in table.stdout
+    assert merged in page.read_text()
+    markdown = CliRunner().invoke(
+        app, ["fuse", str(source), "--out", str(out), "--force", "--format", "markdown"]
+    )
+    assert markdown.exit_code == 0, markdown.output
+    assert merged in markdown.stdout
 
 
 @pytest.mark.slow
