@@ -589,7 +589,13 @@ class _Merger:
                 )
         for bn in bns:
             i = self.index[id(bn)]
-            self.decisions[i] = Decision(self.decisions[i].bn, BN_KIND, into=label, rule=MERGE.name)
+            self.decisions[i] = Decision(
+                self.decisions[i].bn,
+                BN_KIND,
+                into=label,
+                rule=MERGE.name,
+                detail=f"an identity branch of the sum {name}, merged into {label}",
+            )
         skip = f"{merged.x.name or 'input'} (skip)"
         self.merges.append(
             Merge(
