@@ -116,7 +116,8 @@ def build(
 ) -> Built:
     """``x`` -> the conv branches and identity branches (``"bn"``: a BatchNormalization of
     ``x``, ``"skip"``: ``x`` itself), summed by a chain of Adds or one Sum into ``y``;
-    ``sum_op="Sub"``: a chain of Adds whose last node subtracts; ``scale``: the sum times a
+    ``sum_op="Sub"``: a chain of Adds whose last node subtracts, ``"Tree"``: Adds of random
+    pairs; ``scale``: the sum times a
     constant per channel (a Mul), as FastViT's layer scale."""
     rng = np.random.default_rng(seed)
     dims = len(spatial)
@@ -193,6 +194,13 @@ def build(
     result = "total" if scale else "y"
     if sum_op == "Sum":
         nodes.append(helper.make_node("Sum", summed, [result], name="sum"))
+    elif sum_op == "Tree":  # Adds of random pairs, down to one value
+        pool = list(summed)
+        for j in range(len(summed) - 1):
+            a, b = sorted(rng.choice(len(pool), 2, replace=False))
+            out = result if len(pool) == 2 else f"s{j}"
+            nodes.append(helper.make_node("Add", [pool[a], pool[b]], [out], name=f"add{j}"))
+            pool = [v for k, v in enumerate(pool) if k not in (a, b)] + [out]
     else:
         acc = summed[0]
         for j, value in enumerate(summed[1:]):
@@ -292,7 +300,7 @@ def branch_sets(draw: st.DrawFn):
         for _ in range(n_convs)
     ]
     spatial = (draw(st.integers(5, 8)),) * dims
-    sum_op = draw(st.sampled_from(["Add", "Sum", "Sub"]))
+    sum_op = draw(st.sampled_from(["Add", "Sum", "Sub", "Tree"]))
     order = draw(st.permutations(range(n_convs)))
     scale = draw(st.booleans())
     return [convs[i] for i in order], identity, c_in, c_out, spatial, sum_op, scale
@@ -301,7 +309,8 @@ def branch_sets(draw: st.DrawFn):
 @given(branch_sets(), st.integers(0, 2**16))
 def test_random_branch_sets_merge_into_one_conv(case, seed):
     """Conv branches (kernels 1/3/5, group 1 or depthwise, bias on/off, a BN or not) and
-    identity branches (a BN of x, x itself) summed by Adds, a Sum or Adds ending in a Sub,
+    identity branches (a BN of x, x itself) summed by a chain or a random tree of Adds, a
+    Sum, or Adds ending in a Sub,
     times a per-channel scale or not: after the ONNX route one Conv is left, no
     BatchNormalization, and it computes the float64 sum at batch sizes 1 and 3."""
     convs, identity, c_in, c_out, spatial, sum_op, scale = case
