@@ -187,6 +187,22 @@ def _absorbed(node: ir.Node) -> bool:
     return _is_sum(reader) and reader.graph is node.graph
 
 
+def _reads(value: ir.Value, x: ir.Value) -> bool:
+    """Whether ``value`` is a branch of ``x``: ``x`` itself, a Conv or BatchNormalization of
+    it, or a constant (a bias)."""
+    producer = value.producer()
+    return (
+        value is x
+        or _constant(value) is not None
+        or (
+            (_is(producer, "Conv") or _is(producer, "BatchNormalization"))
+            and producer is not None
+            and bool(producer.inputs)
+            and producer.inputs[0] is x
+        )
+    )
+
+
 def _tree(root: ir.Node) -> _Tree:
     tree = _Tree(root, [root], [], [])
     stack = list(reversed(_operands(root, (1, ()))))
@@ -234,26 +250,46 @@ class _Merger:
             convs = [v for v in tree.leaves if _is(v.producer(), "Conv")]
             if len([v for v in tree.leaves if _constant(v) is None]) < 2 or not convs:
                 continue  # one branch plus constants is a bias, not a merge
-            x, identity_bns = self.branch_input(tree)
+            x, main, identity_bns = self.branch_input(tree)
+            rest: list[int] = []  # leaves that do not read x, summed after the merged conv
             try:
                 if x is None:
-                    raise _Declined(
-                        Reason.MERGE_INPUTS,
-                        f"the values summed by {_label(node)} are not all read from one tensor",
-                    )
-                merged = self.plan(tree, x)
+                    x, rest = self.split(tree, main)
+                merged = self.plan(tree, x, rest)
             except _Declined as e:
                 self.declined(tree, identity_bns, e)
                 inner = {id(n) for n in tree.nodes[1:]}
                 children = [v.producer() for v in node.inputs if v is not None]
                 todo += reversed([c for c in children if c is not None and id(c) in inner])
                 continue
-            self.apply(tree, merged)
+            self.apply(tree, merged, [tree.leaves[i] for i in rest])
+            others = [v.producer() for v in (tree.leaves[i] for i in rest)]
+            stayed = [n for n in others if _is(n, "BatchNormalization") and n is not None]
+            detail = f"it reads another tensor than the branches merged into {_label(merged.keep)}"
+            self.declined(tree, stayed, _Declined(Reason.MERGE_INPUTS, detail))
 
-    def branch_input(self, tree: _Tree) -> tuple[ir.Value | None, list[ir.Node]]:
-        """The tensor every branch reads (None if there is none) and the identity
-        BatchNormalization nodes: those reading it, or, when there is none, those reading
-        the tensor most branches read."""
+    def split(self, tree: _Tree, main: ir.Value | None) -> tuple[ir.Value, list[int]]:
+        """When not every branch reads one tensor: ``main``, the tensor most branches read,
+        and the leaves that do not read it, if the merge can leave those in a plain sum
+        (each added once, neither subtracted nor scaled) and still merges two branches."""
+        declined = _Declined(
+            Reason.MERGE_INPUTS,
+            f"the values summed by {_label(tree.root)} are not all read from one tensor",
+        )
+        if main is None:
+            raise declined
+        rest = [i for i, v in enumerate(tree.leaves) if not _reads(v, main)]
+        kept = [v for i, v in enumerate(tree.leaves) if i not in rest]
+        plain = all(tree.coefs[i] == (1, ()) for i in rest)
+        convs = [v for v in kept if _is(v.producer(), "Conv")]
+        if not plain or not convs or len([v for v in kept if _constant(v) is None]) < 2:
+            raise declined
+        return main, rest
+
+    def branch_input(self, tree: _Tree) -> tuple[ir.Value | None, ir.Value | None, list[ir.Node]]:
+        """The tensor every branch reads (None if there is none), the tensor most branches
+        read, and the identity BatchNormalization nodes: those reading that one (and, when
+        the branches read different tensors, any BN next to no other layer)."""
         candidates: list[ir.Value] = []
         for value in tree.leaves:
             producer = value.producer()
@@ -262,23 +298,10 @@ class _Merger:
                 if producer.inputs and producer.inputs[0] is not None:
                     candidates.append(producer.inputs[0])
 
-        def reads(value: ir.Value, x: ir.Value) -> bool:
-            producer = value.producer()
-            return (
-                value is x
-                or _constant(value) is not None
-                or (
-                    (_is(producer, "Conv") or _is(producer, "BatchNormalization"))
-                    and producer is not None
-                    and bool(producer.inputs)
-                    and producer.inputs[0] is x
-                )
-            )
-
         counts = Counter(id(c) for c in candidates)
         by_id = {id(c): c for c in candidates}
         ranked = sorted(by_id.values(), key=lambda c: -counts[id(c)])
-        x = next((c for c in ranked if all(reads(v, c) for v in tree.leaves)), None)
+        x = next((c for c in ranked if all(_reads(v, c) for v in tree.leaves)), None)
         main = x if x is not None else (ranked[0] if ranked else None)
         bns = []
         for value in tree.leaves:
@@ -290,7 +313,7 @@ class _Merger:
                 and (producer.inputs[0] is main or (x is None and self.only_neighbour(producer)))
             ):
                 bns.append(producer)
-        return x, bns
+        return x, main, bns
 
     def only_neighbour(self, bn: ir.Node) -> bool:
         i = self.index.get(id(bn))
@@ -312,14 +335,16 @@ class _Merger:
 
     # ----------------------------------------------------------------------- checks
 
-    def plan(self, tree: _Tree, x: ir.Value) -> _Merged:
+    def plan(self, tree: _Tree, x: ir.Value, rest: list[int]) -> _Merged:
         in_tree = {id(n) for n in tree.nodes}
         conv_nodes: list[tuple[ir.Node, _Coef]] = []
         bns: list[tuple[ir.Node, _Coef]] = []
         skips: list[_Coef] = []
         consts: list[tuple[ir.Value, np.ndarray, _Coef]] = []  # constants summed in: a bias
-        for value, coef in zip(tree.leaves, tree.coefs, strict=True):
+        for i, (value, coef) in enumerate(zip(tree.leaves, tree.coefs, strict=True)):
             producer = value.producer()
+            if i in rest:
+                continue
             if value is x:
                 skips.append(coef)
                 continue
@@ -551,7 +576,10 @@ class _Merger:
 
     # ----------------------------------------------------------------------- rewriting
 
-    def apply(self, tree: _Tree, merged: _Merged) -> None:
+    def apply(self, tree: _Tree, merged: _Merged, rest: list[ir.Value]) -> None:
+        """Rewrite: the kept conv gets the merged weights and takes over the sum's output
+        (or, with ``rest``, an ``Add``/``Sum`` of it and ``rest`` does, in the root's place);
+        the sum nodes, the other branch convs and the identity BNs go."""
         from bnfold.fold_torch import Decision
 
         work, keep = self.work, merged.keep
@@ -564,13 +592,19 @@ class _Merger:
         attrs["dilations"] = ir.AttrInt64s("dilations", merged.dilations)
         if "kernel_shape" in attrs:
             attrs["kernel_shape"] = ir.AttrInt64s("kernel_shape", merged.kernel)
-        # the kept conv's output takes over the sum's output, name and type
+        # the kept conv's output (or the new sum) takes over the sum's output, name and type
         out, last = tree.root.outputs[0], keep.outputs[0]
+        total = last
+        if rest:
+            op = "Add" if len(rest) == 1 else "Sum"
+            node = ir.Node("", op, [last, *rest], name=tree.root.name)
+            self.graph.insert_after(tree.root, node)
+            total = node.outputs[0]
         name = out.name
-        out.replace_all_uses_with(last, replace_graph_outputs=True)
-        last.name = name
-        last.type = out.type or last.type
-        last.shape = out.shape or last.shape
+        out.replace_all_uses_with(total, replace_graph_outputs=True)
+        total.name = name
+        total.type = out.type or total.type
+        total.shape = out.shape or total.shape
         gone = [c.node for c in merged.convs if c.node is not keep]
         gone = list({id(n): n for n in gone}.values())
         bns = list({id(n): n for n in merged.bns}.values())
@@ -601,7 +635,7 @@ class _Merger:
             Merge(
                 rule=MERGE.name,
                 into=label,
-                output=name or "",
+                output=last.name or "",
                 branches=tuple(_label(c.node) for c in merged.convs),
                 identity=tuple(self.decisions[self.index[id(bn)]].bn for bn in bns)
                 + (skip,) * merged.skips,

@@ -781,34 +781,72 @@ def test_decline_scale_that_is_not_one_value_per_channel():
 
 
 def test_product_of_two_tensors_is_not_a_sum():
-    """Mul of two computed tensors is not linear: the identity BN stays (merge_inputs_differ),
-    nothing merges."""
-    built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 2, 2, (4, 4))
+    """Mul of two computed tensors is not linear: it stays a summand of its own, and the
+    branches beside it merge (conv0 + bn(x); conv1 feeds the Mul and stays)."""
+    built = build([ConvSpec((3, 3)), ConvSpec((1, 1), bn=False)], ["bn"], 2, 2, (4, 4))
     m = built.model
-    mul = helper.make_node("Mul", ["n1", "n1"], ["sq"], name="square")
+    mul = helper.make_node("Mul", ["c1", "c1"], ["sq"], name="square")
     m.graph.node.insert(len(m.graph.node) - 2, mul)
     add0 = next(n for n in m.graph.node if n.name == "add0")
     add0.input[1] = "sq"
     check(m)
-    assert_declined(m, Reason.MERGE_INPUTS)
+    out = fold_onnx(m)
+    assert sorted(ops(out.model)) == ["Add", "Conv", "Conv", "Mul"]
+    assert [(g.branches, g.identity) for g in out.merges] == [(("conv0",), ("identity0",))]
+    x = f32(np.random.default_rng(12).normal(size=(2, 2, 4, 4)))
+    assert_close(run(out.model, x), run(m, x).astype(np.float64))
 
 
-def test_inner_sum_merges_when_the_outer_sum_adds_another_tensor():
-    """``(conv_3x3(x) + conv_1x1(x) + bn(x)) + r`` with ``r`` another input: the whole sum
-    does not merge (merge_inputs_differ), the inner one does; the outer Add stays."""
+def residual_model(before: bool, op: str = "Add") -> tuple[onnx.ModelProto, Built]:
+    """A RepVGG block and another input ``r``: ``r + (branches)`` summed first in the chain
+    (``before``) or ``(branches) op r`` after the block's own sum."""
     built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 2, 2, (4, 4))
     m = built.model
-    m.graph.node[-1].output[0] = "block"
-    m.graph.node.append(helper.make_node("Add", ["block", "r"], ["y"], name="residual"))
+    if before:
+        add0 = next(n for n in m.graph.node if n.name == "add0")
+        add0.input[0] = "first"
+        m.graph.node.insert(0, helper.make_node(op, ["r", "n0"], ["first"], name="residual"))
+        nodes = list(m.graph.node)
+        residual = nodes.pop(0)
+        nodes.insert(nodes.index(add0), residual)
+        del m.graph.node[:]
+        m.graph.node.extend(nodes)
+    else:
+        m.graph.node[-1].output[0] = "block"
+        m.graph.node.append(helper.make_node(op, ["block", "r"], ["y"], name="residual"))
     m.graph.input.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 2, 4, 4]))
     check(m)
+    return m, built
+
+
+def run_with_r(m: onnx.ModelProto, x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(m.SerializeToString()).run(None, {"x": x, "r": r})[0]
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_branches_merge_beside_another_summand(before):
+    """``(conv_3x3(x) + conv_1x1(x) + bn(x)) + r`` and ``((r + conv_3x3(x)) + conv_1x1(x))
+    + bn(x)``: the branches of x merge, ``r`` is added to the merged conv's output."""
+    m, built = residual_model(before)
     out = fold_onnx(m)
     assert ops(out.model) == ["Conv", "Add"]
     assert decision(out, "identity0").rule == "branch_merge"
     (merge,) = out.merges
-    assert merge.output == "block"
+    assert merge.branches == ("conv0", "conv1")
+    assert [o.name for o in out.model.graph.output] == ["y"]
     rng = np.random.default_rng(11)
     x, r = (f32(rng.normal(size=(2, 2, 4, 4))) for _ in range(2))
-    session = ort.InferenceSession(out.model.SerializeToString())
-    got = session.run(None, {"x": x, "r": r})[0]
-    assert_close(got, built.reference(x) + r)
+    assert_close(run_with_r(out.model, x, r), built.reference(x) + r)
+
+
+def test_inner_sum_merges_when_the_outer_sum_subtracts_another_tensor():
+    """``(conv_3x3(x) + conv_1x1(x) + bn(x)) - r``: ``r`` is not a plain summand, so the
+    whole sum does not merge; the block's own sum does, the Sub stays."""
+    m, built = residual_model(before=False, op="Sub")
+    out = fold_onnx(m)
+    assert ops(out.model) == ["Conv", "Sub"]
+    (merge,) = out.merges
+    assert merge.output == "block"
+    rng = np.random.default_rng(13)
+    x, r = (f32(rng.normal(size=(2, 2, 4, 4))) for _ in range(2))
+    assert_close(run_with_r(out.model, x, r), built.reference(x) - r)
