@@ -17,7 +17,10 @@ value per channel; MobileOne's legacy export adds ``Constant(0)``) goes into the
 
 The Conv with the largest kernel is kept and given ``W``, ``b`` and the merged padding;
 the other branch Convs, the identity BatchNormalization nodes and the sum nodes go, and the
-kept Conv's output takes the name of the sum's output.
+kept Conv's output takes the name of the sum's output.  Summands that are not branches of
+``x`` but are added once (``r + conv_a(x) + conv_b(x) + bn(x)``) stay, in one ``Add`` (or
+``Sum``) with the merged Conv in the sum's place.  A sum that does not merge is tried again
+one level down (``(conv_a(x) + conv_b(x) + bn(x)) - r`` merges the inner sum).
 
 A merge is made only when it is proven exact; otherwise every identity BatchNormalization
 on the sum stays, with the ``merge_*`` reason of the first condition that fails:
