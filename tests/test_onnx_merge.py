@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -310,12 +310,79 @@ def branch_sets(draw: st.DrawFn):
 def test_random_branch_sets_merge_into_one_conv(case, seed):
     """Conv branches (kernels 1/3/5, group 1 or depthwise, bias on/off, a BN or not) and
     identity branches (a BN of x, x itself) summed by a chain or a random tree of Adds, a
-    Sum, or Adds ending in a Sub,
-    times a per-channel scale or not: after the ONNX route one Conv is left, no
-    BatchNormalization, and it computes the float64 sum at batch sizes 1 and 3."""
+    Sum, or Adds ending in a Sub, times a per-channel scale or not: after the ONNX route one
+    Conv is left, no BatchNormalization, and it computes the float64 sum at batch sizes 1
+    and 3."""
     convs, identity, c_in, c_out, spatial, sum_op, scale = case
     built = build(convs, identity, c_in, c_out, spatial, sum_op, seed, scale)
     assert_merged(built, spatial, c_in)
+
+
+@st.composite
+def mixed_branch_sets(draw: st.DrawFn):
+    """Branch sets that may or may not merge: per conv a kernel of 1 to 4, dilation 1 or 2,
+    group 1 or depthwise and a begin pad anywhere from 0 to ``d * (k - 1)`` (the end pad
+    the rest, so every branch keeps the input's size: the model is valid, the centres may
+    differ); one stride."""
+    dims = draw(st.integers(1, 2))
+    c = draw(st.integers(1, 3))
+    identity = draw(st.sampled_from([[], ["bn"], ["skip"]]))
+    stride = 1 if identity else draw(st.integers(1, 2))
+    convs = []
+    for _ in range(draw(st.integers(1 if identity else 2, 3))):
+        k, d = draw(st.integers(1, 4)), draw(st.integers(1, 2))
+        total = d * (k - 1)
+        begin = draw(st.integers(0, total))
+        convs.append(
+            ConvSpec(
+                kernel=(k,) * dims,
+                group=draw(st.sampled_from([1, c])),
+                bias=draw(st.booleans()),
+                bn=draw(st.booleans()),
+                stride=stride,
+                dilation=d,
+                pads=(begin,) * dims + (total - begin,) * dims,
+            )
+        )
+    spatial = (draw(st.integers(4, 7)),) * dims
+    sum_op = draw(st.sampled_from(["Add", "Sum", "Sub", "Tree"]))
+    return convs, identity, c, spatial, sum_op
+
+
+def merges_exactly(convs: list[ConvSpec], identity: list[str]) -> bool:
+    """The oracle: one group, one dilation where kernels are wider than 1, the same doubled
+    offset ``2 * begin - d * (k - 1)`` everywhere (0 with an identity), and every kernel
+    centred in the largest (an identity is a 1-kernel)."""
+    kernels = [s.kernel[0] for s in convs] + [1] * len(identity)
+    offsets = {2 * s.pads[0] - s.dilation * (s.kernel[0] - 1) for s in convs}  # type: ignore[index]
+    offsets |= {0} if identity else set()
+    size = max(kernels)
+    return (
+        len({s.group for s in convs}) == 1
+        and len({s.dilation for s in convs if s.kernel[0] > 1}) <= 1
+        and len(offsets) == 1
+        and all((size - k) % 2 == 0 for k in kernels)
+    )
+
+
+@given(mixed_branch_sets(), st.integers(0, 2**16))
+def test_random_branch_sets_merge_only_when_exact(case, seed):
+    """Whatever the geometry, the route's output computes the float64 sum at batch sizes 1
+    and 3; everything merges into one Conv exactly when the oracle says the centres, groups
+    and dilations line up, and an identity BN that stays has a merge_* reason."""
+    convs, identity, c, spatial, sum_op = case
+    built = build(convs, identity, c, c, spatial, sum_op, seed)
+    out = fold_onnx(built.model)
+    check(out.model)
+    rng = np.random.default_rng(seed)
+    for batch in (1, 3):
+        x = f32(rng.normal(size=(batch, c, *spatial)))
+        assert_close(run(out.model, x), built.reference(x))
+    merged = ops(out.model) == ["Conv"]
+    event("merged into one Conv" if merged else "not merged into one Conv")
+    assert merged == merges_exactly(convs, identity), ops(out.model)
+    for d in out.decisions:
+        assert d.folded or d.reason.value.startswith("merge_"), d  # type: ignore[union-attr]
 
 
 def test_repvgg_block_merges_into_the_3x3_conv():
