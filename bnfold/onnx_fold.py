@@ -28,6 +28,9 @@ made only when it is proven exact; anything else keeps the BN with a reason code
   rank with the shapes onnx infers.
 
 BatchNormalization nodes inside If/Loop/Scan subgraphs and functions stay (``subgraph``).
+After the pairwise folds, ``merge_onnx.py`` merges parallel Conv branches and identity
+BatchNormalization nodes summed by ``Add``/``Sum`` into one Conv (``rules.MERGE``); BNs
+that a merge leaves next to a Conv are then tried again.
 The rewrite keeps node names, graph inputs (initializers listed as inputs too) and outputs,
 metadata and opsets: a backward fold gives the BN's output name to the tensor that now
 carries its values, so everything downstream is untouched; only the constants that folds
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
     import torch
 
     from bnfold.fold_torch import Decision
+    from bnfold.reports import Merge
 
 __all__ = [
     "BN_KIND",
@@ -88,6 +92,7 @@ _MAX_CHAIN = 32  # constant chains longer than this are not followed
 class OnnxFoldOutcome:
     model: onnx.ModelProto
     decisions: list[Decision]
+    merges: list[Merge] = field(default_factory=list)  # branch merges (merge_onnx.py)
 
 
 class _Declined(Exception):
@@ -1057,9 +1062,27 @@ class _Pass:
 def fold_model(model: ir.Model) -> list[Decision]:
     """Fold every BatchNormalization of ``model`` that folds exactly, in place; one
     decision per BatchNormalization node (subgraphs' and functions' included)."""
+    return _fold_and_merge(model)[0]
+
+
+def _fold_and_merge(model: ir.Model) -> tuple[list[Decision], list[Merge]]:
+    """The pairwise folds, then the branch merges of ``merge_onnx.py`` (which need the
+    branches' BNs folded first), then the pairwise folds again for the BNs a merge gave a
+    layer to fold into (a BN after the sum now follows the merged Conv)."""
+    from bnfold.merge_onnx import merge_branches
+
     with _quiet_ir():
         work = _Pass(model)
-        return [work.fold(label, bn) for label, bn in batchnorm_nodes(model)]
+        found = batchnorm_nodes(model)
+        decisions = [work.fold(label, bn) for label, bn in found]
+        merges = merge_branches(work, found, decisions)
+        if merges:
+            for i, (label, bn) in enumerate(found):
+                if not decisions[i].folded and bn.graph is work.graph:
+                    again = work.fold(label, bn)
+                    if again.folded:
+                        decisions[i] = again
+        return decisions, merges
 
 
 def fold_onnx(model: onnx.ModelProto) -> OnnxFoldOutcome:
@@ -1067,12 +1090,12 @@ def fold_onnx(model: onnx.ModelProto) -> OnnxFoldOutcome:
     works on an onnx-ir view that shares its tensors and never writes to them).  When
     nothing folds, the outcome's model is ``model`` itself: the file comes out untouched."""
     ir_model = _to_ir(model)
-    decisions = fold_model(ir_model)
-    if not any(d.folded for d in decisions):
+    decisions, merges = _fold_and_merge(ir_model)
+    if not any(d.folded for d in decisions) and not merges:
         return OnnxFoldOutcome(model, decisions)
     with _quiet_ir():
         proto = ir.serde.serialize_model(ir_model)
-    return OnnxFoldOutcome(proto, decisions)
+    return OnnxFoldOutcome(proto, decisions, merges)
 
 
 @dataclass(frozen=True)

@@ -665,6 +665,7 @@ def _run_fuse_onnx(opts: FuseOptions, loaded: LoadedModel, step: Step, clock: _C
         timings=clock.timings,
         notes=tuple(loaded.notes),
         capture="onnx",
+        merged=tuple(outcome.merges),
         **kwargs,
     )
 
@@ -675,7 +676,10 @@ def _run_fuse_onnx(opts: FuseOptions, loaded: LoadedModel, step: Step, clock: _C
 def _sites(decisions: Sequence[Any]) -> tuple[tuple[FoldedSite, ...], tuple[SkippedSite, ...]]:
     """The fold pass's decisions as report rows: what folded, what stayed and why."""
     folded = tuple(
-        FoldedSite(d.bn, d.into, d.direction.value, d.rule or "", d.kind)
+        # a BN on an identity branch merged into a parallel layer has no direction
+        FoldedSite(
+            d.bn, d.into, d.direction.value if d.direction else "parallel", d.rule or "", d.kind
+        )
         for d in decisions
         if d.folded
     )

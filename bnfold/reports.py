@@ -123,6 +123,17 @@ class FoldedSite:
 
 
 @dataclass(frozen=True)
+class Merge:
+    """Parallel branches summed into one layer (rule ``branch_merge``, issue 18)."""
+
+    rule: str
+    into: str  # the layer that stays and computes the sum
+    output: str  # the tensor it now writes (the sum's)
+    branches: tuple[str, ...]  # the layers merged, ``into`` among them
+    identity: tuple[str, ...]  # identity branches: BatchNorms, or ``tensor (skip)``
+
+
+@dataclass(frozen=True)
 class SkippedSite:
     bn: str
     reason: str
@@ -184,6 +195,7 @@ class FuseReport(_Report):
     torch_verification: Verification | None = None  # the --save-torch archive, verified
     # fuse --recalibrate-data: the statistics were re-estimated before folding
     recalibration: RecalibrationReport | None = None
+    merged: tuple[Merge, ...] = ()  # parallel branches merged into one layer (issue 18)
 
 
 def to_dict(report: Any) -> dict[str, Any]:

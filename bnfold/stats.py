@@ -418,7 +418,10 @@ def records_from_onnx(model: onnx.ModelProto) -> list[BNRecord]:
                 gamma=gamma,
                 beta=bn.bias,
                 fold_into=d.into,
-                fold_direction=d.direction.value if d.direction is not None else None,
+                # a BN on an identity branch merged into a parallel conv has no direction
+                fold_direction=(
+                    d.direction.value if d.direction is not None else "parallel" if d.into else None
+                ),
                 reason=d.reason.value if d.reason is not None else None,
                 reason_detail=d.detail or None,
             )

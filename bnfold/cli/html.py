@@ -141,9 +141,12 @@ def _picture(png: bytes | None, missing: str | None) -> list[str]:
     ]
 
 
+_ARROW = {"backward": "→", "forward": "←"}  # "parallel": merged beside a conv, "+"
+
+
 def _fold_cell(layer: BNLayerReport) -> str:
     if layer.fold_into:
-        arrow = "→" if layer.fold_direction == "backward" else "←"
+        arrow = _ARROW.get(layer.fold_direction or "", "+")
         return (
             f'<span class="ok">{arrow}</span> {_e(layer.fold_into)} '
             f'<span class="muted">({_e(layer.fold_direction)})</span>'
@@ -393,7 +396,7 @@ def fuse_html(
         items.append(("timings", ", ".join(f"{_e(k)} {v:.2f} s" for k, v in r.timings.items())))
     folded = [
         f"<tr><td>{_e(f.bn)}</td><td>{_e(f.bn_kind)}</td><td>{_e(f.into)}</td>"
-        f"<td>{'→' if f.direction == 'backward' else '←'} {_e(f.direction)}</td>"
+        f"<td>{_ARROW.get(f.direction, '+')} {_e(f.direction)}</td>"
         f"<td><code>{_e(f.rule)}</code></td></tr>"
         for f in r.folded
     ]
@@ -415,6 +418,11 @@ def fuse_html(
         f"<h2>Kept, and why ({len(r.skipped)})</h2>",
         _table(["BN", "reason", "detail"], kept) if kept else "<p>none: every BatchNorm folded</p>",
     ]
+    if r.merged:
+        from bnfold.cli.render import merge_line
+
+        lines = "".join(f"<li>{_e(merge_line(m))}</li>" for m in r.merged)
+        body.insert(-2, f"<h2>Branches merged ({len(r.merged)})</h2><ul>{lines}</ul>")
     if r.notes:
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in r.notes) + "</ul>")
     if stats is not None:

@@ -15,6 +15,7 @@ from bnfold.reports import (
     DataSummary,
     FuseReport,
     InspectReport,
+    Merge,
     RecalibrationReport,
     Spread,
     to_dict,
@@ -131,7 +132,7 @@ def data_line(d: DataSummary) -> str:
 
 def _fold_cell(layer: Any) -> str:
     if layer.fold_into:
-        arrow = "→" if layer.fold_direction == "backward" else "←"
+        arrow = {"backward": "→", "forward": "←"}.get(layer.fold_direction, "+")
         return f"{arrow} {layer.fold_into}"
     return f"stays: {layer.reason}" if layer.reason else "-"
 
@@ -272,11 +273,13 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
     table.add_column("BN", overflow="fold", ratio=3)
     table.add_column("result", overflow="fold", ratio=4)
     for f in r.folded:
-        arrow = "→" if f.direction == "backward" else "←"
+        arrow = {"backward": "→", "forward": "←"}.get(f.direction, "+")
         table.add_row(Text(f.bn), Text(f"folded {arrow} {f.into} ({f.rule})", style="green"))
     for sk in r.skipped:
         table.add_row(Text(sk.bn), Text(f"stays: {sk.reason} — {sk.detail}", style="yellow"))
     console.print(table)
+    for m in r.merged:
+        console.print(Text(merge_line(m), style="green"))
     if r.recalibration is not None:
         console.print(Text(recalibration_line(r.recalibration)))
     console.print(
@@ -300,6 +303,12 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
         console.print(Text(f"folded PyTorch model: {r.torch_output}"))
     for note in r.notes:
         console.print(Text(f"note: {note}", style="dim"))
+
+
+def merge_line(m: Merge) -> str:
+    """One branch merge (issue 18) in words."""
+    summed = " + ".join((*m.branches, *m.identity))
+    return f"merged ({m.rule}): {summed} → {m.into}"
 
 
 def _capture_line(r: FuseReport) -> str:
@@ -377,6 +386,8 @@ def _fuse_markdown(r: FuseReport) -> str:
             for f in r.folded
         ]
         lines.append("")
+    if r.merged:
+        lines += [f"- {_md_escape(merge_line(m))}" for m in r.merged] + [""]
     if r.skipped:
         lines += ["| BN kept | reason | detail |", "|---|---|---|"]
         lines += [
