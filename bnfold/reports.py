@@ -121,6 +121,18 @@ class FoldedSite:
 
 
 @dataclass(frozen=True)
+class MergedSite:
+    """Parallel branches summed into one conv (rule ``branch_merge``): the conv branches and
+    the BNs on identity branches it replaced (each of those BNs is also a folded site)."""
+
+    into: str
+    rule: str
+    convs: tuple[str, ...]
+    identity_bns: tuple[str, ...]
+    skips: int  # plain skips (the input itself) merged as identity kernels
+
+
+@dataclass(frozen=True)
 class SkippedSite:
     bn: str
     reason: str
@@ -182,6 +194,7 @@ class FuseReport(_Report):
     torch_verification: Verification | None = None  # the --save-torch archive, verified
     # fuse --recalibrate-data: the statistics were re-estimated before folding
     recalibration: RecalibrationReport | None = None
+    merged: tuple[MergedSite, ...] = ()  # parallel branches merged into one conv
 
 
 def to_dict(report: Any) -> dict[str, Any]:
