@@ -148,11 +148,22 @@ def _operand_ok(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_COPIES = frozenset({_aten.alias.default, _aten.clone.default, _aten.contiguous.default})
+
+
 def _passes_values(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A node whose output is its input, unchanged: ``nn.Identity``, dropout in eval (plain
     torch classes without hooks), ``contiguous``/``clone``."""
     if node.op == "call_method":
         return node.target in ("contiguous", "clone") and len(node.args) == 1 and not node.kwargs
+    if node.op == "call_function":
+        if node.target in (_aten.dropout.default, F.dropout):  # p, train: in eval, the input
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+            return train is False
+        try:
+            return node.target in _COPIES and len(node.args) == 1
+        except TypeError:  # an unhashable target
+            return False
     if node.op != "call_module":
         return False
     m = submodule(gm, str(node.target))
@@ -391,9 +402,7 @@ def merge_branches(
         if root.graph is not gm.graph or root not in root.graph.nodes:
             continue
         tree = _tree(gm, root)
-        groups, stray = _groups(gm, tree, by_node, names, check_bn)
-        if not groups:
-            continue
+        groups, stray, conv_inputs = _groups(gm, tree, by_node, names, check_bn)
         for site in stray:
             merges.append(
                 Merge(
@@ -403,10 +412,12 @@ def merge_branches(
                     0,
                     reason=Reason.MERGE_INPUTS,
                     detail=f"{site.name} reads {site.input}, the summed convs read "
-                    + ", ".join(sorted({str(g.x) for g in groups})),
+                    + ", ".join(sorted(str(x) for x in conv_inputs)),
                     bn_nodes=(site.node,),
                 )
             )
+        if not groups:
+            continue
         try:
             _check_shapes(tree, shapes_known)
         except MergeDeclined as e:
@@ -448,7 +459,7 @@ def _groups(
     by_node: dict[fx.Node, BNSite],
     names: dict[str, str],
     check_bn: Any,
-) -> tuple[list[_Group], list[BNSite]]:
+) -> tuple[list[_Group], list[BNSite], list[fx.Node]]:
     """The tree's branches grouped by the tensor they read (groups with a conv and at least
     two branches), and the BN identity branches that read a tensor no conv reads."""
     convs: list[_Conv] = []
@@ -488,8 +499,8 @@ def _groups(
         identities += [_Identity(leaf, None) for leaf in tree.leaves if x in _path(leaf)]
         if len(members) + len(identities) >= 2:
             groups.append(_Group(tree.root, x, members, identities))
-    stray = [i.site for i in bns if i.site is not None and i.site.input not in inputs]
-    return (groups, stray) if groups else ([], [])
+    stray = [i.site for i in bns if i.site is not None and inputs and i.site.input not in inputs]
+    return groups, stray, inputs
 
 
 def _path(leaf: _Leaf) -> list[fx.Node]:
@@ -753,10 +764,12 @@ def _install(
         conv.bias = nn.Parameter(b.to(settings["device"]), requires_grad=rg)
         gm.add_submodule(name, conv)
         return gm.graph.call_module(name, (group.x,)), name
-    gm.register_parameter(name + "_weight", nn.Parameter(w.to(settings["device"]), False))
-    gm.register_parameter(name + "_bias", nn.Parameter(b.to(settings["device"]), False))
-    w_node = gm.graph.get_attr(name + "_weight")
-    b_node = gm.graph.get_attr(name + "_bias")
+    holder = nn.Module()  # constants named like a layer's: ``name.weight``, ``name.bias``
+    holder.register_parameter("weight", nn.Parameter(w.to(settings["device"]), False))
+    holder.register_parameter("bias", nn.Parameter(b.to(settings["device"]), False))
+    gm.add_submodule(name, holder)
+    w_node = gm.graph.get_attr(name + ".weight")
+    b_node = gm.graph.get_attr(name + ".bias")
     target: Any = (
         (_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default)[dims - 1]
         if aten

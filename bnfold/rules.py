@@ -133,7 +133,15 @@ RULES: tuple[FoldRule, ...] = (
 SUM = Layer(
     "sum",
     (),
-    ("operator.add", "torch.add", "aten.add.Tensor"),
+    (
+        "operator.add",
+        "operator.iadd",
+        "torch.add",
+        "aten.add.Tensor",
+        "aten.add_.Tensor",
+        "Tensor.add",  # methods: fx's call_method
+        "Tensor.add_",
+    ),
     ("Add", "Sum"),
 )
 

@@ -15,6 +15,7 @@ from bnfold.reports import (
     DataSummary,
     FuseReport,
     InspectReport,
+    MergedSite,
     RecalibrationReport,
     Spread,
     to_dict,
@@ -266,11 +267,13 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
     table.add_column("BN", overflow="fold", ratio=3)
     table.add_column("result", overflow="fold", ratio=4)
     for f in r.folded:
-        arrow = "→" if f.direction == "backward" else "←"
-        table.add_row(Text(f.bn), Text(f"folded {arrow} {f.into} ({f.rule})", style="green"))
+        verb = "merged →" if f.direction == "merge" else "folded " + _ARROWS.get(f.direction, "→")
+        table.add_row(Text(f.bn), Text(f"{verb} {f.into} ({f.rule})", style="green"))
     for sk in r.skipped:
         table.add_row(Text(sk.bn), Text(f"stays: {sk.reason} — {sk.detail}", style="yellow"))
     console.print(table)
+    for m in r.merged:
+        console.print(Text(merge_line(m)))
     if r.recalibration is not None:
         console.print(Text(recalibration_line(r.recalibration)))
     console.print(
@@ -294,6 +297,19 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
         console.print(Text(f"folded PyTorch model: {r.torch_output}"))
     for note in r.notes:
         console.print(Text(f"note: {note}", style="dim"))
+
+
+_ARROWS = {"backward": "→", "forward": "←"}
+
+
+def _branches(m: MergedSite) -> str:
+    skips = [f"{m.skips} skip" + ("s" if m.skips > 1 else "")] if m.skips else []
+    return ", ".join([*m.convs, *m.identity_bns, *skips])
+
+
+def merge_line(m: MergedSite) -> str:
+    """One branch merge: the merged conv, the rule, the branches it replaced."""
+    return f"merged → {m.into} ({m.rule}): {_branches(m)}"
 
 
 def _capture_line(r: FuseReport) -> str:
@@ -369,6 +385,18 @@ def _fuse_markdown(r: FuseReport) -> str:
         lines += [
             f"| `{_md_escape(f.bn)}` | `{_md_escape(f.into)}` | {f.direction} | {f.rule} |"
             for f in r.folded
+        ]
+        lines.append("")
+    if r.merged:
+        lines += ["| merged into | rule | conv branches | identity BNs | skips |"]
+        lines += ["|---|---|---|---|---|"]
+        lines += [
+            f"| `{_md_escape(m.into)}` | {m.rule} | "
+            + ", ".join(f"`{_md_escape(c)}`" for c in m.convs)
+            + " | "
+            + ", ".join(f"`{_md_escape(b)}`" for b in m.identity_bns)
+            + f" | {m.skips} |"
+            for m in r.merged
         ]
         lines.append("")
     if r.skipped:
