@@ -203,7 +203,7 @@ def merge_parallel(
         out = np.arange(c_out)
         mid = tuple(k // 2 for k in size)
         for s, t in identities:
-            w[(out, out % c_in_g, *mid)] += _wide(s)
+            w[(out, out % c_in_g, *mid)] += _wide(s)  # type: ignore[index]
             b += _wide(t)
     w_out, w_overflow = _rounded(w, dtype)
     b_out, b_overflow = _rounded(b, dtype)

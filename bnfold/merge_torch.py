@@ -206,9 +206,9 @@ def _walk(gm: fx.GraphModule, operand: fx.Node) -> tuple[fx.Node, list[fx.Node],
         v = v.args[0]
 
 
-def value_source(gm: fx.GraphModule, node: object) -> object:
+def value_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """``node``, or the node under the value-passing nodes above it."""
-    while isinstance(node, fx.Node) and _passes_values(gm, node):
+    while _passes_values(gm, node) and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 
@@ -374,6 +374,9 @@ class _Group:
         skips = sum(i.site is None for i in self.identities)
         return tuple(c.name for c in self.convs), bns, skips
 
+    def branches(self) -> list[_Conv | _Identity]:
+        return [*self.convs, *self.identities]
+
     def bn_nodes(self) -> tuple[fx.Node, ...]:
         return tuple(i.site.node for i in self.identities if i.site is not None)
 
@@ -530,7 +533,7 @@ def _merged(
 ) -> tuple[folding.Folded, dict[str, Any]]:
     """The merged conv's (weight, bias) and settings, or MergeDeclined."""
     convs, identities = group.convs, group.identities
-    for item in (*convs, *identities):
+    for item in group.branches():
         if not item.leaf.exclusive and not (isinstance(item, _Identity) and item.site is None):
             raise MergeDeclined(
                 Reason.MERGE_BRANCH_SHARED,
@@ -618,8 +621,8 @@ def _merged(
                 f"an identity branch beside {first.name}: "
                 f"{int(first.weight.shape[1]) * groups} input channels, {c_out} output",
             )
-        for k in range(max(1, shape_sets(group.x.graph.owning_module))):  # type: ignore[arg-type]
-            shape = shape_of(group.x, k)
+        for n in range(max(1, shape_sets(group.x.graph.owning_module))):  # type: ignore[arg-type]
+            shape = shape_of(group.x, n)
             if shape is None or len(shape) != rank or shape[1] != c_out:
                 raise MergeDeclined(
                     Reason.CHANNEL_MISMATCH,
@@ -682,7 +685,7 @@ def _rewrite(
     merged_leaves: set[int] = set()
     removed: set[fx.Node] = {*tree.sums, *tree.inner}
     for group, _, _ in ready:
-        for item in (*group.convs, *group.identities):
+        for item in group.branches():
             merged_leaves.add(id(item.leaf))
             if isinstance(item, _Identity) and item.site is None:
                 # a plain skip: the value-passing nodes above x that fed only the sum go
@@ -711,7 +714,7 @@ def _rewrite(
     with graph.inserting_before(tree.root):
         for value, coef in stays:
             if aten:
-                kwargs = {"alpha": coef} if coef != 1.0 else {}
+                kwargs: dict[str, Any] = {"alpha": coef} if coef != 1.0 else {}
                 result = graph.call_function(_aten.add.Tensor, (result, value), kwargs)
             elif coef == 1.0:
                 result = graph.call_function(operator.add, (result, value))
@@ -749,7 +752,7 @@ def _install(
         conv = cls(
             int(w.shape[1]) * settings["groups"],
             int(w.shape[0]),
-            tuple(w.shape[2:]),
+            tuple(w.shape[2:]),  # type: ignore[arg-type]
             stride=settings["stride"],
             padding=settings["padding"],
             dilation=settings["dilation"],
