@@ -423,6 +423,7 @@ def merge_branches(
             continue
         try:
             _check_shapes(tree, shapes_known)
+            _check_in_place(gm, tree, by_node)
         except MergeDeclined as e:
             merges += [_declined(g, e) for g in groups]
             continue
@@ -526,6 +527,42 @@ def _check_shapes(tree: _Tree, shapes_known: bool) -> None:
                         Reason.MERGE_GEOMETRY,
                         f"{node.name} broadcasts {shape_of(op.value, k)} to {out}",
                     )
+
+
+_IN_PLACE = frozenset(
+    {operator.iadd, operator.isub, _aten.add_.Tensor, _aten.sub_.Tensor, "add_", "sub_"}
+)
+
+
+def _check_in_place(gm: fx.GraphModule, tree: _Tree, by_node: dict[fx.Node, BNSite]) -> None:
+    """An in-place sum (``a += b``, ``a.add_(b)``) writes into ``a``: the rewritten sum,
+    which writes nowhere, computes the same only when ``a`` is a new tensor nothing else
+    reads (a conv's or BN's output, a partial sum), not a view of a tensor read later."""
+    for node in tree.sums:
+        try:
+            in_place = node.target in _IN_PLACE
+        except TypeError:  # an unhashable target
+            continue
+        written = node.args[0]
+        if not in_place or not isinstance(written, fx.Node):
+            continue
+        source, _, exclusive = _walk(gm, written)
+        fresh = source in tree.sums or source in by_node or _is_conv(gm, source)
+        if not (exclusive and fresh):
+            raise MergeDeclined(
+                Reason.MERGE_BRANCH_SHARED,
+                f"{node.name} writes in place into {written.name}, which may be read elsewhere",
+            )
+
+
+def _is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        classes = tuple(getattr(nn, n) for n in MERGE.layer.torch_modules)
+        return isinstance(submodule(gm, str(node.target)), classes)
+    try:
+        return node.op == "call_function" and node.target in _tables()[3]
+    except TypeError:
+        return False
 
 
 def _merged(

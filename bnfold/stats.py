@@ -454,6 +454,8 @@ def _apply_decisions(
             rec.name = f"{d.bn}#{seen[d.bn]}"
         rec.fold_into = d.into
         rec.fold_direction = d.direction.value if d.direction is not None else None
+        if d.rule == "branch_merge":  # an identity branch merged with its conv branches
+            rec.fold_direction = "merge"
         rec.reason = d.reason.value if d.reason is not None else None
         rec.reason_detail = d.detail or (d.reason.explanation if d.reason is not None else None)
         if d.into is not None:

@@ -124,9 +124,11 @@ class BranchSet:
     dims: int
     channels: int
     depthwise: bool
-    kernels: tuple[int, ...]  # one conv branch per kernel size, padding k // 2
+    kernels: tuple[int, ...]  # one conv branch per kernel size, padding dilation * (k // 2)
     biases: tuple[bool, ...]
     stride: int  # 1 whenever there is an identity branch
+    dilation: int
+    padding_mode: str
     identity: bool
     seed: int
 
@@ -143,6 +145,8 @@ def branch_sets(draw: st.DrawFn) -> BranchSet:
         kernels=kernels,
         biases=tuple(draw(st.lists(st.booleans(), min_size=convs, max_size=convs))),
         stride=1 if identity else draw(st.integers(1, 2)),
+        dilation=draw(st.sampled_from([1, 1, 2])),
+        padding_mode=draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"])),
         identity=identity,
         seed=draw(st.integers(0, 2**16)),
     )

@@ -32,7 +32,17 @@ class Branches(nn.Module):
         conv, bn, c = CONVS[cfg.dims - 1], BNS[cfg.dims - 1], cfg.channels
         groups = c if cfg.depthwise else 1
         self.convs = nn.ModuleList(
-            conv(c, c, k, stride=cfg.stride, padding=k // 2, groups=groups, bias=b)
+            conv(
+                c,
+                c,
+                k,
+                stride=cfg.stride,
+                padding=cfg.dilation * (k // 2),
+                dilation=cfg.dilation,
+                groups=groups,
+                bias=b,
+                padding_mode=cfg.padding_mode,
+            )
             for k, b in zip(cfg.kernels, cfg.biases, strict=True)
         )
         self.bns = nn.ModuleList(bn(c) for _ in cfg.kernels)
@@ -77,11 +87,11 @@ def inputs(cfg: BranchSet, batch: int, size: int) -> torch.Tensor:
 @given(cfg=branch_sets())
 def test_branches_merge_into_one_conv(cfg: BranchSet):
     """Random branch sets (kernels 1/3/5, groups 1 or depthwise, bias on/off, two or three
-    branches, with or without an identity BN) fold into one conv and no BN, equal to a
+    branches, with or without an identity BN, dilation, every padding mode) fold into one conv and no BN, equal to a
     float64 run of the original at the example, another batch size and a larger input."""
     torch.manual_seed(cfg.seed)
     model = randomize_all(Branches(cfg), seed=cfg.seed)
-    x = inputs(cfg, 2, 6)
+    x = inputs(cfg, 2, 9)  # reflect padding 4 (5x5, dilation 2) needs more than 4
     result = bnfold.fold(model, x)
     assert result.skipped == ()
     assert bn_left(result.module) == 0
@@ -92,7 +102,7 @@ def test_branches_merge_into_one_conv(cfg: BranchSet):
     merged_bns = [f for f in result.folded if f.rule == "branch_merge"]
     assert [f.bn for f in merged_bns] == list(merge.identity_bns)
     assert result.verification.passed
-    for sample in (x, inputs(cfg, 3, 6), inputs(cfg, 1, 11)):
+    for sample in (x, inputs(cfg, 3, 9), inputs(cfg, 1, 13)):
         with torch.no_grad():
             assert rel_err(result.module(sample), float64_reference(model, sample)) < 1e-5
 
@@ -340,6 +350,45 @@ def test_branch_whose_bn_stays_is_left_as_it_is():
     assert merge.convs == ("a",) and merge.identity_bns == ("identity",)
     with torch.no_grad():
         assert rel_err(result.module(x), float64_reference(model, x)) < 1e-5
+
+
+def test_decline_in_place_sum_into_an_aliased_tensor():
+    """``h += conv(h)`` writes into ``h``, which a view made before reads: merging would
+    hand the view the old values, so the merge declines (merge_branch_shared).  torch.fx
+    records ``+=`` on a traced tensor as ``+``, so torch.export captures it here."""
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.identity = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = torch.relu(x)
+            alias = h.view(h.shape)
+            t = self.identity(h)
+            h += self.a(h)
+            return h + t, alias
+
+    model = _hooked(Aliased())
+    assert kept(model, torch.randn(2, 4, 6, 6)) == {"identity": "merge_branch_shared"}
+
+
+def test_shared_conv_merges_and_its_other_call_is_unchanged():
+    """A conv branch also called elsewhere: the merge makes a new conv and never writes to
+    the old one, which the other call keeps using."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.identity = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.a(x) + self.identity(x), self.a(torch.relu(x))
+
+    model = randomize_all(Shared())
+    weight = model.a.weight.detach().clone()
+    assert kept(model, torch.randn(2, 4, 6, 6)) == {}
+    assert torch.equal(model.a.weight, weight)
 
 
 def test_add_with_out_is_no_sum():

@@ -126,7 +126,7 @@ def data_line(d: DataSummary) -> str:
 
 def _fold_cell(layer: Any) -> str:
     if layer.fold_into:
-        arrow = "→" if layer.fold_direction == "backward" else "←"
+        arrow = {"backward": "→", "forward": "←"}.get(layer.fold_direction, "⇉")
         return f"{arrow} {layer.fold_into}"
     return f"stays: {layer.reason}" if layer.reason else "-"
 
