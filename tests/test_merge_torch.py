@@ -87,8 +87,9 @@ def inputs(cfg: BranchSet, batch: int, size: int) -> torch.Tensor:
 @given(cfg=branch_sets())
 def test_branches_merge_into_one_conv(cfg: BranchSet):
     """Random branch sets (kernels 1/3/5, groups 1 or depthwise, bias on/off, two or three
-    branches, with or without an identity BN, dilation, every padding mode) fold into one conv and no BN, equal to a
-    float64 run of the original at the example, another batch size and a larger input."""
+    branches, with or without an identity BN, dilation, every padding mode) fold into one
+    conv and no BN, equal to a float64 run of the original at the example, another batch
+    size and a larger input."""
     torch.manual_seed(cfg.seed)
     model = randomize_all(Branches(cfg), seed=cfg.seed)
     x = inputs(cfg, 2, 9)  # reflect padding 4 (5x5, dilation 2) needs more than 4

@@ -145,7 +145,7 @@ def _picture(png: bytes | None, missing: str | None) -> list[str]:
 
 def _fold_cell(layer: BNLayerReport) -> str:
     if layer.fold_into:
-        arrow = {"backward": "→", "forward": "←"}.get(layer.fold_direction, "⇉")
+        arrow = {"backward": "→", "forward": "←"}.get(layer.fold_direction or "", "⇉")
         return (
             f'<span class="ok">{arrow}</span> {_e(layer.fold_into)} '
             f'<span class="muted">({_e(layer.fold_direction)})</span>'

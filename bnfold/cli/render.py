@@ -126,7 +126,7 @@ def data_line(d: DataSummary) -> str:
 
 def _fold_cell(layer: Any) -> str:
     if layer.fold_into:
-        arrow = {"backward": "→", "forward": "←"}.get(layer.fold_direction, "⇉")
+        arrow = {"backward": "→", "forward": "←"}.get(layer.fold_direction or "", "⇉")
         return f"{arrow} {layer.fold_into}"
     return f"stays: {layer.reason}" if layer.reason else "-"
 
