@@ -45,7 +45,7 @@ from bnfold.graph import (
     submodule,
     value_users,
 )
-from bnfold.merge_torch import Merge, merge_branches, value_source
+from bnfold.merge_torch import Merge, merge_branches, scale_convs, value_source
 from bnfold.rules import ChannelAxis, Direction, FoldRule, Reason
 
 __all__ = ["Decision", "FoldOutcome", "fold_graph", "shared_modules"]
@@ -200,14 +200,24 @@ def _merge_branches(
     that stays, or a BN reading a sum that could not merge, gets the merge's reason."""
     gm = state.gm
     kept = [d.site for d in decisions if not d.folded and d.site is not None]
-    merges = merge_branches(
-        gm,
-        [site for site in kept if site.node.graph is gm.graph],
-        shapes_known=shapes_known,
-        names=state.origin,
-        check_layer=_plain_layer,
-        check_bn=_check_site,
-    )
+
+    def merge() -> list[Merge]:
+        live = set(gm.graph.nodes)
+        return merge_branches(
+            gm,
+            [site for site in kept if site.node in live],
+            shapes_known=shapes_known,
+            names=state.origin,
+            check_layer=_plain_layer,
+            check_bn=_check_site,
+        )
+
+    merges = merge()
+    # a merged conv scaled per channel (LayerScale) folds the scale in and may merge again
+    for _ in range(3):
+        if not any(m.into for m in merges) or not scale_convs(gm, state.origin, _plain_layer):
+            break
+        merges = _latest(merges + merge())
     if not merges:
         return decisions, merges
     again: dict[fx.Node, Decision] = {}
@@ -234,6 +244,14 @@ def _merge_branches(
                 d = replace(d, reason=m.reason, detail=m.detail)
         out.append(d)
     return out, merges
+
+
+def _latest(merges: list[Merge]) -> list[Merge]:
+    """Every merge made, and of the declines the last word on each sum."""
+    last = {(m.root, m.bn_nodes): i for i, m in enumerate(merges) if m.into is None}
+    return [
+        m for i, m in enumerate(merges) if m.into is not None or last[(m.root, m.bn_nodes)] == i
+    ]
 
 
 def _unseen(gm: fx.GraphModule, decisions: list[Decision]) -> list[Decision]:

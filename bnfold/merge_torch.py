@@ -50,9 +50,9 @@ from bnfold.graph import (
     submodule,
     value_users,
 )
-from bnfold.rules import MERGE, Reason
+from bnfold.rules import MERGE, FoldKind, Reason
 
-__all__ = ["Merge", "merge_branches", "value_source"]
+__all__ = ["Merge", "merge_branches", "scale_convs", "value_source"]
 
 _aten = torch.ops.aten
 
@@ -777,14 +777,30 @@ def _install(
     """The merged conv's node (before the graph's insertion point) and its name: a new
     ``nn.ConvNd`` module when the branches were modules, else a functional call on new
     constants, as the pass installs folded functional layers."""
-    dims = settings["dims"]
     largest = max(group.convs, key=lambda c: c.weight.shape[2:].numel())
+    modules = all(isinstance(c.layer, nn.Module) for c in group.convs)
     base = largest.name.replace(".", "_") + "_merged"
+    return _new_conv(gm, base, group.x, modules, w, b, settings, aten)
+
+
+def _new_conv(
+    gm: fx.GraphModule,
+    base: str,
+    x: fx.Node,
+    module: bool,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    settings: dict[str, Any],
+    aten: bool,
+) -> tuple[fx.Node, str]:
+    """A new conv on ``x`` named after ``base``: an ``nn.ConvNd`` module, or a functional
+    (``aten`` or ``F``) call on new constants ``name.weight``, ``name.bias``."""
+    dims = settings["dims"]
     name, k = base, 1
     while hasattr(gm, name):
         k += 1
         name = f"{base}{k}"
-    if all(isinstance(c.layer, nn.Module) for c in group.convs):
+    if module:
         cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
         conv = cls(
             int(w.shape[1]) * settings["groups"],
@@ -803,7 +819,7 @@ def _install(
         conv.weight = nn.Parameter(w.to(settings["device"]), requires_grad=rg)
         conv.bias = nn.Parameter(b.to(settings["device"]), requires_grad=rg)
         gm.add_submodule(name, conv)
-        return gm.graph.call_module(name, (group.x,)), name
+        return gm.graph.call_module(name, (x,)), name
     holder = nn.Module()  # constants named like a layer's: ``name.weight``, ``name.bias``
     holder.register_parameter("weight", nn.Parameter(w.to(settings["device"]), False))
     holder.register_parameter("bias", nn.Parameter(b.to(settings["device"]), False))
@@ -816,7 +832,7 @@ def _install(
         else (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
     )
     args = (
-        group.x,
+        x,
         w_node,
         b_node,
         list(settings["stride"]),
@@ -825,3 +841,131 @@ def _install(
         settings["groups"],
     )
     return gm.graph.call_function(target, args), name
+
+
+# --------------------------------------------------------------------------- scaled convs
+
+_MULS = frozenset(
+    {operator.mul, operator.imul, torch.mul, _aten.mul.Tensor, _aten.mul_.Tensor, "mul", "mul_"}
+)
+
+
+def scale_convs(gm: fx.GraphModule, names: dict[str, str], check_layer: Any) -> int:
+    """Fold a constant per-channel scale of a conv's output into the conv (``conv(x) *
+    gamma``, timm's ``LayerScale2d``; exact: ``W' = gamma * W``, ``b' = gamma * b`` in
+    float64, rounded once), so that a sum it feeds can merge.  FastViT's RepMixer computes
+    ``x + gamma * (mixer(x) - norm(x))``: once the difference has merged into one conv,
+    the scale folds into it and the sum with ``x`` merges too.  The number of convs
+    rewritten; a conv that is not plain, or whose output something else reads, stays."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        found = _scaled_conv(gm, node, names)
+        if found is None:
+            continue
+        conv, scale = found
+        if isinstance(conv.layer, nn.Module):
+            try:
+                check_layer(conv.layer)
+            except Exception as e:  # hooks, a subclass: it stays as it is
+                if not isinstance(getattr(e, "reason", None), Reason):
+                    raise
+                continue
+        dtype = conv.weight.dtype
+        zero = torch.zeros_like(scale)
+        w, b, overflow = folding.fold_backward(
+            conv.weight, conv.bias, scale, zero, FoldKind.CONV_OUT, conv.groups, dtype
+        )
+        if overflow:
+            continue
+        try:
+            padding: tuple[int, ...] | str = _pads(conv)
+        except MergeDeclined:
+            padding = conv.padding
+        settings = {
+            "dims": conv.weight.dim() - 2,
+            "stride": conv.stride,
+            "padding": padding,
+            "dilation": conv.dilation,
+            "groups": conv.groups,
+            "padding_mode": conv.padding_mode,
+            "requires_grad": bool(conv.weight.requires_grad),
+            "device": conv.weight.device,
+        }
+        x = conv.node.args[0]
+        assert isinstance(x, fx.Node)
+        aten = isinstance(conv.node.target, torch._ops.OpOverload)
+        module = isinstance(conv.layer, nn.Module)
+        with gm.graph.inserting_before(conv.node):
+            new, name = _new_conv(
+                gm, conv.name.replace(".", "_") + "_scaled", x, module, w, b, settings, aten
+            )
+        new.meta = dict(node.meta)
+        names[name if module else name + ".weight"] = conv.name + ("" if module else ".weight")
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        for old in reversed(_path(conv.leaf)):
+            old.replace_all_uses_with(new)  # what is left reads only the shape
+            gm.graph.erase_node(old)
+        done += 1
+    return done
+
+
+def _scaled_conv(
+    gm: fx.GraphModule, node: fx.Node, names: dict[str, str]
+) -> tuple[_Conv, torch.Tensor] | None:
+    """(the conv, the scale per output channel in float64) when ``node`` multiplies a
+    conv's output, which nothing else reads, by a constant that varies along the channels
+    only, without changing its shape or dtype."""
+    try:
+        if node.op not in ("call_function", "call_method") or node.target not in _MULS:
+            return None
+    except TypeError:  # an unhashable target
+        return None
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    for i in (0, 1):
+        value, other = node.args[i], node.args[1 - i]
+        if not isinstance(value, fx.Node) or (i == 1 and node.target in _IN_PLACE_MULS):
+            continue  # an in-place product writes into its first operand: the conv's
+        source, chain, exclusive = _walk(gm, value)
+        conv = _conv(gm, _Leaf(value, source, chain, 1.0, exclusive), names) if exclusive else None
+        if conv is None:
+            continue
+        scale = _channel_constant(gm, other, conv, node)
+        if scale is not None:
+            return conv, scale
+    return None
+
+
+_IN_PLACE_MULS = frozenset({operator.imul, _aten.mul_.Tensor, "mul_"})
+
+
+def _channel_constant(
+    gm: fx.GraphModule, value: object, conv: _Conv, node: fx.Node
+) -> torch.Tensor | None:
+    """``value`` as one float64 scale per output channel of ``conv``, or None."""
+    c_out, rank = int(conv.weight.shape[0]), conv.weight.dim()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        const = torch.full((c_out,), float(value), dtype=torch.float64)
+    elif isinstance(value, fx.Node) and value.op == "get_attr":
+        obj: Any = gm
+        try:
+            for part in str(value.target).split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            return None
+        if not isinstance(obj, torch.Tensor) or obj.dtype != conv.weight.dtype:
+            return None
+        shape = (1,) * (rank - obj.dim()) + tuple(obj.shape)
+        if obj.dim() > rank or any(n != 1 for i, n in enumerate(shape) if i != 1):
+            return None
+        if shape[1] not in (1, c_out):
+            return None
+        const = obj.detach().to(torch.float64).reshape(-1).expand(c_out).clone()
+    else:
+        return None
+    for k in range(max(1, shape_sets(gm))):
+        out = shape_of(conv.node, k)
+        if out is None or len(out) != rank or shape_of(node, k) != out:
+            return None
+    return const

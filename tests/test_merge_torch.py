@@ -202,6 +202,35 @@ def test_inplace_iadd_and_constant_zero_merge():
         assert rel_err(result.module(x), float64_reference(model, x)) < 1e-5
 
 
+def test_layer_scaled_sum_merges_with_its_skip():
+    """FastViT's RepMixer, ``x + gamma * (mixer(x) - norm(x))``: the difference merges, the
+    per-channel scale folds into the merged conv, and the sum with ``x`` merges too: one
+    conv, no BN, no multiplication left."""
+
+    class RepMixer(nn.Module):
+        def __init__(self, c: int = 4):
+            super().__init__()
+            self.kxk, self.bn_kxk = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c)
+            self.scale, self.bn_scale = nn.Conv2d(c, c, 1, groups=c), nn.BatchNorm2d(c)
+            self.identity, self.norm = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+            self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+        def forward(self, x):
+            mixer = self.bn_kxk(self.kxk(x)) + self.bn_scale(self.scale(x)) + self.identity(x)
+            return x + self.gamma * (mixer - (0 + self.norm(x)))
+
+    model = randomize_all(RepMixer())
+    x = torch.randn(2, 4, 7, 7)
+    result = bnfold.fold(model, x)
+    assert result.skipped == () and bn_left(result.module) == 0
+    ops = [n for n in result.module.graph.nodes if n.op not in ("placeholder", "output")]
+    assert len(ops) == 1 and convs_run(result.module) == 1, result.module.code
+    assert {f.bn: f.rule for f in result.folded}["norm"] == "branch_merge"
+    for sample in (x, torch.randn(1, 4, 12, 12)):
+        with torch.no_grad():
+            assert rel_err(result.module(sample), float64_reference(model, sample)) < 1e-5
+
+
 # --------------------------------------------------------------------------- declines
 
 
@@ -450,8 +479,9 @@ def test_report_names_the_merge_in_every_format():
 )
 def test_timm_reparameterizable_models(tmp_path, name, size):
     """timm's RepVGG, MobileOne and FastViT (random weights, realistic statistics): every
-    BatchNorm folds or merges, the ONNX holds no BatchNormalization and as many Conv nodes
-    as timm's own ``reparameterize_model`` leaves, and computes what it computes."""
+    BatchNorm folds or merges, the ONNX holds no BatchNormalization, as many Conv nodes as
+    timm's own ``reparameterize_model`` leaves and no more nodes in all, and computes what
+    timm's reparameterized model computes."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -466,10 +496,15 @@ def test_timm_reparameterizable_models(tmp_path, name, size):
     assert report.skipped == () and report.onnx_bn_nodes == 0, report.skipped
     assert report.verification is not None and report.verification.passed
     assert report.merged
-    convs = sum(n.op_type == "Conv" for n in onnx.load(str(out)).graph.node)
     timm_model = reparameterize_model(copy.deepcopy(model))
-    assert convs <= sum(isinstance(m, nn.Conv2d) for m in timm_model.modules())
     x = torch.randn(1, 3, size, size)
+    timm_out = tmp_path / "timm.onnx"
+    torch.onnx.export(timm_model, (x,), str(timm_out), dynamo=True, verbose=False)
+    ours_nodes = onnx.load(str(out)).graph.node
+    timm_nodes = onnx.load(str(timm_out)).graph.node
+    convs = sum(n.op_type == "Conv" for n in ours_nodes)
+    assert convs <= sum(n.op_type == "Conv" for n in timm_nodes)
+    assert len(ours_nodes) <= len(timm_nodes)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (ours,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
