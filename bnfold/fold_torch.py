@@ -236,6 +236,12 @@ def _merge_branches(
         d = again.get(node, d) if node is not None else d
         if not d.folded and node is not None:
             m = declined.get(node)
+            if (
+                m is not None
+                and m.reason is Reason.MERGE_INPUTS
+                and d.reason is not Reason.NO_NEIGHBOUR
+            ):
+                m = None  # a BN reading something else than the convs: its own reason says more
             if m is None and d.reason is Reason.NO_NEIGHBOUR and d.site is not None:
                 m = sums.get(value_source(gm, d.site.input))
                 if m is not None:
