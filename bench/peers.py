@@ -155,6 +155,7 @@ class Case:
     group: str  # "hand-built" or "zoo"
     build: Callable[[], nn.Module]
     shape: tuple[int, ...]  # the input, batch included
+    reparam: bool = False  # timm's reparameterize_model is measured beside the tools
 
 
 def _tv(arch: str) -> Callable[[], nn.Module]:
@@ -202,7 +203,11 @@ ZOO = [
     Case("timm rexnet_100", "zoo", _timm("rexnet_100"), IMAGE),
     Case("timm resnet26d", "zoo", _timm("resnet26d"), IMAGE),
     Case("timm dla34", "zoo", _timm("dla34"), IMAGE),
+    Case("timm repvgg_a0", "zoo", _timm("repvgg_a0"), IMAGE, reparam=True),
+    Case("timm mobileone_s0", "zoo", _timm("mobileone_s0"), IMAGE, reparam=True),
+    Case("timm fastvit_t8", "zoo", _timm("fastvit_t8"), IMAGE, reparam=True),
 ]
+REPARAM = "timm reparameterize"
 
 
 def populate(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
@@ -286,6 +291,7 @@ class Cell:
     onnx: Path | None = None  # the file whose latency is measured
     failed: str | None = None
     note: str = ""
+    convs: int | None = None  # Conv nodes in that file
 
     @property
     def wrong(self) -> bool:
@@ -423,8 +429,30 @@ def measure_case(case: Case) -> Row:
             except Exception as e:  # noqa: BLE001 - a failing tool is a result
                 row.cells[tool] = Cell(failed=_first_line(e))
         row.cells.pop("_unfolded", None)
+        if case.reparam:
+            try:
+                row.cells[REPARAM] = run_reparam(model, inputs, refs, work)
+            except Exception as e:  # noqa: BLE001 - a failing tool is a result
+                row.cells[REPARAM] = Cell(failed=_first_line(e))
         latencies(row, inputs[0])
+        for cell in row.cells.values():
+            if cell.onnx is not None:
+                cell.convs = sum(n.op_type == "Conv" for n in onnx.load(str(cell.onnx)).graph.node)
     return row
+
+
+def run_reparam(model: nn.Module, inputs, refs, work: Path) -> Cell:
+    """timm's own ``reparameterize_model`` (each block's ``reparameterize()``) on a copy,
+    then the dynamo export: the architecture's authors' answer to the branches bnfold
+    merges from the graph."""
+    from timm.utils.model import reparameterize_model
+
+    path = work / "timm_reparameterize.onnx"
+    start = time.perf_counter()
+    merged = reparameterize_model(copy.deepcopy(model))
+    quiet(torch.onnx.export, merged, (inputs[0],), str(path), dynamo=True)
+    seconds = time.perf_counter() - start
+    return Cell(bn_in_onnx(path), onnx_error(path, inputs, refs), seconds, onnx=path)
 
 
 def unused_bn(model: nn.Module, x: torch.Tensor) -> int:
@@ -493,7 +521,11 @@ def best_peer(row: Row) -> int | None:
     left = [
         c.bn_left
         for t, c in row.cells.items()
-        if t != "bnfold" and c.failed is None and not c.wrong and c.bn_left is not None
+        if t in TOOLS
+        and t != "bnfold"
+        and c.failed is None
+        and not c.wrong
+        and c.bn_left is not None
     ]
     return min(left) if left else None
 
@@ -675,6 +707,31 @@ def page(rows: list[Row], seconds: float, command: str, started: str, load: str)
         "",
         *table(rows, "nodes"),
     ]
+    reparam = [r for r in rows if r.case.reparam]
+    if reparam:
+        lines += [
+            "",
+            "## Re-parameterizable models: bnfold against timm's `reparameterize_model`",
+            "",
+            "RepVGG, MobileOne and FastViT sum parallel branches (`BN(conv_kxk(x)) + "
+            "BN(conv_1x1(x)) + BN(x)`); bnfold merges them from the graph (rule "
+            "`branch_merge`), timm with each block's own `reparameterize()` "
+            "(`timm.utils.model.reparameterize_model` on a copy, then the dynamo export).",
+            "",
+            "| model | tool | BN left | Conv nodes | nodes | error | latency (ms) |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in reparam:
+            for tool in ("bnfold", "dynamo export", REPARAM):
+                c = r.cells.get(tool)
+                if c is None or c.failed is not None:
+                    lines.append(f"| {r.case.name} | {tool} | failed | | | | |")
+                    continue
+                lines.append(
+                    f"| {r.case.name} | {tool} | {fmt(c, 'bn_left')} | "
+                    f"{'-' if c.convs is None else c.convs} | {fmt(c, 'nodes')} | "
+                    f"{fmt(c, 'error')} | {fmt(c, 'latency_ms')} |"
+                )
     notes = (
         [
             f"- {t} on {r.case.name}: failed: {c.failed}"
