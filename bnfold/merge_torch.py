@@ -402,7 +402,7 @@ def merge_branches(
     by_node = {site.node: site for site in sites}
     merges: list[Merge] = []
     for root in _roots(gm):
-        if root.graph is not gm.graph or root not in root.graph.nodes:
+        if getattr(root, "_erased", False):  # inside a tree rewritten before
             continue
         tree = _tree(gm, root)
         groups, stray, conv_inputs = _groups(gm, tree, by_node, names, check_bn)
@@ -903,7 +903,7 @@ def scale_convs(gm: fx.GraphModule, names: dict[str, str], check_layer: Any) -> 
         names[name if module else name + ".weight"] = conv.name + ("" if module else ".weight")
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        for old in reversed(_path(conv.leaf)):
+        for old in _path(conv.leaf):  # from the product's operand down to the conv
             old.replace_all_uses_with(new)  # what is left reads only the shape
             gm.graph.erase_node(old)
         done += 1
