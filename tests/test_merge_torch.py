@@ -178,6 +178,17 @@ def test_merged_module_runs_exports_and_saves(tmp_path):
         assert torch.equal(program.module()(x), result.module(x))
 
 
+def test_merge_rounds_once_into_the_model_dtype():
+    """A float64 model merges into a float64 conv, equal to the original to float64
+    rounding."""
+    model = randomize_all(Block()).double()
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    result = bnfold.fold(model, x)
+    assert result.module.get_submodule(result.merged[0].into).weight.dtype == torch.float64
+    with torch.no_grad():
+        assert rel_err(result.module(x), model(x)) < 1e-12
+
+
 def test_inplace_iadd_and_constant_zero_merge():
     """MobileOne's sum (``out = 0; out += conv(x)``, ``out += 0``) merges too."""
 
