@@ -24,6 +24,10 @@ that keep their centres aligned and one padding mode among the branches that pad
 identity branch needs stride 1, centred padding, an odd kernel and ``C_in == C_out``.
 A conv called elsewhere too (or whose weights are read elsewhere) is fine: the merge makes
 a new conv and never writes to the old one.
+
+``scale_convs`` serves the same end: a merged conv whose output is multiplied by a constant
+per channel (timm's ``LayerScale2d``) takes the scale into its weights, so that the sum
+around it (FastViT's ``x + gamma * (mixer(x) - norm(x))``) merges in the next round.
 """
 
 from __future__ import annotations
