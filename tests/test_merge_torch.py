@@ -481,6 +481,63 @@ def test_report_names_the_merge_in_every_format():
     assert "merged → a_merged (branch_merge): a, b, identity, 1 skip" in text
 
 
+REPVGG_SOURCE = """
+import torch
+from torch import nn
+
+
+class Rep(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.kxk, self.bn_kxk = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.k1, self.bn_k1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return torch.relu(self.bn_kxk(self.kxk(x)) + self.bn_k1(self.k1(x)) + self.identity(x))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "markdown", "table"])
+def test_cli_fuse_names_the_merge(tmp_path, fmt):
+    """``bnfold fuse`` on a RepVGG block from a state_dict: no BatchNormalization left, and
+    every output format names the merge (rule, merged conv, branches)."""
+    import json
+
+    import onnx
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+    from tests.helpers import write_arch
+
+    arch, namespace = write_arch(tmp_path, REPVGG_SOURCE, stem="rep")
+    model = randomize_all(namespace["Rep"]())
+    torch.save(model.state_dict(), tmp_path / "rep.pt")
+    out = tmp_path / "rep.onnx"
+    args = ["fuse", str(tmp_path / "rep.pt"), "--arch", f"{arch}:Rep", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--input-shape", "1,3,8,8", "--format", fmt])
+    assert result.exit_code == 0, result.output
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(out)).graph.node)
+    if fmt == "json":
+        report = json.loads(result.stdout)
+        (merge,) = report["merged"]
+        assert merge == {
+            "into": "kxk_merged",
+            "rule": "branch_merge",
+            "convs": ["kxk", "k1"],
+            "identity_bns": ["identity"],
+            "skips": 0,
+        }
+        merged_bn = {f["bn"]: f for f in report["folded"]}["identity"]
+        assert (merged_bn["direction"], merged_bn["into"]) == ("merge", "kxk_merged")
+        assert report["skipped"] == [] and report["onnx_bn_nodes"] == 0
+    else:
+        text = " ".join(result.stdout.split())
+        assert "kxk_merged" in text and "branch_merge" in text and "identity" in text
+
+
 # --------------------------------------------------------------------------- real models
 
 
