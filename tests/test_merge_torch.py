@@ -265,11 +265,14 @@ class Pair(nn.Module):
         return self.post(y)
 
 
-def kept(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
-    """Fold ``model`` (eval, random statistics); the BNs kept and their reason codes.  The
-    folded module must still compute the original."""
+def kept(model: nn.Module, x: torch.Tensor, capture: str = "fx") -> dict[str, str]:
+    """Fold ``model`` (eval, random statistics) after capturing it with ``capture``; the
+    BNs kept and their reason codes.  The folded module must still compute the original."""
     model = randomize_all(model)
+    if capture == "export":
+        model = _hooked(model)
     result = bnfold.fold(model, x)
+    assert result.report.capture == capture
     assert result.verification.passed
     with torch.no_grad():
         out, ref = result.module(x), float64_reference(model, x)
@@ -311,7 +314,8 @@ def test_decline_padding_modes_differ():
     }
 
 
-def test_decline_branch_used_elsewhere():
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_decline_branch_used_elsewhere(capture):
     """A branch's output also returned: merge_branch_shared."""
 
     class Shared(Pair):
@@ -320,23 +324,40 @@ def test_decline_branch_used_elsewhere():
             return self.post(y + self.identity(x)), y
 
     model = Shared(nn.Conv2d(4, 4, 3, padding=1), None, 4)
-    assert kept(model, torch.randn(2, 4, 6, 6)) == {
+    assert kept(model, torch.randn(2, 4, 6, 6), capture) == {
         "identity": "merge_branch_shared",
         "post": "merge_branch_shared",
     }
 
 
-def test_decline_groups_differ():
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_decline_groups_differ(capture):
     """A dense 3x3 beside a depthwise 1x1: merge_groups."""
     model = Pair(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1, groups=4), 4)
-    assert kept(model, torch.randn(2, 4, 6, 6))["identity"] == "merge_groups"
+    assert kept(model, torch.randn(2, 4, 6, 6), capture)["identity"] == "merge_groups"
 
 
-def test_decline_strides_differ():
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_decline_strides_differ(capture):
     """A 1x1 of stride 2 beside an unpadded 5x5 of stride 1 (both 4x4 on 8x8):
     merge_geometry on the BN after the sum."""
     model = Pair(nn.Conv2d(4, 4, 1, stride=2), nn.Conv2d(4, 4, 5), 4, identity=False)
-    assert kept(model, torch.randn(2, 4, 8, 8)) == {"post": "merge_geometry"}
+    assert kept(model, torch.randn(2, 4, 8, 8), capture) == {"post": "merge_geometry"}
+
+
+def test_decline_custom_conv_branch():
+    """A conv subclass with its own forward on a branch: custom_layer_forward."""
+
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = Pair(Doubled(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), 4)
+    model.bna = nn.Identity()  # the subclass stays: its BN could not fold into it anyway
+    assert kept(model, torch.randn(2, 4, 6, 6)) == {
+        "identity": "custom_layer_forward",
+        "post": "custom_layer_forward",
+    }
 
 
 def test_decline_sum_that_broadcasts():
