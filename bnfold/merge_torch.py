@@ -69,7 +69,7 @@ class Merge:
     convs: tuple[str, ...]  # the conv branches (their layers' names in the model)
     identities: tuple[str, ...]  # the BNs on identity branches
     skips: int  # plain skips (the input itself, summed)
-    into: str | None = None  # the merged conv (a module path, or its weight's name)
+    into: str | None = None  # the merged conv's path in the graph module
     reason: Reason | None = None
     detail: str = ""
     bn_nodes: tuple[fx.Node, ...] = field(default=(), compare=False, repr=False)
