@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import bnfold
@@ -500,6 +501,68 @@ def test_report_names_the_merge_in_every_format():
     emit(report, "table", console)
     text = console.export_text()
     assert "merged → a_merged (branch_merge): a, b, identity, 1 skip" in text
+
+
+class Scaled(nn.Identity):
+    """An Identity subclass with its own arithmetic: not a value-passing node."""
+
+    def forward(self, x):
+        return 1.5 * x
+
+
+class LayerScaled(nn.Module):
+    """A RepVGG block with a dropout on one branch and a layer-scaled skip sum after it:
+    ``x + gamma * (BN(kxk(x)) + drop(BN(k1(x))) + BN(x))``."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.kxk, self.bn_kxk = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.k1, self.bn_k1 = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.identity = nn.BatchNorm2d(c)
+        self.drop = nn.Dropout(0.2)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        y = self.bn_kxk(self.kxk(x)) + self.drop(self.bn_k1(self.k1(x))) + self.identity(x)
+        return x + self.gamma * y
+
+
+PLACES = ["kxk", "bn_kxk", "k1", "bn_k1", "identity", "drop"]
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 15))
+@given(
+    place=st.sampled_from(PLACES),
+    how=st.sampled_from(["none", "hook", "pre_hook", "subclass"]),
+    seed=st.integers(0, 2**16),
+)
+def test_what_bnfold_cannot_see_through_is_never_merged_wrong(place, how, seed):
+    """A hook (changing the output or the input) or a subclass with its own forward at a
+    random place of a layer-scaled RepVGG block: whatever merges, the folded module computes
+    what the original computes, and every BN that stays has a reason."""
+    torch.manual_seed(seed)
+    model = randomize_all(LayerScaled(), seed=seed)
+    target = getattr(model, place)
+    if how == "hook":
+        target.register_forward_hook(lambda m, args, out: out * 1.25)
+    elif how == "pre_hook":
+        target.register_forward_pre_hook(lambda m, args: (args[0] * 0.75,))
+    elif how == "subclass":
+        if place == "drop":
+            model.drop = Scaled()
+        elif isinstance(target, nn.Conv2d):
+            target.__class__ = type("Custom", (nn.Conv2d,), {"forward": Scaled.forward})
+        else:
+            target.__class__ = type("Custom", (nn.BatchNorm2d,), {"forward": Scaled.forward})
+    x = torch.randn(2, 4, 7, 7)
+    result = bnfold.fold(model, x)
+    assert result.verification.passed
+    assert all(s.reason for s in result.skipped)
+    for sample in (x, torch.randn(3, 4, 10, 10)):
+        with torch.no_grad():
+            assert rel_err(result.module(sample), float64_reference(model, sample)) < 1e-5
+    if how == "none":
+        assert result.skipped == () and convs_run(result.module) == 1
 
 
 REPVGG_SOURCE = """
