@@ -5,7 +5,9 @@ needs, once, here (eval mode, running statistics, constant parameters, a plain
 forward, finite values), then tries a backward fold into the producer of its
 input, then a forward fold into the consumer of its output.  Each BN ends up
 either folded (a ``Decision`` naming the layer, direction and rule) or kept with
-a ``Reason``.
+a ``Reason``.  After the pairwise folds, parallel branches that meet in a sum merge
+into one conv (``merge_torch``, rule ``branch_merge``: a BN on an identity branch goes
+with them), and the pairwise folds run once more for the BNs that read a merged sum.
 
 Safety: the model handed in is never modified.  The graph module built by
 capture shares the model's leaf modules, so a folded layer is always a new module
