@@ -432,8 +432,7 @@ def test_decline_in_place_sum_into_an_aliased_tensor():
             h += self.a(h)
             return h + t, alias
 
-    model = _hooked(Aliased())
-    assert kept(model, torch.randn(2, 4, 6, 6)) == {"identity": "merge_branch_shared"}
+    assert kept(Aliased(), torch.randn(2, 4, 6, 6), "export") == {"identity": "merge_branch_shared"}
 
 
 def test_shared_conv_merges_and_its_other_call_is_unchanged():
