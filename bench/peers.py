@@ -23,9 +23,7 @@ Tools, each given the same eval-mode model:
 5. onnxsim and 6. onnxruntime's ORT_ENABLE_BASIC level (``optimized_model_filepath``),
    both applied to an export that keeps every BatchNormalization (legacy exporter,
    ``do_constant_folding=False, training=TrainingMode.PRESERVE``); their time is theirs
-   alone, without that export;
-7. timm's ``reparameterize_model`` (each block's hand-written ``reparameterize()``), then
-   the dynamo export, for the models that have such blocks ("-" elsewhere).
+   alone, without that export.
 
 Per model and tool: BatchNorm left, the max error against the model run in float64 in
 PyTorch on two seeded inputs (relative to the reference's largest magnitude; onnxruntime
@@ -69,15 +67,7 @@ from bnfold.graph import bn_site, is_bn_module  # noqa: E402
 from bnfold.verify import flatten_outputs  # noqa: E402
 
 WRONG = 1e-3
-TOOLS = (
-    "bnfold",
-    "torch.fx fuse",
-    "dynamo export",
-    "legacy export",
-    "onnxsim",
-    "ORT basic",
-    "timm reparameterize",
-)
+TOOLS = ("bnfold", "torch.fx fuse", "dynamo export", "legacy export", "onnxsim", "ORT basic")
 LATENCY_ROUNDS, LATENCY_PER_ROUND = 20, 3  # 60 timed runs per tool and model
 
 
@@ -168,6 +158,7 @@ class Case:
     group: str  # "hand-built" or "zoo"
     build: Callable[[], nn.Module]
     shape: tuple[int, ...]  # the input, batch included
+    reparam: bool = False  # timm's reparameterize_model is measured beside the tools
 
 
 def _tv(arch: str) -> Callable[[], nn.Module]:
@@ -216,9 +207,9 @@ ZOO = [
     Case("timm resnet26d", "zoo", _timm("resnet26d"), IMAGE),
     Case("timm dla34", "zoo", _timm("dla34"), IMAGE),
     # re-parameterizable blocks: BN on parallel and identity branches (issue 18)
-    Case("timm repvgg_a0", "zoo", _timm("repvgg_a0"), IMAGE),
-    Case("timm mobileone_s0", "zoo", _timm("mobileone_s0"), IMAGE),
-    Case("timm fastvit_t8", "zoo", _timm("fastvit_t8"), (1, 3, 256, 256)),
+    Case("timm repvgg_a0", "zoo", _timm("repvgg_a0"), IMAGE, reparam=True),
+    Case("timm mobileone_s0", "zoo", _timm("mobileone_s0"), IMAGE, reparam=True),
+    Case("timm fastvit_t8", "zoo", _timm("fastvit_t8"), IMAGE, reparam=True),
 ]
 
 
@@ -246,6 +237,7 @@ SHIPPED = [
         "hf MobileViT",
     )
 ]
+REPARAM = "timm reparameterize"
 
 
 def populate(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
@@ -341,6 +333,7 @@ class Cell:
     onnx: Path | None = None  # the file whose latency is measured
     failed: str | None = None
     note: str = ""
+    convs: int | None = None  # Conv nodes in that file
 
     @property
     def wrong(self) -> bool:
@@ -382,15 +375,6 @@ def run_tool(tool: str, model: nn.Module, inputs, refs, work: Path, row: Row) ->
         except Exception as e:  # noqa: BLE001 - the fuse result stands; only latency is lost
             cell.note = f"its ONNX export failed: {_first_line(e)}"
         return cell
-    if tool == "timm reparameterize":
-        if not any(hasattr(m, "reparameterize") for m in model.modules()):
-            return Cell(note="no reparameterize() blocks")
-        from timm.utils.model import reparameterize_model
-
-        merged = reparameterize_model(model)  # a deep copy (inplace=False)
-        quiet(torch.onnx.export, merged, (x,), str(path), dynamo=True)
-        seconds = time.perf_counter() - start
-        return Cell(bn_in_onnx(path), onnx_error(path, inputs, refs), seconds, onnx=path)
     if tool in ("dynamo export", "legacy export"):
         quiet(torch.onnx.export, model, (x,), str(path), dynamo=tool == "dynamo export")
         seconds = time.perf_counter() - start
@@ -484,8 +468,30 @@ def measure_case(case: Case) -> Row:
             except Exception as e:  # noqa: BLE001 - a failing tool is a result
                 row.cells[tool] = Cell(failed=_first_line(e))
         row.cells.pop("_unfolded", None)
+        if case.reparam:
+            try:
+                row.cells[REPARAM] = run_reparam(model, inputs, refs, work)
+            except Exception as e:  # noqa: BLE001 - a failing tool is a result
+                row.cells[REPARAM] = Cell(failed=_first_line(e))
         latencies(row, inputs[0])
+        for cell in row.cells.values():
+            if cell.onnx is not None:
+                cell.convs = sum(n.op_type == "Conv" for n in onnx.load(str(cell.onnx)).graph.node)
     return row
+
+
+def run_reparam(model: nn.Module, inputs, refs, work: Path) -> Cell:
+    """timm's own ``reparameterize_model`` (each block's ``reparameterize()``) on a copy,
+    then the dynamo export: the architecture's authors' answer to the branches bnfold
+    merges from the graph."""
+    from timm.utils.model import reparameterize_model
+
+    path = work / "timm_reparameterize.onnx"
+    start = time.perf_counter()
+    merged = reparameterize_model(copy.deepcopy(model))
+    quiet(torch.onnx.export, merged, (inputs[0],), str(path), dynamo=True)
+    seconds = time.perf_counter() - start
+    return Cell(bn_in_onnx(path), onnx_error(path, inputs, refs), seconds, onnx=path)
 
 
 def unused_bn(model: nn.Module, x: torch.Tensor) -> int:
@@ -552,7 +558,11 @@ def best_peer(row: Row) -> int | None:
     left = [
         c.bn_left
         for t, c in row.cells.items()
-        if t != "bnfold" and c.failed is None and not c.wrong and c.bn_left is not None
+        if t in TOOLS
+        and t != "bnfold"
+        and c.failed is None
+        and not c.wrong
+        and c.bn_left is not None
     ]
     return min(left) if left else None
 
@@ -745,6 +755,31 @@ def page(rows: list[Row], seconds: float, command: str, started: str, load: str)
         "",
         *table(rows, "nodes"),
     ]
+    reparam = [r for r in rows if r.case.reparam]
+    if reparam:
+        lines += [
+            "",
+            "## Re-parameterizable models: bnfold against timm's `reparameterize_model`",
+            "",
+            "RepVGG, MobileOne and FastViT sum parallel branches (`BN(conv_kxk(x)) + "
+            "BN(conv_1x1(x)) + BN(x)`); bnfold merges them from the graph (rule "
+            "`branch_merge`), timm with each block's own `reparameterize()` "
+            "(`timm.utils.model.reparameterize_model` on a copy, then the dynamo export).",
+            "",
+            "| model | tool | BN left | Conv nodes | nodes | error | latency (ms) |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in reparam:
+            for tool in ("bnfold", "dynamo export", REPARAM):
+                c = r.cells.get(tool)
+                if c is None or c.failed is not None:
+                    lines.append(f"| {r.case.name} | {tool} | failed | | | | |")
+                    continue
+                lines.append(
+                    f"| {r.case.name} | {tool} | {fmt(c, 'bn_left')} | "
+                    f"{'-' if c.convs is None else c.convs} | {fmt(c, 'nodes')} | "
+                    f"{fmt(c, 'error')} | {fmt(c, 'latency_ms')} |"
+                )
     notes = (
         [
             f"- {t} on {r.case.name}: failed: {c.failed}"

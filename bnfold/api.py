@@ -24,6 +24,7 @@ from bnfold.reports import (
     FoldedSite,
     FuseReport,
     InspectReport,
+    MergedSite,
     RecalibrationReport,
     SkippedSite,
     Verification,
@@ -61,6 +62,7 @@ class FoldReport:
     verification: Verification
     notes: tuple[str, ...] = ()
     schema_version: int = 1
+    merged: tuple[MergedSite, ...] = ()  # parallel branches merged into one conv
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -81,6 +83,10 @@ class FoldResult:
     @property
     def skipped(self) -> tuple[SkippedSite, ...]:
         return self.report.skipped
+
+    @property
+    def merged(self) -> tuple[MergedSite, ...]:
+        return self.report.merged
 
     @property
     def verification(self) -> Verification:
@@ -117,7 +123,7 @@ def fold(
     from bnfold.fold_torch import fold_graph
     from bnfold.graph import capture_model
     from bnfold.inputs import batch_size, verification_batches, with_batch
-    from bnfold.pipeline import _in_training_mode, _sites
+    from bnfold.pipeline import _in_training_mode, _merged, _sites
     from bnfold.verify import compute_reference, verify_torch
 
     if not isinstance(model, torch.nn.Module):
@@ -159,6 +165,7 @@ def fold(
         dynamic_batch=captured.dynamic_batch,
         verification=verification,
         notes=tuple(notes),
+        merged=_merged(outcome.merges),
     )
     return FoldResult(outcome.module, report)
 

@@ -5,7 +5,9 @@ needs, once, here (eval mode, running statistics, constant parameters, a plain
 forward, finite values), then tries a backward fold into the producer of its
 input, then a forward fold into the consumer of its output.  Each BN ends up
 either folded (a ``Decision`` naming the layer, direction and rule) or kept with
-a ``Reason``.
+a ``Reason``.  After the pairwise folds, parallel branches that meet in a sum merge
+into one conv (``merge_torch``, rule ``branch_merge``: a BN on an identity branch goes
+with them), and the pairwise folds run once more for the BNs that read a merged sum.
 
 Safety: the model handed in is never modified.  The graph module built by
 capture shares the model's leaf modules, so a folded layer is always a new module
@@ -18,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
@@ -45,6 +47,7 @@ from bnfold.graph import (
     submodule,
     value_users,
 )
+from bnfold.merge_torch import Merge, merge_branches, scale_convs, value_source
 from bnfold.rules import ChannelAxis, Direction, FoldRule, Reason
 
 __all__ = ["Decision", "FoldOutcome", "fold_graph", "shared_modules"]
@@ -73,6 +76,7 @@ class FoldOutcome:
     module: fx.GraphModule
     decisions: list[Decision]
     shapes_known: bool
+    merges: list[Merge] = field(default_factory=list)  # branch merges, made or declined
 
 
 @dataclass
@@ -113,10 +117,11 @@ def fold_graph(
         seen=_read_elsewhere(gm),
     )
     decisions = _fold_sites(state, shapes_known)
+    decisions, merges = _merge_branches(state, decisions, shapes_known)
     decisions += _unseen(gm, decisions)
     _drop_unused(gm, protected)
     gm.recompile()
-    return FoldOutcome(gm, decisions, shapes_known)
+    return FoldOutcome(gm, decisions, shapes_known, merges)
 
 
 @dataclass
@@ -128,6 +133,7 @@ class _Pass:
     calls: Counter[int]  # how often the graph calls each module
     seen: AbstractSet[int]  # modules the graph also reads other than by a call
     copies: Counter[str] = field(default_factory=Counter)  # folded copies per layer path
+    origin: dict[str, str] = field(default_factory=dict)  # a folded copy's target -> the layer's
 
 
 def _fold_sites(state: _Pass, shapes_known: bool) -> list[Decision]:
@@ -185,6 +191,75 @@ def _fold_sites(state: _Pass, shapes_known: bool) -> list[Decision]:
             )
         )
     return decisions
+
+
+def _merge_branches(
+    state: _Pass, decisions: list[Decision], shapes_known: bool
+) -> tuple[list[Decision], list[Merge]]:
+    """After the pairwise folds: merge parallel branches that meet in a sum
+    (``merge_torch``), then fold again, so that a BN reading a merged sum folds into the
+    merged conv.  An identity branch's BN that merged is folded (rule ``branch_merge``); one
+    that stays, or a BN reading a sum that could not merge, gets the merge's reason."""
+    gm = state.gm
+    kept = [d.site for d in decisions if not d.folded and d.site is not None]
+
+    def merge() -> list[Merge]:
+        live = set(gm.graph.nodes)
+        return merge_branches(
+            gm,
+            [site for site in kept if site.node in live],
+            shapes_known=shapes_known,
+            names=state.origin,
+            check_layer=_plain_layer,
+            check_bn=_check_site,
+        )
+
+    merges = merge()
+    # a merged conv scaled per channel (LayerScale) folds the scale in and may merge again
+    for _ in range(3):
+        if not any(m.into for m in merges) or not scale_convs(gm, state.origin, _plain_layer):
+            break
+        merges = _latest(merges + merge())
+    if not merges:
+        return decisions, merges
+    again: dict[fx.Node, Decision] = {}
+    if any(m.into is not None for m in merges):
+        again = {d.site.node: d for d in _fold_sites(state, shapes_known) if d.site is not None}
+    merged = {n: m for m in merges if m.into is not None for n in m.bn_nodes}
+    declined = {n: m for m in merges if m.reason is not None for n in m.bn_nodes}
+    sums = {m.root: m for m in merges if m.reason is not None and m.root is not None}
+    out = []
+    for d in decisions:
+        node = d.site.node if d.site is not None else None
+        m = merged.get(node) if node is not None else None
+        if m is not None:
+            out.append(Decision(d.bn, d.kind, into=m.into, rule=m.rule, site=d.site))
+            continue
+        d = again.get(node, d) if node is not None else d
+        if not d.folded and node is not None:
+            m = declined.get(node)
+            if (
+                m is not None
+                and m.reason is Reason.MERGE_INPUTS
+                and d.reason is not Reason.NO_NEIGHBOUR
+            ):
+                m = None  # a BN reading something else than the convs: its own reason says more
+            if m is None and d.reason is Reason.NO_NEIGHBOUR and d.site is not None:
+                m = sums.get(value_source(gm, d.site.input))
+                if m is not None:
+                    m = replace(m, detail=f"the sum it reads does not merge: {m.detail}")
+            if m is not None:
+                d = replace(d, reason=m.reason, detail=m.detail)
+        out.append(d)
+    return out, merges
+
+
+def _latest(merges: list[Merge]) -> list[Merge]:
+    """Every merge made, and of the declines the last word on each sum."""
+    last = {(m.root, m.bn_nodes): i for i, m in enumerate(merges) if m.into is None}
+    return [
+        m for i, m in enumerate(merges) if m.into is not None or last[(m.root, m.bn_nodes)] == i
+    ]
 
 
 def _unseen(gm: fx.GraphModule, decisions: list[Decision]) -> list[Decision]:
@@ -554,7 +629,9 @@ def _apply(state: _Pass, plan: _Plan) -> str:
     if overflow:
         raise _Declined(Reason.OVERFLOW, f"folded values exceed {dtype}")
     if isinstance(layer, FunctionalLayer):
-        return _install_functional(gm, plan.layer_node, layer, w, b)
+        into = _install_functional(gm, plan.layer_node, layer, w, b)
+        state.origin[str(plan.layer_node.args[1].target)] = layer.weight_target  # type: ignore[union-attr]
+        return into
     new = _with_weights(layer, w, b)
     target = str(plan.layer_node.target)
     parent_name, _, leaf = target.rpartition(".")
@@ -566,6 +643,7 @@ def _apply(state: _Pass, plan: _Plan) -> str:
         new_target = f"{target.replace('.', '_')}_bnfold{state.copies[target]}"
         gm.add_submodule(new_target, new)
         plan.layer_node.target = new_target
+        state.origin[new_target] = state.origin.get(target, target)
     calls[id(new)] = 1
     return target
 

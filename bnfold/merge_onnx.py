@@ -72,7 +72,7 @@ from bnfold.onnx_fold import (
     _torch_dtype,
     _Write,
 )
-from bnfold.reports import Merge
+from bnfold.reports import MergedSite
 from bnfold.rules import MERGE, Reason
 
 if TYPE_CHECKING:
@@ -232,9 +232,9 @@ class _Merger:
         self.decisions = decisions
         self.index = {id(bn): i for i, (_, bn) in enumerate(found)}
         self.pairwise = [d.detail for d in decisions]  # why the pairwise pass kept each BN
-        self.merges: list[Merge] = []
+        self.merges: list[MergedSite] = []
 
-    def run(self) -> list[Merge]:
+    def run(self) -> list[MergedSite]:
         for node in list(self.graph):
             if node.graph is self.graph and _is_sum(node) and not _absorbed(node):
                 self.attempt(node)
@@ -633,15 +633,13 @@ class _Merger:
                 rule=MERGE.name,
                 detail=f"an identity branch of the sum {name}, merged into {label}",
             )
-        skip = f"{merged.x.name or 'input'} (skip)"
         self.merges.append(
-            Merge(
-                rule=MERGE.name,
+            MergedSite(
                 into=label,
-                output=last.name or "",
-                branches=tuple(_label(c.node) for c in merged.convs),
-                identity=tuple(self.decisions[self.index[id(bn)]].bn for bn in bns)
-                + (skip,) * merged.skips,
+                rule=MERGE.name,
+                convs=tuple(_label(c.node) for c in merged.convs),
+                identity_bns=tuple(self.decisions[self.index[id(bn)]].bn for bn in bns),
+                skips=merged.skips,
             )
         )
 
@@ -694,7 +692,7 @@ def _centred(
 
 def merge_branches(
     work: _Pass, found: list[tuple[str, ir.Node]], decisions: list[Decision]
-) -> list[Merge]:
+) -> list[MergedSite]:
     """Merge every sum of parallel branches in ``work``'s graph that merges exactly, in
     place.  ``found``: the BatchNormalization nodes the pairwise pass saw, with its
     ``decisions`` (updated here: identity BNs merged or kept with a ``merge_*`` reason, BNs

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     import torch
 
     from bnfold.fold_torch import Decision
-    from bnfold.reports import Merge
+    from bnfold.reports import MergedSite
 
 __all__ = [
     "BN_KIND",
@@ -92,7 +92,7 @@ _MAX_CHAIN = 32  # constant chains longer than this are not followed
 class OnnxFoldOutcome:
     model: onnx.ModelProto
     decisions: list[Decision]
-    merges: list[Merge] = field(default_factory=list)  # branch merges (merge_onnx.py)
+    merges: list[MergedSite] = field(default_factory=list)  # branch merges (merge_onnx.py)
 
 
 class _Declined(Exception):
@@ -1065,7 +1065,7 @@ def fold_model(model: ir.Model) -> list[Decision]:
     return _fold_and_merge(model)[0]
 
 
-def _fold_and_merge(model: ir.Model) -> tuple[list[Decision], list[Merge]]:
+def _fold_and_merge(model: ir.Model) -> tuple[list[Decision], list[MergedSite]]:
     """The pairwise folds, then the branch merges of ``merge_onnx.py`` (which need the
     branches' BNs folded first), then the pairwise folds again for the BNs a merge gave a
     layer to fold into (a BN after the sum now follows the merged Conv)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BnfoldError, CaptureError, ExportError, OutputError
-from bnfold.reports import FoldedSite, FuseReport, SkippedSite, Verification
+from bnfold.reports import FoldedSite, FuseReport, MergedSite, SkippedSite, Verification
 
 if TYPE_CHECKING:
     import torch
@@ -158,7 +158,7 @@ def run_fuse(
     # as its folded copy goes in, so the fold needs no second copy of the weights
     del model, loaded
     with step("Folding BatchNorm layers"):
-        folded_model, folded, skipped, ops = _fold(gm, protected)
+        folded_model, folded, skipped, ops, merged = _fold(gm, protected)
     del gm
     clock.lap("fold")
     params_after = count_params(folded_model)
@@ -223,6 +223,7 @@ def run_fuse(
         capture_detail=capture_detail,
         dynamic_batch=written["dynamic_batch"],
         torch_verification=torch_verification,
+        merged=merged,
     )
 
 
@@ -457,17 +458,24 @@ def _reference(
 
 def _fold(
     gm: torch.fx.GraphModule, protected: AbstractSet[int]
-) -> tuple[torch.fx.GraphModule, tuple[FoldedSite, ...], tuple[SkippedSite, ...], tuple[int, int]]:
+) -> tuple[
+    torch.fx.GraphModule,
+    tuple[FoldedSite, ...],
+    tuple[SkippedSite, ...],
+    tuple[int, int],
+    tuple[MergedSite, ...],
+]:
     """Fold every BN that folds exactly, leaving the modules in ``protected`` (the model's
-    own) untouched; the folded module, the report rows and the operations before and
-    after."""
+    own) untouched; the folded module, the report rows, the operations before and after,
+    and the branch merges."""
     from bnfold.fold_torch import fold_graph
 
     before = _ops(gm)
     outcome = fold_graph(gm, protected, shapes_known=True)
     gc.collect()  # modules kept alive only by reference cycles
     folded, skipped = _sites(outcome.decisions)
-    return outcome.module, folded, skipped, (before, _ops(outcome.module))
+    ops = (before, _ops(outcome.module))
+    return outcome.module, folded, skipped, ops, _merged(outcome.merges)
 
 
 def _export(
@@ -676,9 +684,8 @@ def _run_fuse_onnx(opts: FuseOptions, loaded: LoadedModel, step: Step, clock: _C
 def _sites(decisions: Sequence[Any]) -> tuple[tuple[FoldedSite, ...], tuple[SkippedSite, ...]]:
     """The fold pass's decisions as report rows: what folded, what stayed and why."""
     folded = tuple(
-        # a BN on an identity branch merged into a parallel layer has no direction
         FoldedSite(
-            d.bn, d.into, d.direction.value if d.direction else "parallel", d.rule or "", d.kind
+            d.bn, d.into, d.direction.value if d.direction else "merge", d.rule or "", d.kind
         )
         for d in decisions
         if d.folded
@@ -693,6 +700,15 @@ def _sites(decisions: Sequence[Any]) -> tuple[tuple[FoldedSite, ...], tuple[Skip
         if not d.folded
     )
     return folded, skipped
+
+
+def _merged(merges: Sequence[Any]) -> tuple[MergedSite, ...]:
+    """The branch merges the fold pass made, as report rows."""
+    return tuple(
+        MergedSite(m.into, m.rule, m.convs, m.identities, m.skips)
+        for m in merges
+        if m.into is not None
+    )
 
 
 def _ops(gm: Any) -> int:

@@ -123,14 +123,15 @@ class FoldedSite:
 
 
 @dataclass(frozen=True)
-class Merge:
-    """Parallel branches summed into one layer (rule ``branch_merge``, issue 18)."""
+class MergedSite:
+    """Parallel branches summed into one conv (rule ``branch_merge``): the conv branches and
+    the BNs on identity branches it replaced (each of those BNs is also a folded site)."""
 
+    into: str
     rule: str
-    into: str  # the layer that stays and computes the sum
-    output: str  # the tensor it now writes (the sum's)
-    branches: tuple[str, ...]  # the layers merged, ``into`` among them
-    identity: tuple[str, ...]  # identity branches: BatchNorms, or ``tensor (skip)``
+    convs: tuple[str, ...]
+    identity_bns: tuple[str, ...]
+    skips: int  # plain skips (the input itself) merged as identity kernels
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class FuseReport(_Report):
     torch_verification: Verification | None = None  # the --save-torch archive, verified
     # fuse --recalibrate-data: the statistics were re-estimated before folding
     recalibration: RecalibrationReport | None = None
-    merged: tuple[Merge, ...] = ()  # parallel branches merged into one layer (issue 18)
+    merged: tuple[MergedSite, ...] = ()  # parallel branches merged into one conv (issue 18)
 
 
 def to_dict(report: Any) -> dict[str, Any]:

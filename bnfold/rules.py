@@ -133,7 +133,15 @@ RULES: tuple[FoldRule, ...] = (
 SUM = Layer(
     "sum",
     (),
-    ("operator.add", "torch.add", "aten.add.Tensor"),
+    (
+        "operator.add",
+        "operator.iadd",
+        "torch.add",
+        "aten.add.Tensor",
+        "aten.add_.Tensor",
+        "Tensor.add",  # methods: fx's call_method
+        "Tensor.add_",
+    ),
     ("Add", "Sum"),
 )
 
@@ -275,8 +283,9 @@ class Reason(str, enum.Enum):
     )
     MERGE_GEOMETRY = (
         "merge_geometry",
-        "the summed conv branches differ in stride, dilation, output channels or rank, or "
-        "an identity branch meets a strided conv: they compute on different grids",
+        "the summed conv branches differ in stride, dilation, output channels or rank, an "
+        "identity branch meets a strided conv, or the sum broadcasts: the branches compute "
+        "on different grids",
     )
     MERGE_PADDING = (
         "merge_padding",

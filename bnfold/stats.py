@@ -418,9 +418,9 @@ def records_from_onnx(model: onnx.ModelProto) -> list[BNRecord]:
                 gamma=gamma,
                 beta=bn.bias,
                 fold_into=d.into,
-                # a BN on an identity branch merged into a parallel conv has no direction
+                # a BN on an identity branch merged into a parallel conv: "merge"
                 fold_direction=(
-                    d.direction.value if d.direction is not None else "parallel" if d.into else None
+                    d.direction.value if d.direction is not None else "merge" if d.into else None
                 ),
                 reason=d.reason.value if d.reason is not None else None,
                 reason_detail=d.detail or None,
@@ -465,6 +465,8 @@ def _apply_decisions(
             rec.name = f"{d.bn}#{seen[d.bn]}"
         rec.fold_into = d.into
         rec.fold_direction = d.direction.value if d.direction is not None else None
+        if d.rule == "branch_merge":  # an identity branch merged with its conv branches
+            rec.fold_direction = "merge"
         rec.reason = d.reason.value if d.reason is not None else None
         rec.reason_detail = d.detail or (d.reason.explanation if d.reason is not None else None)
         if d.into is not None:

@@ -114,3 +114,39 @@ MUST_STAY = st.sampled_from(
         ("train_mode", "train_mode"),
     ]
 )
+
+
+@dataclass(frozen=True)
+class BranchSet:
+    """Parallel branches summed (issue 18): conv branches, each with a BN, reading one
+    tensor, and maybe a BN on the identity branch."""
+
+    dims: int
+    channels: int
+    depthwise: bool
+    kernels: tuple[int, ...]  # one conv branch per kernel size, padding dilation * (k // 2)
+    biases: tuple[bool, ...]
+    stride: int  # 1 whenever there is an identity branch
+    dilation: int
+    padding_mode: str
+    identity: bool
+    seed: int
+
+
+@st.composite
+def branch_sets(draw: st.DrawFn) -> BranchSet:
+    identity = draw(st.booleans())
+    convs = draw(st.integers(2 - identity, 3 - identity))
+    kernels = tuple(draw(st.lists(st.sampled_from([1, 3, 5]), min_size=convs, max_size=convs)))
+    return BranchSet(
+        dims=draw(st.sampled_from([1, 2, 2, 3])),
+        channels=draw(st.integers(1, 6)),
+        depthwise=draw(st.booleans()),
+        kernels=kernels,
+        biases=tuple(draw(st.lists(st.booleans(), min_size=convs, max_size=convs))),
+        stride=1 if identity else draw(st.integers(1, 2)),
+        dilation=draw(st.sampled_from([1, 1, 2])),
+        padding_mode=draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"])),
+        identity=identity,
+        seed=draw(st.integers(0, 2**16)),
+    )

@@ -393,12 +393,12 @@ def test_repvgg_block_merges_into_the_3x3_conv():
     )
     out = assert_merged(built, (6, 6), 4)
     (merge,) = out.merges  # type: ignore[attr-defined]
-    assert (merge.into, merge.branches, merge.identity) == (
+    assert (merge.into, merge.convs, merge.identity_bns, merge.skips) == (
         "conv0",
         ("conv0", "conv1"),
         ("identity0",),
+        0,
     )
-    assert merge.output == "y"
     assert decision(out, "identity0").rule == "branch_merge"
     assert decision(out, "identity0").into == "conv0"
     assert decision(out, "bn1").into == "conv0"  # folded into conv1, which merged into conv0
@@ -604,7 +604,7 @@ def test_identity_bn_in_training_mode_keeps_its_own_reason():
     bn.attribute.append(helper.make_attribute("training_mode", 1))
     out = fold_onnx(built.model)
     assert decision(out, "identity0").reason is Reason.TRAIN_MODE
-    assert [m.branches for m in out.merges] == [("conv0", "conv1")]  # the sum without it
+    assert [m.convs for m in out.merges] == [("conv0", "conv1")]  # the sum without it
 
 
 def test_conv_branches_with_different_strides_stay_apart():
@@ -641,28 +641,28 @@ def test_cli_fuse_reports_the_merge(tmp_path):
     assert report["onnx_bn_nodes"] == 0 and report["verification"]["passed"]
     assert report["merged"] == [
         {
-            "rule": "branch_merge",
             "into": "conv0",
-            "output": "y",
-            "branches": ["conv0", "conv1"],
-            "identity": ["identity0"],
+            "rule": "branch_merge",
+            "convs": ["conv0", "conv1"],
+            "identity_bns": ["identity0"],
+            "skips": 0,
         }
     ]
     merged_bn = next(f for f in report["folded"] if f["bn"] == "identity0")
-    assert (merged_bn["rule"], merged_bn["direction"]) == ("branch_merge", "parallel")
+    assert (merged_bn["rule"], merged_bn["direction"]) == ("branch_merge", "merge")
     page = tmp_path / "report.html"
     table = CliRunner().invoke(
         app, ["fuse", str(source), "--out", str(out), "--force", "--html", str(page)]
     )
     assert table.exit_code == 0, table.output
-    merged = "merged (branch_merge): conv0 + conv1 + identity0 → conv0"
+    merged = "merged → conv0 (branch_merge): conv0, conv1, identity0"
     assert merged in table.stdout
     assert merged in page.read_text()
     markdown = CliRunner().invoke(
         app, ["fuse", str(source), "--out", str(out), "--force", "--format", "markdown"]
     )
     assert markdown.exit_code == 0, markdown.output
-    assert merged in markdown.stdout
+    assert "| `conv0` | branch_merge | `conv0`, `conv1` | `identity0` | 0 |" in markdown.stdout
 
 
 @pytest.mark.slow
@@ -712,7 +712,7 @@ def test_timm_reparameterizable_legacy_export_folds_every_bn(
 
 def test_inspect_names_the_conv_an_identity_bn_merges_into():
     """bnfold.inspect on ONNX input: the identity BN folds into the conv that stays, with
-    direction ``parallel``; the pairwise BNs fold as before."""
+    direction ``merge``; the pairwise BNs fold as before."""
     import bnfold
 
     built = build([ConvSpec((3, 3)), ConvSpec((1, 1))], ["bn"], 3, 3, (6, 6))
@@ -720,7 +720,7 @@ def test_inspect_names_the_conv_an_identity_bn_merges_into():
     layers = {layer.name: layer for layer in report.layers}
     assert (layers["identity0"].fold_into, layers["identity0"].fold_direction) == (
         "conv0",
-        "parallel",
+        "merge",
     )
     assert (layers["bn1"].fold_into, layers["bn1"].fold_direction) == ("conv0", "backward")
     assert report.summary.foldable == 3
@@ -815,7 +815,7 @@ def test_fastvit_repmixer_with_sub_and_layer_scale_merges():
     assert ops(out.model) == ["Conv"], ops(out.model)
     assert all(d.folded for d in out.decisions)
     (merge,) = out.merges
-    assert sorted(merge.identity) == ["identity0", "norm", "x (skip)"]
+    assert (sorted(merge.identity_bns), merge.skips) == (["identity0", "norm"], 1)
     rng = np.random.default_rng(10)
     for batch in (1, 3):
         x = f32(rng.normal(size=(batch, 3, 5, 5)))
@@ -859,7 +859,7 @@ def test_product_of_two_tensors_is_not_a_sum():
     check(m)
     out = fold_onnx(m)
     assert sorted(ops(out.model)) == ["Add", "Conv", "Conv", "Mul"]
-    assert [(g.branches, g.identity) for g in out.merges] == [(("conv0",), ("identity0",))]
+    assert [(g.convs, g.identity_bns) for g in out.merges] == [(("conv0",), ("identity0",))]
     x = f32(np.random.default_rng(12).normal(size=(2, 2, 4, 4)))
     assert_close(run(out.model, x), run(m, x).astype(np.float64))
 
@@ -899,7 +899,7 @@ def test_branches_merge_beside_another_summand(before):
     assert ops(out.model) == ["Conv", "Add"]
     assert decision(out, "identity0").rule == "branch_merge"
     (merge,) = out.merges
-    assert merge.branches == ("conv0", "conv1")
+    assert merge.convs == ("conv0", "conv1")
     assert [o.name for o in out.model.graph.output] == ["y"]
     rng = np.random.default_rng(11)
     x, r = (f32(rng.normal(size=(2, 2, 4, 4))) for _ in range(2))
@@ -913,7 +913,7 @@ def test_inner_sum_merges_when_the_outer_sum_subtracts_another_tensor():
     out = fold_onnx(m)
     assert ops(out.model) == ["Conv", "Sub"]
     (merge,) = out.merges
-    assert merge.output == "block"
+    assert [n.output[0] for n in out.model.graph.node if n.op_type == "Conv"] == ["block"]
     rng = np.random.default_rng(13)
     x, r = (f32(rng.normal(size=(2, 2, 4, 4))) for _ in range(2))
     assert_close(run_with_r(out.model, x, r), built.reference(x) - r)

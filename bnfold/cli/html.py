@@ -18,6 +18,8 @@ from bnfold import __version__
 from bnfold.errors import OutputError
 from bnfold.reports import BNLayerReport, FuseReport, InspectReport, Spread
 
+_ARROWS = {"backward": "→", "forward": "←", "merge": "⇉"}
+
 __all__ = ["EXTENSIONS", "check_html_path", "explanations", "fuse_html", "inspect_html"]
 
 EXTENSIONS = (".html", ".htm")
@@ -141,12 +143,9 @@ def _picture(png: bytes | None, missing: str | None) -> list[str]:
     ]
 
 
-_ARROW = {"backward": "→", "forward": "←"}  # "parallel": merged beside a conv, "+"
-
-
 def _fold_cell(layer: BNLayerReport) -> str:
     if layer.fold_into:
-        arrow = _ARROW.get(layer.fold_direction or "", "+")
+        arrow = {"backward": "→", "forward": "←"}.get(layer.fold_direction or "", "⇉")
         return (
             f'<span class="ok">{arrow}</span> {_e(layer.fold_into)} '
             f'<span class="muted">({_e(layer.fold_direction)})</span>'
@@ -396,13 +395,19 @@ def fuse_html(
         items.append(("timings", ", ".join(f"{_e(k)} {v:.2f} s" for k, v in r.timings.items())))
     folded = [
         f"<tr><td>{_e(f.bn)}</td><td>{_e(f.bn_kind)}</td><td>{_e(f.into)}</td>"
-        f"<td>{_ARROW.get(f.direction, '+')} {_e(f.direction)}</td>"
+        f"<td>{_ARROWS.get(f.direction, '')} {_e(f.direction)}</td>"
         f"<td><code>{_e(f.rule)}</code></td></tr>"
         for f in r.folded
     ]
     kept = [
         f"<tr><td>{_e(k.bn)}</td><td><code>{_e(k.reason)}</code></td><td>{_e(k.detail)}</td></tr>"
         for k in r.skipped
+    ]
+    merged = [
+        f"<tr><td>{_e(m.into)}</td><td><code>{_e(m.rule)}</code></td>"
+        f"<td>{_e(', '.join(m.convs))}</td><td>{_e(', '.join(m.identity_bns))}</td>"
+        f"<td>{m.skips}</td></tr>"
+        for m in r.merged
     ]
     output = Path(r.output).name if r.output else "(no output)"
     body = [
@@ -411,10 +416,19 @@ def fuse_html(
         *_verification(r),
         f"<h2>Folded ({len(r.folded)})</h2>",
         '<p class="muted">backward: into the layer that produces the BatchNorm\'s input; '
-        "forward: into the layer that consumes its output.</p>",
+        "forward: into the layer that consumes its output; merge: an identity branch merged "
+        "with the conv branches it is summed with.</p>",
         _table(["BN", "kind", "folded into", "direction", "rule"], folded)
         if folded
         else "<p>none</p>",
+        *(
+            [
+                f"<h2>Branches merged ({len(r.merged)})</h2>",
+                _table(["merged into", "rule", "conv branches", "identity BNs", "skips"], merged),
+            ]
+            if merged
+            else []
+        ),
         f"<h2>Kept, and why ({len(r.skipped)})</h2>",
         _table(["BN", "reason", "detail"], kept) if kept else "<p>none: every BatchNorm folded</p>",
     ]

@@ -15,7 +15,7 @@ from bnfold.reports import (
     DataSummary,
     FuseReport,
     InspectReport,
-    Merge,
+    MergedSite,
     RecalibrationReport,
     Spread,
     to_dict,
@@ -132,7 +132,7 @@ def data_line(d: DataSummary) -> str:
 
 def _fold_cell(layer: Any) -> str:
     if layer.fold_into:
-        arrow = {"backward": "→", "forward": "←"}.get(layer.fold_direction, "+")
+        arrow = {"backward": "→", "forward": "←"}.get(layer.fold_direction or "", "⇉")
         return f"{arrow} {layer.fold_into}"
     return f"stays: {layer.reason}" if layer.reason else "-"
 
@@ -273,13 +273,13 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
     table.add_column("BN", overflow="fold", ratio=3)
     table.add_column("result", overflow="fold", ratio=4)
     for f in r.folded:
-        arrow = {"backward": "→", "forward": "←"}.get(f.direction, "+")
-        table.add_row(Text(f.bn), Text(f"folded {arrow} {f.into} ({f.rule})", style="green"))
+        verb = "merged →" if f.direction == "merge" else "folded " + _ARROWS.get(f.direction, "→")
+        table.add_row(Text(f.bn), Text(f"{verb} {f.into} ({f.rule})", style="green"))
     for sk in r.skipped:
         table.add_row(Text(sk.bn), Text(f"stays: {sk.reason} — {sk.detail}", style="yellow"))
     console.print(table)
     for m in r.merged:
-        console.print(Text(merge_line(m), style="green"))
+        console.print(Text(merge_line(m)))
     if r.recalibration is not None:
         console.print(Text(recalibration_line(r.recalibration)))
     console.print(
@@ -305,10 +305,17 @@ def _fuse_table(r: FuseReport, console: Console) -> None:
         console.print(Text(f"note: {note}", style="dim"))
 
 
-def merge_line(m: Merge) -> str:
-    """One branch merge (issue 18) in words."""
-    summed = " + ".join((*m.branches, *m.identity))
-    return f"merged ({m.rule}): {summed} → {m.into}"
+_ARROWS = {"backward": "→", "forward": "←"}
+
+
+def _branches(m: MergedSite) -> str:
+    skips = [f"{m.skips} skip" + ("s" if m.skips > 1 else "")] if m.skips else []
+    return ", ".join([*m.convs, *m.identity_bns, *skips])
+
+
+def merge_line(m: MergedSite) -> str:
+    """One branch merge: the merged conv, the rule, the branches it replaced."""
+    return f"merged → {m.into} ({m.rule}): {_branches(m)}"
 
 
 def _capture_line(r: FuseReport) -> str:
@@ -387,7 +394,17 @@ def _fuse_markdown(r: FuseReport) -> str:
         ]
         lines.append("")
     if r.merged:
-        lines += [f"- {_md_escape(merge_line(m))}" for m in r.merged] + [""]
+        lines += ["| merged into | rule | conv branches | identity BNs | skips |"]
+        lines += ["|---|---|---|---|---|"]
+        lines += [
+            f"| `{_md_escape(m.into)}` | {m.rule} | "
+            + ", ".join(f"`{_md_escape(c)}`" for c in m.convs)
+            + " | "
+            + ", ".join(f"`{_md_escape(b)}`" for b in m.identity_bns)
+            + f" | {m.skips} |"
+            for m in r.merged
+        ]
+        lines.append("")
     if r.skipped:
         lines += ["| BN kept | reason | detail |", "|---|---|---|"]
         lines += [
