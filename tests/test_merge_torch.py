@@ -624,10 +624,40 @@ def test_cli_fuse_names_the_merge(tmp_path, fmt):
 # --------------------------------------------------------------------------- real models
 
 
+@pytest.fixture
+def flush_subnormals():
+    """Random weights drive some activations of these deep models into subnormal numbers,
+    which the CPU computes 10-20x slower (a float64 MobileOne pass: 19 s instead of 1.3 s);
+    flushing them to zero changes values by less than 1e-300."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+
+def measured(model: nn.Module, size: int) -> nn.Module:
+    """Random gamma and beta, and running statistics measured on random images (the
+    average of two train-mode batches), then eval."""
+    torch.manual_seed(0)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average
+        model.train()
+        for _ in range(2):
+            model(torch.randn(4, 3, size, size))
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "size"), [("repvgg_a0", 32), ("mobileone_s0", 32), ("fastvit_t8", 32)]
 )
+@pytest.mark.usefixtures("flush_subnormals")
 def test_timm_reparameterizable_models(tmp_path, name, size):
     """timm's RepVGG, MobileOne and FastViT (random weights, realistic statistics): every
     BatchNorm folds or merges, the ONNX holds no BatchNormalization, as many Conv nodes as
@@ -639,7 +669,8 @@ def test_timm_reparameterizable_models(tmp_path, name, size):
     import timm
     from timm.utils.model import reparameterize_model
 
-    model = randomize_all(timm.create_model(name, pretrained=False))
+    torch.manual_seed(0)
+    model = measured(timm.create_model(name, pretrained=False), size)
     out = tmp_path / f"{name}.onnx"
     report = bnfold.fuse(
         model, out, input_shapes=[(1, 3, size, size)], dynamic_batch=False, verify_batches=1
@@ -660,7 +691,6 @@ def test_timm_reparameterizable_models(tmp_path, name, size):
     (ours,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         theirs = timm_model(x).numpy()
-        ref = float64_reference(model, x).numpy()
-    scale = np.abs(ref).max()
-    assert np.abs(ours - ref).max() / scale < 1e-5
-    assert np.abs(theirs - ref).max() / scale < 1e-4
+    # bnfold's verification compared its file with a float64 run of the original (within
+    # rtol 1e-5); timm merges in float32, so the two files agree to float32 rounding
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
