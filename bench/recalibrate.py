@@ -1,12 +1,16 @@
 """Benchmarks of ``--data`` (issue 17): what it costs, and how well re-estimation works.
 
-    python bench/recalibrate.py [--runs N] [--aimet-python PATH] [--skip-cost] [--skip-quality]
+    python bench/recalibrate.py [--runs N] [--threads N] [--aimet-python PATH]
+                                [--skip-cost] [--skip-quality] [--with-drift]
 
 1. **Cost.** ``bnfold inspect resnet50.pth --arch torchvision:resnet50 --data IMAGES``
    (512 JPEG images, 224x224, ImageNet mean/std) against ``bench/bare_forward.py``, a bare
    PyTorch loop of the same forward passes on the same images decoded the same way
-   (target: at most 1.3x), and ``bnfold recalibrate --method cumulative`` against the same
-   loop. Whole commands, side by side (``harness.compare``: A B A B ..., ratios per pair).
+   (target: at most 1.3x), and ``bnfold recalibrate --method cumulative --no-drift`` (one
+   pass, BN layers in training mode) against the same loop; ``--with-drift`` also times
+   the command as it runs by default, with the two eval-mode passes that measure drift
+   before and after (three passes in all). Whole commands, side by side
+   (``harness.compare``: A B A B ..., ratios per pair).
 2. **Quality.** The shipped sample models (really trained by ``sample_models/train.py``)
    with their statistics made wrong in two common ways, re-estimated on 512 unlabelled
    samples from train.py's own generators, then scored on 2000 fresh labelled samples:
@@ -17,12 +21,15 @@
      preprocessing would), the statistics are re-estimated on unlabelled shifted data
      (AdaBN), and the model is scored on shifted data.
 
-   Methods: bnfold ``batch`` and ``sequential``, ``torch.optim.swa_utils.update_bn``,
+   Methods: bnfold ``cumulative`` and ``sequential``, ``torch.optim.swa_utils.update_bn``,
    and AIMET's ``aimet_torch.bn_reestimation.reestimate_bn_stats`` (in this interpreter
    when it imports, else in ``--aimet-python``, e.g. a virtualenv made with
    ``--system-site-packages`` and ``pip install aimet-torch``).
 
-Writes ``bench/recalibrate.json`` and prints the markdown for docs/BENCHMARKS.md.
+``--threads`` (default 1) sets torch's threads here and ``OMP_NUM_THREADS`` /
+``MKL_NUM_THREADS`` for every command timed. Writes ``bench/recalibrate.json`` after each
+part (quality, then each timed command, so an interrupted run keeps what finished) and
+prints the markdown for docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -104,7 +113,7 @@ def _batches(x, size: int):
 def _methods(include_aimet: bool):
     import torch
 
-    def bnfold_batch(model, batches):
+    def bnfold_cumulative(model, batches):
         from bnfold.data import recalibrate_module
 
         recalibrate_module(model, batches, method="cumulative")
@@ -127,7 +136,7 @@ def _methods(include_aimet: bool):
     if not include_aimet:
         methods.update(
             {
-                "bnfold cumulative": bnfold_batch,
+                "bnfold cumulative": bnfold_cumulative,
                 "bnfold sequential": bnfold_sequential,
                 "torch update_bn": update_bn,
             }
@@ -141,7 +150,7 @@ def quality(include_aimet: bool = False, batch_sizes: tuple[int, ...] = (32, 8))
     """Accuracy rows: one per model, scenario, batch size and method."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows = []
     for name in ("convnet", "mlp", "tokennet"):
         model, calibration, test_x, test_y = _task(name)
@@ -190,7 +199,11 @@ def aimet_rows(aimet_python: str | None) -> tuple[list[dict], str]:
         [aimet_python, str(Path(__file__).resolve()), "--aimet-worker"],
         capture_output=True,
         text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        env={
+            "PYTHONPATH": str(ROOT),
+            "PATH": "/usr/bin:/bin",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        },
     )
     if proc.returncode != 0:
         return [], f"{here}; {aimet_python} failed: {proc.stderr.strip().splitlines()[-1:]}"
@@ -225,7 +238,12 @@ def make_images(folder: Path, count: int = 512, size: int = 224) -> Path:
     return folder
 
 
-def cost(runs: int) -> dict:
+COMMANDS = ("inspect", "recalibrate", "recalibrate_with_drift")
+
+
+def cost(runs: int, keys: list[str], save: Callable[[dict], None], out: dict) -> dict:
+    """The timed commands named by ``keys`` (of ``COMMANDS``), into ``out``; ``save(out)``
+    after each one."""
     from harness import compare
 
     subprocess.run([PY, str(HERE / "make_models.py")], check=True, capture_output=True)
@@ -234,20 +252,30 @@ def cost(runs: int) -> dict:
     norm = ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--batch-size", "32"]
     bare = [PY, str(HERE / "bare_forward.py"), str(weights), str(images), "32"]
     bnfold = [PY, "-m", "bnfold"]
-    out = {}
-    out["inspect"] = compare(
-        [*bnfold, "inspect", str(weights), "--arch", "torchvision:resnet50", "--data", str(images),
-         *norm, "--format", "json"],
-        bare,
-        runs=runs,
-    )  # fmt: skip
-    out["recalibrate"] = compare(
-        [*bnfold, "recalibrate", str(weights), "--arch", "torchvision:resnet50", "--data",
-         str(images), *norm, "--out", str(DATA / "resnet50.recalibrated.pth"), "--force",
-         "--format", "json"],
-        bare,
-        runs=runs,
-    )  # fmt: skip
+    if "inspect" in keys:
+        out["inspect"] = compare(
+            [*bnfold, "inspect", str(weights), "--arch", "torchvision:resnet50", "--data",
+             str(images), *norm, "--format", "json"],
+            bare,
+            runs=runs,
+        )  # fmt: skip
+        out["inspect"]["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        save(out)
+    variants = [("recalibrate", ["--no-drift"]), ("recalibrate_with_drift", [])]
+    for key, drift in variants:
+        if key not in keys:
+            continue
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        out[key] = compare(
+            [*bnfold, "recalibrate", str(weights), "--arch", "torchvision:resnet50", "--data",
+             str(images), *norm, "--out", str(DATA / "resnet50.recalibrated.pth"), "--force",
+             "--method", "cumulative", *drift, "--format", "json"],
+            bare,
+            runs=runs,
+        )  # fmt: skip
+        out[key]["args"] = ["--method", "cumulative", *drift]
+        out[key]["started"] = started
+        save(out)
     return out
 
 
@@ -257,7 +285,9 @@ def cost(runs: int) -> dict:
 def markdown(results: dict) -> str:
     lines = ["## Real inputs: `inspect --data` and `recalibrate` (issue 17)", ""]
     lines.append(
-        f"`python bench/recalibrate.py --runs {results['runs']}` on {results['machine']}; "
+        f"`{results.get('command', 'python bench/recalibrate.py')}` "
+        f"({results.get('started', '')}, load average {results.get('load_average', '?')}) "
+        f"on {results['machine']}; "
         f"{results['aimet']}."
     )
     if "cost" in results:
@@ -274,14 +304,26 @@ def markdown(results: dict) -> str:
         ]
         for key, label, target in (
             ("inspect", "`bnfold inspect --data`", "≤ 1.3x"),
-            ("recalibrate", "`bnfold recalibrate --method cumulative`", ""),
+            ("recalibrate", "`bnfold recalibrate --method cumulative --no-drift`", ""),
+            ("recalibrate_with_drift", "`bnfold recalibrate --method cumulative`", ""),
         ):
+            if key not in c:
+                if key != "recalibrate_with_drift":
+                    lines.append(f"| {label} | not run | | | |")
+                continue
             r = c[key]
             ok = " ✅" if target and r["ratio_median"] <= 1.3 else (" ❌" if target else "")
+            if r.get("failures"):
+                ok += f" ({r['failures']} failed runs)"
             lines.append(
                 f"| {label} | {r['a_wall_median']:.1f} s | {r['b_wall_median']:.1f} s | "
                 f"**{r['ratio_median']:.2f}x** ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) | "
                 f"{target}{ok} |"
+            )
+        for key, how in results.get("rerun", {}).items():
+            lines.append(
+                f"\n`{key}` rerun alone ({c.get(key, {}).get('started', '?')}, load average "
+                f"{how['load_average']}): `{how['command']}`."
             )
     if "quality" in results:
         rows = results["quality"]
@@ -328,21 +370,57 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, here and timed")
+    parser.add_argument(
+        "--with-drift",
+        action="store_true",
+        help="also time recalibrate as it runs by default (with the two drift passes)",
+    )
     parser.add_argument("--aimet-python", default=None)
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=COMMANDS,
+        help="rerun only this timed command (repeatable); the rest of bench/recalibrate.json "
+        "(quality, other commands) is kept from the last run",
+    )
     parser.add_argument("--aimet-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.aimet_worker:
         print(json.dumps(quality(include_aimet=True)))
         return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)  # inherited by every command timed
     import torch
 
+    torch.set_num_threads(args.threads)
     results: dict = {
+        "command": " ".join(["python bench/recalibrate.py", *sys.argv[1:]]),
         "runs": args.runs,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s), "
         f"torch {torch.__version__}",
     }
+
+    def save(cost: dict | None = None) -> None:
+        if cost is not None:
+            results["cost"] = cost
+        (HERE / "recalibrate.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    if args.only:
+        previous = json.loads((HERE / "recalibrate.json").read_text())
+        results = {**previous, "rerun": {**previous.get("rerun", {})}}
+        for key in args.only:  # the timed entry gets its own "started"
+            results["rerun"][key] = {
+                "command": " ".join(["python bench/recalibrate.py", *sys.argv[1:]]),
+                "load_average": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
+            }
+        cost(args.runs, args.only, save, results.setdefault("cost", {}))
+        print(markdown(results))
+        return
     if not args.skip_quality:
         rows = quality()
         extra, how = aimet_rows(args.aimet_python)
@@ -350,9 +428,10 @@ def main() -> None:
         results["aimet"] = how
     else:
         results["aimet"] = "AIMET not run"
+    save()
     if not args.skip_cost:
-        results["cost"] = cost(args.runs)
-    (HERE / "recalibrate.json").write_text(json.dumps(results, indent=2))
+        keys = list(COMMANDS) if args.with_drift else list(COMMANDS[:2])
+        cost(args.runs, keys, save, {})
     print(markdown(results))
 
 

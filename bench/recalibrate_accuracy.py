@@ -19,7 +19,7 @@
    symmetric (``round(w / s) * s``, ``s = max|w| / 127`` or ``/ 7``).
 3. **Repair.** ``bnfold recalibrate`` (the real command line, in a subprocess, on a
    saved state_dict with ``--arch bench/recalibrate_accuracy.py:Net``, the 512
-   calibration images as a ``.npz``, batches of 32), with ``--method batch`` (the
+   calibration images as a ``.npz``, batches of 32), with ``--method cumulative`` (the
    default) and ``--method sequential``; AIMET's
    ``aimet_torch.bn_reestimation.reestimate_bn_stats`` on the same damaged weights and
    the same batches, in the interpreter given by ``--aimet-python`` (default
@@ -31,8 +31,9 @@
    data it meets, and on bnfold's re-estimated model: the layers with a diagnostic
    whose code contains ``drift``.
 
-Times: the whole ``bnfold recalibrate`` command (process start, imports, load, pass,
-write), and, in process on a loaded model, ``bnfold.data.recalibrate_module`` and AIMET's
+Times: the whole ``bnfold recalibrate`` command as it runs by default (process start,
+imports, load, the re-estimation pass, the two eval-mode passes that measure drift before
+and after, write), and, in process on a loaded model, ``bnfold.data.recalibrate_module`` and AIMET's
 function on the same batches, alternated in one process (AIMET's interpreter) so that the
 load of a shared machine falls on both alike. Every process runs on one thread.
 
@@ -333,7 +334,7 @@ def run_damage(damage: str, state: dict, data: dict, failures: Failures) -> dict
         "damaged": accuracy(load(bad), test_x, test_y),
         "flags_damaged": drift_flags(model_path, cal, failures, f"{damage} damaged"),
     }
-    for method in ("batch", "sequential"):
+    for method in ("cumulative", "sequential"):
         out = work / f"recalibrated.{method}.state_dict.pt"
         args = ["recalibrate", str(model_path), "--arch", ARCH, "--data", str(cal),
                 "--out", str(out), "--method", method, "--batch-size", str(BATCH), "--force",
@@ -358,7 +359,7 @@ def run_damage(damage: str, state: dict, data: dict, failures: Failures) -> dict
             "in_process_seconds": in_process_bnfold(bad, cal_x, method),
             "only_statistics_changed": unchanged,
         }
-        if method == "batch":
+        if method == "cumulative":
             row["flags_after_bnfold"] = drift_flags(out, cal, failures, f"{damage} recalibrated")
     return row
 
@@ -386,8 +387,8 @@ def aimet_worker(job: Path) -> None:
         # AIMET reads only len() of its "dataloader" and iterates it: the same batches
         reestimate_bn_stats(model, data, num_batches=len(data))
 
-    def bnfold_batch(model: nn.Module, data: list) -> None:
-        recalibrate_module(model, [[b] for b in data], method="batch")
+    def bnfold_cumulative(model: nn.Module, data: list) -> None:
+        recalibrate_module(model, [[b] for b in data], method="cumulative")
 
     torch.set_num_threads(1)
     rows = []
@@ -397,16 +398,27 @@ def aimet_worker(job: Path) -> None:
         test = np.load(item["test"])
         pairs = []
         for _ in range(PAIRED_REPEATS):
-            b, _ = timed(bnfold_batch, state, cal)
+            b, ours = timed(bnfold_cumulative, state, cal)
             a, model = timed(aimet, state, cal)
             pairs.append((b, a))
         ratios = [b / a for b, a in pairs]
+        # both average the per-batch means and unbiased variances: how far apart are the
+        # statistics (the mean in running standard deviations, the variance relative)?
+        mean_gap = var_gap = 0.0
+        for m1, m2 in zip(ours.modules(), model.modules(), strict=True):
+            if isinstance(m1, nn.modules.batchnorm._BatchNorm):
+                scale = m2.running_var + m2.eps
+                gap = (m1.running_mean - m2.running_mean).abs() / scale.sqrt()
+                mean_gap = max(mean_gap, float(gap.max()))
+                gap = (m1.running_var - m2.running_var).abs() / scale
+                var_gap = max(var_gap, float(gap.max()))
         rows.append(
             {
                 "damage": item["damage"],
                 "accuracy": accuracy(model, test["x"], test["y"]),
                 "in_process_seconds": statistics.median(a for _, a in pairs),
-                "paired_bnfold_batch_seconds": statistics.median(b for b, _ in pairs),
+                "paired_bnfold_cumulative_seconds": statistics.median(b for b, _ in pairs),
+                "stats_gap_to_bnfold_cumulative": {"mean": mean_gap, "var": var_gap},
                 "ratio_bnfold_to_aimet": [
                     statistics.median(ratios),
                     min(ratios),
@@ -525,14 +537,16 @@ def markdown(results: dict) -> str:
         "--data` runs on the calibration images: *flagged* counts the BN layers with a "
         "diagnostic whose code contains `drift`"
         + (f" (this run: {', '.join(f'`{c}`' for c in codes)})" if codes else "")
-        + ". Times: the whole `bnfold recalibrate` command in a fresh process, and in "
-        "process (model loaded) `bnfold.data.recalibrate_module` and AIMET's function; "
+        + ". Times: the whole `bnfold recalibrate` command in a fresh process (as it runs "
+        "by default: the re-estimation pass and the two eval-mode passes that measure drift "
+        "before and after), and in process (model loaded) `bnfold.data.recalibrate_module` "
+        "and AIMET's function; "
         f"one thread each. AIMET: {results['aimet']}; the script looks for it in a "
         "virtualenv made with `python -m venv --system-site-packages /tmp/aimet-venv && "
         "/tmp/aimet-venv/bin/pip install aimet-torch`, so that AIMET and bnfold run the "
         "same torch (`--aimet-python` names another interpreter).",
         "",
-        "| damage | original | damaged | bnfold `batch` | bnfold `sequential` | AIMET |",
+        "| damage | original | damaged | bnfold `cumulative` | bnfold `sequential` | AIMET |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     aimet = results["aimet_rows"]
@@ -540,7 +554,7 @@ def markdown(results: dict) -> str:
         d = r["damage"]
         lines.append(
             f"| {d} | {_pct(r['original'])} | {_pct(r['damaged'])} | "
-            f"{_pct(r.get('bnfold_batch', {}).get('accuracy'))} | "
+            f"{_pct(r.get('bnfold_cumulative', {}).get('accuracy'))} | "
             f"{_pct(r.get('bnfold_sequential', {}).get('accuracy'))} | "
             f"{_pct(aimet.get(d, {}).get('accuracy'))} |"
         )
@@ -551,7 +565,7 @@ def markdown(results: dict) -> str:
         "test images).",
         "",
         "| model, data | BN layers flagged | largest mean shift | variance ratios | "
-        "flagged after bnfold `batch` |",
+        "flagged after bnfold `cumulative` |",
         "|---|---:|---:|---|---:|",
         f"| original, clean data | {_flags(clean)} | {_shift(clean)} | {_ratios(clean)} | |",
     ]
@@ -571,26 +585,27 @@ def markdown(results: dict) -> str:
         + ", ".join(f"`{k}={v:g}`" for k, v in th.items())
         + ").",
         "",
-        "| damage | `bnfold recalibrate` command | bnfold `sequential` | bnfold `batch` | "
-        "AIMET | bnfold `batch` / AIMET (median of pairs, min–max) |",
+        "| damage | `bnfold recalibrate` command | bnfold `sequential` | bnfold `cumulative` | "
+        "AIMET | bnfold `cumulative` / AIMET (median of pairs, min–max) |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in results["rows"]:
-        b, q = r.get("bnfold_batch", {}), r.get("bnfold_sequential", {})
+        b, q = r.get("bnfold_cumulative", {}), r.get("bnfold_sequential", {})
         a = aimet.get(r["damage"], {})
-        batch = a.get("paired_bnfold_batch_seconds", b.get("in_process_seconds"))
+        cumulative = a.get("paired_bnfold_cumulative_seconds", b.get("in_process_seconds"))
         ratio = "{:.2f}x ({:.2f}–{:.2f})".format(*a["ratio_bnfold_to_aimet"]) if a else "-"
         lines.append(
             f"| {r['damage']} | {_sec(b.get('cli_seconds'))} | "
-            f"{_sec(q.get('in_process_seconds'))} | {_sec(batch)} | "
+            f"{_sec(q.get('in_process_seconds'))} | {_sec(cumulative)} | "
             f"{_sec(a.get('in_process_seconds'))} | {ratio} |"
         )
     lines += [
         "",
         f"Time to re-estimate on {CALIBRATION} images in batches of {BATCH}: the whole "
-        f"command (median of {CLI_REPEATS} runs: process start, imports, load, pass, write), "
+        f"command (median of {CLI_REPEATS} runs: process start, imports, load, the three "
+        "passes, write), "
         f"then the library calls alone on a loaded model: `sequential` median of {REPEATS} "
-        f"runs; bnfold `batch` and AIMET alternated in one process, {PAIRED_REPEATS} pairs "
+        f"runs; bnfold `cumulative` and AIMET alternated in one process, {PAIRED_REPEATS} pairs "
         f"(AIMET's interpreter, bnfold imported from this tree). Load average of the "
         f"2-core machine when the run started: {results['load_average']}.",
         "",
@@ -613,8 +628,8 @@ def reading(r: dict, aimet: dict, thresholds: dict) -> str:
     """One line per damage: the accuracy path, and what ``inspect --data`` saw."""
     o, d = round(100 * r["original"], 1), round(100 * r["damaged"], 1)
     text = f"- *{r['damage']}*: {o:.1f} → {d:.1f} damaged ({d - o:+.1f})"
-    if "bnfold_batch" in r:
-        b = round(100 * r["bnfold_batch"]["accuracy"], 1)
+    if "bnfold_cumulative" in r:
+        b = round(100 * r["bnfold_cumulative"]["accuracy"], 1)
         text += f" → {b:.1f} after `bnfold recalibrate` ({b - o:+.1f} from the original"
         text += f"; AIMET {100 * aimet['accuracy']:.1f})" if aimet else ")"
     f = r["flags_damaged"]
@@ -629,26 +644,38 @@ def reading(r: dict, aimet: dict, thresholds: dict) -> str:
 
 
 def comparison(results: dict) -> str:
-    """bnfold's two methods against AIMET: accuracy gap and time ratio, from the numbers."""
-    gaps, ratios = [], []
+    """bnfold's two methods against AIMET: accuracy gap, statistics gap, time ratio."""
+    gaps, ratios, same = [], [], []
     for r in results["rows"]:
         a = results["aimet_rows"].get(r["damage"])
-        methods = [r[k]["accuracy"] for k in ("bnfold_batch", "bnfold_sequential") if k in r]
+        methods = [r[k]["accuracy"] for k in ("bnfold_cumulative", "bnfold_sequential") if k in r]
         if a:
             methods.append(a["accuracy"])
             ratios.append(a["ratio_bnfold_to_aimet"][0])
+            if "stats_gap_to_bnfold_cumulative" in a:
+                same.append(a["stats_gap_to_bnfold_cumulative"])
         if len(methods) > 1:
             gaps.append(100 * (max(methods) - min(methods)))
     text = (
-        "bnfold's `batch` method pools the inputs of every batch exactly (its variance "
-        "includes the spread of the batch means), AIMET averages the per-batch statistics, "
-        "and `sequential` measures what each BN receives in eval mode, layer after layer."
+        "bnfold's `cumulative` method and AIMET compute the same statistics (the average "
+        "of the per-batch means and of the unbiased per-batch variances, what PyTorch's "
+        "`momentum=None` gives)"
+    )
+    if same:
+        text += (
+            " and, on the same batches, they differ by at most "
+            f"{max(g['mean'] for g in same):.1g} running standard deviations in a mean and "
+            f"{max(g['var'] for g in same):.1g} of a variance (float rounding)"
+        )
+    text += (
+        "; `sequential` measures what each BN receives in eval mode, layer after layer, "
+        "pooled over all the data."
     )
     if gaps:
-        text += f" Their accuracies are at most {max(gaps):.1f} points apart on any damage."
+        text += f" The three accuracies are at most {max(gaps):.1f} points apart on any damage."
     if ratios:
         text += (
-            f" In process, bnfold's `batch` call takes {min(ratios):.2f}x to "
+            f" In process, bnfold's `cumulative` call takes {min(ratios):.2f}x to "
             f"{max(ratios):.2f}x AIMET's time on the same batches (median ratio of "
             f"alternated pairs, per damage)."
         )
