@@ -3,8 +3,8 @@
     python bench/bare_forward.py WEIGHTS IMAGE_FOLDER [BATCH_SIZE]
 
 ResNet-50 with the weights, eval mode, inference mode; the images decoded exactly as
-bnfold decodes them (Pillow, RGB, scaled to [0, 1], normalised with the ImageNet mean and
-std), in path order, batches of 32.
+bnfold decodes them (Pillow, RGB, a contiguous (C, H, W) array scaled to [0, 1], normalised
+with the ImageNet mean and std), in path order, batches of 32.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ def main() -> None:
             for path in files[start : start + size]:
                 with Image.open(path) as img:
                     pixels.append(np.asarray(img.convert("RGB"), dtype=np.float32))
-            x = torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2) / 255.0)
+            # contiguous (N, C, H, W), as torchvision's to_tensor gives and bnfold feeds
+            x = torch.from_numpy(
+                np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2)) / 255.0
+            )
             model((x - mean) / std)
 
 
