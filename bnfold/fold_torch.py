@@ -154,16 +154,11 @@ def _fold_sites(state: _Pass, shapes_known: bool) -> list[Decision]:
                 Decision(site.name, site.kind, reason=e.reason, detail=e.detail, site=site)
             )
             continue
-        s, t = folding.bn_affine(
-            site.running_mean,  # type: ignore[arg-type]
-            site.running_var,  # type: ignore[arg-type]
-            site.weight,
-            site.bias,
-            site.eps,
-        )
-        if not folding.all_finite(s, t, site.running_var):  # type: ignore[arg-type]
+        affine = site.affine()
+        if affine is None:
             decisions.append(_nonfinite(site))
             continue
+        s, t = affine
         try:
             plan = _try_backward(gm, site, s, t, shapes_known)
         except _Declined as back:

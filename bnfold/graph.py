@@ -613,6 +613,17 @@ class BNSite:
         ref = self.running_mean if self.running_mean is not None else self.weight
         return int(ref.shape[0]) if ref is not None else -1
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The eval-mode map ``s * x + t`` (float64, ``folding.bn_affine``), or None when
+        it is not finite; only for a site with running statistics."""
+        from bnfold import folding
+
+        assert self.running_mean is not None and self.running_var is not None
+        s, t = folding.bn_affine(
+            self.running_mean, self.running_var, self.weight, self.bias, self.eps
+        )
+        return (s, t) if folding.all_finite(s, t, self.running_var) else None
+
 
 def _attr(gm: fx.GraphModule, node: Any) -> torch.Tensor | bool | None:
     """The tensor a get_attr node names; False when the argument is not a constant."""

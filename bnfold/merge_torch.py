@@ -486,15 +486,9 @@ def _groups(
             if not isinstance(getattr(e, "reason", None), Reason):
                 raise
             continue
-        s, t = folding.bn_affine(
-            site.running_mean,  # type: ignore[arg-type]
-            site.running_var,  # type: ignore[arg-type]
-            site.weight,
-            site.bias,
-            site.eps,
-        )
-        if folding.all_finite(s, t, site.running_var):  # type: ignore[arg-type]
-            bns.append(_Identity(leaf, site, s, t))
+        affine = site.affine()
+        if affine is not None:
+            bns.append(_Identity(leaf, site, *affine))
     inputs: list[fx.Node] = []
     for c in convs:
         x = c.node.args[0]
