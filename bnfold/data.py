@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, nullcontext
@@ -1018,6 +1019,9 @@ def measure(
         label = f"Running the batches of {source.opts.spec}"
     if loaded.onnx_model is not None:
         moments = _onnx_measure(loaded.onnx_model, source, step, label + " in onnxruntime")
+    elif _is_script(loaded.module):
+        moments = _script_measure(loaded.module, source, step, label + " in onnxruntime")
+        notes.append("TorchScript: measured on its ONNX export (legacy exporter) in onnxruntime")
     elif loaded.module is not None:
         model = loaded.module
         targets = _targets(model)
@@ -1345,6 +1349,58 @@ def _onnx_measure(
             m = moments.setdefault(bn.name, Moments(bn.channels or int(x.shape[1])))
             m.add(x)
     return moments
+
+
+def _is_script(module: Any) -> bool:
+    import torch
+
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def _script_measure(
+    model: torch.jit.ScriptModule, source: DataSource, step: Step, label: str
+) -> dict[str, Moments]:
+    """A TorchScript model's BN inputs: hooks cannot be added to a loaded ScriptModule, so
+    it is exported with the legacy ONNX exporter (which takes ScriptModules), every
+    BatchNormalization kept, and measured in onnxruntime like an ONNX model; each BN is
+    named back after its module (its ``running_mean`` is ``<module>.running_mean``)."""
+    import io
+
+    import onnx
+    import torch
+
+    first = next(iter(source.batches()))
+    names = [f"input_{i}" for i in range(len(first))]
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                tuple(first),
+                buffer,
+                dynamo=False,
+                do_constant_folding=False,
+                training=torch.onnx.TrainingMode.PRESERVE,
+                input_names=names,
+                dynamic_axes={n: {0: "batch"} for n in names},
+            )
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BnfoldError(
+            f"TorchScript hides its BatchNorm calls from Python, and its ONNX export failed "
+            f"({type(e).__name__}: {first_line})",
+            hint="use the weights (state_dict) with --arch, the torch.export archive (.pt2) "
+            "or the ONNX file",
+        ) from e
+    proto = onnx.load_from_string(buffer.getvalue())
+    by_node = {
+        n.name: n.input[3].removesuffix(".running_mean")
+        for n in proto.graph.node
+        if n.op_type == "BatchNormalization" and n.input[3].endswith(".running_mean")
+    }
+    measured = _onnx_measure(proto, source, step, label)
+    return {by_node.get(name, name): m for name, m in measured.items()}
 
 
 def _private_statistics(model: onnx.ModelProto, bns: list[_OnnxBN]) -> None:

@@ -454,13 +454,26 @@ def test_progress_names_every_batch(tmp_path):
     assert sum(label.startswith("Drift after") for label in labels) == 3
 
 
-def test_torchscript_and_bare_state_dict_cannot_be_measured(tmp_path):
-    """issue 17: TorchScript hides its BN calls and a bare state_dict has no forward: both
-    are refused with what to pass instead."""
+def test_torchscript_is_measured_through_its_onnx_export(tmp_path):
+    """issue 17: a TorchScript model runs through its legacy ONNX export in onnxruntime; each
+    BN's measured statistics, named after its module, equal those of the same weights run as
+    an nn.Module."""
+    src = source(save_npz(tmp_path / "d.npz", images(12, h=32, w=32)), batch_size=4)
+    script = measure(load_model(SAMPLES / "convnet.torchscript.pt"), src)
+    eager = measure(
+        load_model(SAMPLES / "convnet.state_dict.pt", arch=f"{SAMPLES / 'archs.py'}:ConvNet"), src
+    )
+    assert sorted(script.moments) == sorted(eager.moments) and len(eager.moments) == 6
+    for name, m in eager.moments.items():
+        got = script.moments[name]
+        assert got.count == m.count
+        np.testing.assert_allclose(got.mean, m.mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.var, m.var, rtol=1e-4, atol=1e-5)
+
+
+def test_bare_state_dict_cannot_be_measured(tmp_path):
+    """issue 17: a bare state_dict has no forward: refused with what to pass instead."""
     src = source(save_npz(tmp_path / "d.npz", images(4, h=32, w=32)))
-    with pytest.raises(BnfoldError) as info:
-        measure(load_model(SAMPLES / "convnet.torchscript.pt"), src)
-    assert "TorchScript" in info.value.one_line() and "--arch" in info.value.one_line()
     with pytest.raises(BnfoldError) as info:
         measure(load_model(SAMPLES / "convnet.state_dict.pt"), src)
     assert "pass --arch" in info.value.one_line()
