@@ -74,7 +74,7 @@ from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -1351,7 +1351,7 @@ def _onnx_measure(
     return moments
 
 
-def _is_script(module: Any) -> bool:
+def _is_script(module: Any) -> TypeGuard[torch.jit.ScriptModule]:
     import torch
 
     return isinstance(module, torch.jit.ScriptModule)
@@ -1378,7 +1378,7 @@ def _script_measure(
             torch.onnx.export(
                 model,
                 tuple(first),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # the legacy exporter writes file objects
                 dynamo=False,
                 do_constant_folding=False,
                 training=torch.onnx.TrainingMode.PRESERVE,
