@@ -264,7 +264,6 @@ def test_a_detector_torch_cannot_capture_is_refused_in_one_line(tmp_path):
     cannot capture it (data-dependent shapes after NMS) and torch.onnx.export(dynamo=True)
     fails; bnfold says so in one ``error:`` line naming both captures, exit 2, as a pickle
     and with --arch: no traceback, no ANSI colour codes, nothing on stdout, no file."""
-    pytest.importorskip("torchvision")
     case = BY_NAME["fasterrcnn_mobilenet_v3_large_320_fpn (FrozenBN)"]
     model = case.make()
     x = torch.randn(case.shape)
