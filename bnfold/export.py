@@ -15,6 +15,7 @@ written with external data in ``<out>.data`` beside the ``.onnx`` file.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import shutil
 import tempfile
@@ -22,11 +23,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bnfold.errors import ExportError, OutputError
+
+if TYPE_CHECKING:
+    from bnfold.graph import ProgramSpec
 
 __all__ = ["EXPORTERS", "ExportResult", "atomic_output", "export_onnx", "onnx_counts"]
 
@@ -81,6 +85,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     output_names: Sequence[str] | None = None,
     one_file: bool = True,
+    program: ProgramSpec | None = None,
 ) -> ExportResult:
     """Write ``folder/name`` (plus ``name.data`` for big models); return what was written.
 
@@ -95,6 +100,11 @@ def export_onnx(
     With ``dynamic_batch`` the batch axis is dynamic where the exporter manages it; when
     it does not, the file gets a static batch and the result says so (a note, and
     ``dynamic_batch=False``).
+
+    ``program`` (dynamo exporter): ``module`` is a graph unlifted from that torch.export
+    program (and folded since); it goes to the exporter as a program again
+    (``as_program``), not traced a second time.  Should the exporter refuse it, the module
+    is exported as any other.
     """
     path = Path(folder) / name
     check_opset(opset, exporter)
@@ -113,7 +123,15 @@ def export_onnx(
         try:
             if exporter == "dynamo":
                 counts, dynamic = _export_dynamo(
-                    module, inputs, path, opset, dynamic_batch, external, notes, output_names
+                    module,
+                    inputs,
+                    path,
+                    opset,
+                    dynamic_batch,
+                    external,
+                    notes,
+                    output_names,
+                    program,
                 )
             elif exporter == "legacy":
                 dynamic = _export_legacy(
@@ -271,6 +289,7 @@ def _export_dynamo(
     external: bool,
     notes: list[str],
     output_names: Sequence[str] | None,
+    spec: ProgramSpec | None,
 ) -> tuple[tuple[int, int, int], bool]:
     from bnfold.graph import dynamic_shapes
 
@@ -280,7 +299,17 @@ def _export_dynamo(
     if opset is not None:
         kwargs["opset_version"] = opset
     dynamic = dynamic_batch
-    if dynamic_batch:
+    program = None
+    if spec is not None and isinstance(module, torch.fx.GraphModule):
+        try:
+            # dynamic_shapes only names the batch axis here: the program's shapes are its own
+            shapes = dynamic_shapes(inputs) if dynamic_batch else None
+            program = torch.onnx.export(
+                as_program(module, spec), inputs, dynamic_shapes=shapes, **kwargs
+            )
+        except Exception:  # noqa: BLE001 - traced again below, as any module
+            program = None
+    if program is None and dynamic_batch:
         try:
             program = torch.onnx.export(
                 module, inputs, dynamic_shapes=dynamic_shapes(inputs), **kwargs
@@ -292,7 +321,7 @@ def _export_dynamo(
             )
             dynamic = False
             program = torch.onnx.export(module, inputs, **kwargs)
-    else:
+    elif program is None:
         program = torch.onnx.export(module, inputs, **kwargs)
     if program is None:
         raise ExportError("torch.onnx.export(dynamo=True) returned no program")
@@ -344,6 +373,92 @@ def _export_legacy(
             all_tensors_to_one_file=True,
         )
     return dynamic_batch
+
+
+def as_program(gm: torch.fx.GraphModule, spec: ProgramSpec) -> torch.export.ExportedProgram:
+    """A graph unlifted from a torch.export program (``ExportedProgram.module()``), folded
+    since, as a program again, without tracing it: a copy of the graph whose weights
+    (``get_attr`` nodes) are lifted to inputs, as torch.export lays a program out, with
+    ``spec``'s batch range and call signature.  Every node keeps the value torch.export
+    gave it; a node the fold added gets its own, computed on fake tensors.  ``gm`` is not
+    changed.  Raises when the graph holds anything a program cannot (a module call)."""
+    from torch._guards import detect_fake_mode
+    from torch.export.graph_signature import (
+        ExportGraphSignature,
+        InputKind,
+        InputSpec,
+        OutputKind,
+        OutputSpec,
+        TensorArgument,
+    )
+
+    graph = torch.fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            graph.erase_node(node)  # the unlifted module's input check; the program has its own
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    fake = detect_fake_mode(tuple(n.meta.get("val") for n in inputs))
+    if fake is None:
+        raise ValueError("the graph's inputs carry no fake values")
+    for node in inputs:
+        for dim in node.meta["val"].shape:
+            if isinstance(dim, torch.SymInt) and not dim.node.expr.free_symbols:
+                # something ran since with the symbolic sizes and pinned them
+                raise ValueError("the program's batch size is no longer symbolic")
+    weights: dict[str, torch.fx.Node] = {}
+    specs: list[InputSpec] = []
+    state: dict[str, torch.Tensor] = {}
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            target = str(node.target)
+            value = _fetch(gm, target)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{target} is not a tensor")
+            if target not in weights:
+                with graph.inserting_before(inputs[0]):
+                    lifted = graph.placeholder("p_" + target.replace(".", "_"))
+                lifted.meta["val"] = fake.from_tensor(value, static_shapes=True)
+                weights[target] = lifted
+                argument = TensorArgument(lifted.name)
+                if isinstance(value, torch.nn.Parameter):
+                    specs.append(InputSpec(InputKind.PARAMETER, argument, target))
+                else:
+                    specs.append(InputSpec(InputKind.BUFFER, argument, target, persistent=True))
+                state[target] = value
+            node.replace_all_uses_with(weights[target])
+            graph.erase_node(node)
+        elif node.op == "call_function" and "val" not in node.meta:
+            with fake:
+                args, kwargs = torch.fx.node.map_arg(
+                    (node.args, node.kwargs), lambda a: a.meta["val"]
+                )
+                node.meta["val"] = node.target(*args, **kwargs)
+        elif node.op not in ("placeholder", "call_function", "output"):
+            raise ValueError(f"a program cannot hold {node.format_node()}")
+    specs += [InputSpec(InputKind.USER_INPUT, TensorArgument(n.name), None) for n in inputs]
+    results = next(n for n in graph.nodes if n.op == "output").args[0]
+    outputs = [
+        OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(n.name), None)
+        for n in (results if isinstance(results, (list, tuple)) else (results,))
+    ]
+    root = torch.fx.GraphModule(torch.nn.Module(), graph)
+    return torch.export.ExportedProgram(
+        root=root,
+        graph=root.graph,
+        graph_signature=ExportGraphSignature(specs, outputs),
+        state_dict=state,
+        range_constraints=spec.range_constraints,
+        module_call_graph=copy.deepcopy(spec.module_call_graph),
+    )
+
+
+def _fetch(module: torch.nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def save_single_file(model: Any, path: Path) -> None:

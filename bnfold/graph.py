@@ -22,7 +22,7 @@ import io
 import math
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "is_bn_module",
     "propagate_shapes",
     "submodule",
+    "traced_shapes",
 ]
 
 _BN_FUNCTIONS = {F.batch_norm, torch.batch_norm}
@@ -308,6 +309,18 @@ class Captured:
     why: str | None  # why torch.fx was not used (None when it was)
     dynamic_batch: bool  # shapes were proven at a second batch size as well
     note: str | None = None  # why a dynamic batch was given up, when it was
+    # for a torch.export capture, what its program says beyond the graph (the batch
+    # symbol's range, the call signature): the folded graph is handed to the ONNX exporter
+    # as a program again (``export.as_program``) instead of being traced a second time
+    program: ProgramSpec | None = None
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """What an ``ExportedProgram`` holds besides its graph and weights."""
+
+    range_constraints: dict[Any, Any]
+    module_call_graph: list[Any]
 
 
 def capture_model(
@@ -345,16 +358,18 @@ def capture_model(
         assert sets is not None
         for how, strict in attempts:
             label = "torch.fx" if how == "fx" else f"torch.export(strict={strict})"
+            program: torch.export.ExportedProgram | None = None
             if how == "fx":
                 gm = traced
             else:
-                gm = _exported(
+                gm, program = _exported(
                     model, sets[0], batch == "dynamic", bool(strict), label, failures, hints
                 )
             if gm is None:
                 continue
             try:
-                propagate_shapes(gm, *sets)
+                if program is None or not traced_shapes(gm, program, sets):
+                    propagate_shapes(gm, *sets)
             except Exception as e:  # noqa: BLE001 - data-dependent shapes, a guard on the batch
                 sizes = " and ".join(str(_batch_of(s)) for s in sets)
                 failures.append(
@@ -368,7 +383,10 @@ def capture_model(
             why = failures[0] if how == "export" and traced is None else None
             if how == "export" and traced is not None:
                 why = next((f for f in failures if f.startswith("torch.fx")), None)
-            return Captured(gm, how, why, dynamic, note)
+            spec = None
+            if program is not None:
+                spec = ProgramSpec(dict(program.range_constraints), program.module_call_graph)
+            return Captured(gm, how, why, dynamic, note, spec)
     raise CaptureError(
         "the model's data flow could not be captured: " + "; ".join(failures),
         hint="; ".join(hints)
@@ -384,19 +402,19 @@ def _exported(
     label: str,
     failures: list[str],
     hints: list[str],
-) -> fx.GraphModule | None:
-    """The graph torch.export captures, or None with the failure noted."""
+) -> tuple[fx.GraphModule | None, torch.export.ExportedProgram | None]:
+    """The graph torch.export captures and its program, or None with the failure noted."""
     try:  # fresh tensors: a failed export leaves its marks on the ones it was given
         program = export_program(model, [t.clone() for t in inputs], dynamic, strict)
     except Exception as e:  # noqa: BLE001 - every capture failure is quoted in the end
         failures.append(f"{label}{' with a dynamic batch' if dynamic else ''}: {_first(e)}")
-        return None
+        return None, None
     try:
-        return capture(_unlifted(program))
+        return capture(_unlifted(program)), program
     except CaptureError as e:
         failures.append(f"{label}: {e.message}")
         hints += [e.hint] if e.hint and e.hint not in hints else []
-        return None
+        return None, None
 
 
 def _unlifted(program: torch.export.ExportedProgram) -> nn.Module:
@@ -435,10 +453,43 @@ def export_program(
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            return torch.export.export(model, tuple(example), dynamic_shapes=shapes, strict=strict)
+            with _attributes_kept(model):
+                return torch.export.export(
+                    model, tuple(example), dynamic_shapes=shapes, strict=strict
+                )
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Put every module's attributes back as they were before torch.export traced it.
+
+    A trace runs the model's own Python on fake tensors: whatever ``forward`` stores on
+    its modules stays there.  torch.export puts back the attributes a module had, but not
+    new ones: ultralytics' detection head caches its anchors and the input shape in
+    instance attributes that shadow class attributes, which would stay fake tensors and
+    symbolic sizes, and the model would fail, or pin the program's batch size, the next
+    time it runs for real (the batch size it was exported at).
+    """
+    saved = [
+        (m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
+        for m in model.modules()
+    ]
+    try:
+        yield
+    finally:
+        for module, attributes, parameters, buffers, children in saved:
+            for store, before in (
+                (module._parameters, parameters),
+                (module._buffers, buffers),
+                (module._modules, children),
+            ):
+                store.clear()
+                store.update(before)
+            vars(module).clear()
+            vars(module).update(attributes)
 
 
 def _batch_of(inputs: Sequence[torch.Tensor]) -> int | None:
@@ -570,6 +621,76 @@ def propagate_shapes(
         node.meta["shapes"] = tuple(shapes)
         if shapes[0] is not None:
             node.meta["shape"] = shapes[0]
+
+
+def traced_shapes(
+    gm: fx.GraphModule,
+    program: torch.export.ExportedProgram,
+    input_sets: Sequence[Sequence[torch.Tensor]],
+) -> bool:
+    """Record shapes as ``propagate_shapes`` does, read from the program ``gm`` was
+    unlifted from instead of recomputed: torch.export gives every node a shape in terms of
+    the batch symbol, proven for the symbol's whole range, so each input set's shapes are
+    that symbol replaced by its batch size.  False (nothing recorded) when any input does
+    not bind plainly (a size that is an expression, out of the range, or disagrees), or a
+    node's shape does not resolve (a data-dependent size): ``propagate_shapes`` runs then.
+
+    Only for a program exported here and now: a ``.pt2`` file's recorded shapes are the
+    file's word, and a file's word is no proof.
+    """
+    import sympy
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    bindings: list[dict[Any, int]] = []
+    for inputs in input_sets:
+        if len(inputs) != len(placeholders):
+            return False
+        env: dict[Any, int] = {}
+        for node, tensor in zip(placeholders, inputs, strict=True):
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor) or val.dim() != tensor.dim():
+                return False
+            for dim, size in zip(val.shape, tensor.shape, strict=True):
+                if not isinstance(dim, torch.SymInt):
+                    if int(dim) != size:
+                        return False
+                    continue
+                symbol = dim.node.expr
+                bounds = program.range_constraints.get(symbol)
+                if not isinstance(symbol, sympy.Symbol) or bounds is None:
+                    return False
+                if not bounds.lower <= size <= bounds.upper or env.setdefault(symbol, size) != size:
+                    return False
+        bindings.append(env)
+    found: dict[fx.Node, list[tuple[int, ...] | None]] = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            shapes = [_resolved(val.shape, env) for env in bindings]
+            if any(shape is None for shape in shapes):
+                return False
+            found[node] = shapes
+        else:
+            found[node] = [None] * len(bindings)
+    for node, shapes in found.items():
+        node.meta["shapes"] = tuple(shapes)
+        if shapes[0] is not None:
+            node.meta["shape"] = shapes[0]
+    return True
+
+
+def _resolved(shape: Sequence[Any], env: dict[Any, int]) -> tuple[int, ...] | None:
+    """A symbolic shape with its symbols replaced by ``env``'s sizes, None if any remain."""
+    import sympy
+
+    sizes = []
+    for dim in shape:
+        if isinstance(dim, torch.SymInt):
+            dim = sympy.sympify(dim.node.expr).subs(env)
+            if not dim.is_Integer:
+                return None
+        sizes.append(int(dim))
+    return tuple(sizes)
 
 
 def shape_of(node: fx.Node, k: int = 0) -> tuple[int, ...] | None:

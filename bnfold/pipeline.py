@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from bnfold.export import ExportResult
-    from bnfold.graph import Captured
+    from bnfold.graph import Captured, ProgramSpec
     from bnfold.loading import LoadedModel
     from bnfold.verify import Reference
 
@@ -141,7 +141,7 @@ def run_fuse(
         examples = _examples(opts, loaded, model, example_inputs)
         captured = _capture(model, examples)
     notes += examples.notes + ([captured.note] if captured.note else [])
-    gm, dynamic = captured.module, captured.dynamic_batch
+    gm, dynamic, program = captured.module, captured.dynamic_batch, captured.program
     capture, capture_detail = captured.how, captured.why
     del captured
     clock.lap("capture")
@@ -169,7 +169,9 @@ def run_fuse(
         if tmp is not None:
             assert reference is not None
             with step(f"Exporting ONNX ({opts.exporter})"):
-                result = _export(folded_model, dynamic, examples, opts, tmp, reference, notes)
+                result = _export(
+                    folded_model, dynamic, program, examples, opts, tmp, reference, notes
+                )
             written = _written(result, opts)
             file_reference = reference
             if dynamic and not result.dynamic_batch:
@@ -481,6 +483,7 @@ def _fold(
 def _export(
     folded_model: torch.fx.GraphModule,
     dynamic: bool,
+    program: ProgramSpec | None,
     examples: Examples,
     opts: FuseOptions,
     folder: Path,
@@ -489,7 +492,8 @@ def _export(
 ) -> ExportResult:
     """Export the folded model into ``folder`` (``opts.out``'s name), its outputs named
     after their place in the model's output structure (which folding does not change:
-    the reference's paths)."""
+    the reference's paths); a torch.export capture goes back to the exporter as the
+    program it came from (``program``), not traced again."""
     from bnfold.export import export_onnx
     from bnfold.verify import onnx_output_names
 
@@ -505,6 +509,7 @@ def _export(
         dynamic_batch=dynamic,
         output_names=names,
         one_file=False,  # joined by join_weights once the folded model is let go
+        program=program,
     )
     notes.extend(result.notes)
     return result
