@@ -156,3 +156,34 @@ def test_verification_errors_name_the_output_not_the_temporary_folder(tmp_path):
     with pytest.raises(VerifyError) as info, _named_as(written, tmp_path / "m.onnx"):
         raise VerifyError(f"onnxruntime cannot load the exported model: Load model from {written}")
     assert str(tmp_path / "m.onnx") in info.value.message and "bnfold-tmp" not in info.value.message
+
+
+def test_a_scaled_batch_does_not_widen_the_tolerance_of_the_others(tmp_path):
+    """An error that does not grow with the input (the last layer's bias shifted by 1e-4 of
+    the output's scale on ordinary inputs) fails, although beside the batch scaled by 100
+    it is under 1e-5 of the largest output seen: each batch is judged against its own
+    scale."""
+    torch.manual_seed(0)
+    model = randomize_all(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(392, 10))
+    )
+    x = torch.randn(2, 3, 9, 9)
+    folded_export(model, x, tmp_path / "m.onnx")
+    plain = random_batches([(2, 3, 9, 9)], "float32", 1)
+    batches = [*plain, [plain[0][0] * 100]]
+    with torch.no_grad():
+        scale = float(model(*plain[0]).abs().max())
+        big = float(model(*batches[1]).abs().max())
+    assert big > 20 * scale  # an affine network grows with its input
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    last = [n for n in proto.graph.node if n.op_type == "Gemm"][-1]
+    for init in proto.graph.initializer:
+        if init.name == last.input[2]:
+            bias = numpy_helper.to_array(init) + np.float32(1e-4 * scale)
+            init.CopyFrom(numpy_helper.from_array(bias.astype(np.float32), init.name))
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    v = verify_onnx(model, tmp_path / "bad.onnx", batches)
+    assert not v.passed
+    assert 1e-5 < v.max_rel_error < 1e-3
+    assert v.max_abs_error < 1e-5 * v.outputs[0].reference_max_abs  # the old, global test
+    assert verify_onnx(model, tmp_path / "m.onnx", batches).passed
