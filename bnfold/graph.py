@@ -596,19 +596,20 @@ def propagate_shapes(
     (shapes only, no arithmetic, no memory for weights); models whose code fake tensors
     cannot run are run for real.
     """
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.shape_prop import ShapeProp
 
     found: dict[fx.Node, list[tuple[int, ...] | None]] = {n: [] for n in gm.graph.nodes}
+    fake: ShapeProp | None = None  # one fake copy of the model for every input set
     for inputs in (example_inputs, *others):
         for node in gm.graph.nodes:
             node.meta.pop("tensor_meta", None)
         # ShapeProp prints a traceback of its own before raising; the caller reports it
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             try:
-                from torch._subclasses.fake_tensor import FakeTensorMode
-
-                mode = FakeTensorMode(allow_non_fake_inputs=True)
-                ShapeProp(gm, fake_mode=mode).propagate(*inputs)
+                if fake is None:
+                    fake = ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True))
+                fake.propagate(*inputs)
             except Exception:  # noqa: BLE001 - data-dependent code: fall back to real tensors
                 ShapeProp(gm).propagate(*inputs)
         for node in gm.graph.nodes:
