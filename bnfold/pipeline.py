@@ -474,6 +474,7 @@ def _fold(
 
     before = _ops(gm)
     outcome = fold_graph(gm, protected, shapes_known=True)
+    gc.collect()  # modules kept alive only by reference cycles
     folded, skipped = _sites(outcome.decisions)
     ops = (before, _ops(outcome.module))
     return outcome.module, folded, skipped, ops, _merged(outcome.merges)
