@@ -694,3 +694,31 @@ def test_timm_reparameterizable_models(tmp_path, name, size):
     # bnfold's verification compared its file with a float64 run of the original (within
     # rtol 1e-5); timm merges in float32, so the two files agree to float32 rounding
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+
+
+def test_merged_export_capture_goes_to_onnx_as_a_program(tmp_path, monkeypatch):
+    """Issue 14: the merge adds nodes torch.export never saw (the merged conv, the sum's
+    new terms); the folded program still goes to the ONNX exporter without a second
+    trace, and the file equals a float64 run of the model at another batch size."""
+    import onnx
+    import onnxruntime as ort
+
+    model = _hooked(randomize_all(Block()))
+    calls = []
+    real = torch.export.export
+
+    def counted(*args, **kwargs):
+        calls.append(type(args[0]).__name__)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counted)
+    out = tmp_path / "m.onnx"
+    report = bnfold.fuse(model, out, example_inputs=torch.randn(2, 6, 9, 9))
+    assert report.capture == "export" and report.merged and report.verification.passed
+    assert calls == ["Block"]
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("Conv") == 1 and "BatchNormalization" not in ops
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    sample = torch.randn(3, 6, 9, 9)
+    (got,) = session.run(None, {session.get_inputs()[0].name: sample.numpy()})
+    assert rel_err(torch.from_numpy(got), float64_reference(model, sample)) < 1e-5
