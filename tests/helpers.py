@@ -58,3 +58,18 @@ def assert_one_error_line(result: Any, *needles: str) -> None:
     assert "Traceback" not in result.output
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def count_torch_exports(monkeypatch: Any) -> list[str]:
+    """From now on, the class name of every model ``torch.export.export`` is called on."""
+    import torch
+
+    calls: list[str] = []
+    real = torch.export.export
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(type(args[0]).__name__)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counted)
+    return calls

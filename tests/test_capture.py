@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from bnfold.cli import app
 from bnfold.graph import capture_model
-from tests.helpers import write_arch
+from tests.helpers import count_torch_exports, write_arch
 from tests.models import randomize_all
 
 SOURCE = textwrap.dedent('''
@@ -178,14 +178,7 @@ def test_a_torch_export_capture_is_traced_once(tmp_path, monkeypatch):
     the ONNX exporter as a program; torch.export runs once in the whole fuse."""
     import bnfold
 
-    calls = []
-    real = torch.export.export
-
-    def counted(*args, **kwargs):
-        calls.append(type(args[0]).__name__)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.export, "export", counted)
+    calls = count_torch_exports(monkeypatch)
     report = bnfold.fuse(
         _splitting_model(), tmp_path / "m.onnx", example_inputs=torch.randn(2, 3, 8, 8)
     )

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnfold
+from tests.helpers import count_torch_exports
 from tests.models import float64_reference, randomize_all
 from tests.strategies import BranchSet, branch_sets
 
@@ -704,14 +705,7 @@ def test_merged_export_capture_goes_to_onnx_as_a_program(tmp_path, monkeypatch):
     import onnxruntime as ort
 
     model = _hooked(randomize_all(Block()))
-    calls = []
-    real = torch.export.export
-
-    def counted(*args, **kwargs):
-        calls.append(type(args[0]).__name__)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.export, "export", counted)
+    calls = count_torch_exports(monkeypatch)
     out = tmp_path / "m.onnx"
     report = bnfold.fuse(model, out, example_inputs=torch.randn(2, 6, 9, 9))
     assert report.capture == "export" and report.merged and report.verification.passed
