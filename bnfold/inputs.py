@@ -208,12 +208,9 @@ def verification_batches(
 
     ``count`` seeded random batches shaped and typed like ``example`` (integer inputs take
     the values they have in ``real``, the user's data, when it is given); the user's data;
-    floating-point inputs scaled by ``SCALE`` (an exporter that overflows,
-    ``log(sigmoid(x))`` for ``logsigmoid``, shows only on large inputs); and, for a dynamic
-    batch axis, one batch at ``other_batch``.  With a dynamic batch axis the scaled inputs
-    are the last sample of that batch (its other samples as they are: a mix-up of samples
-    across the batch cannot hide behind saturated outputs); else, or when no floating-point
-    input has the batch axis, they are a batch of their own, the first batch scaled.
+    one batch with the floating-point inputs scaled by ``SCALE`` (an exporter that
+    overflows, ``log(sigmoid(x))`` for ``logsigmoid``, shows only on large inputs); and,
+    for a dynamic batch axis, one batch at ``other_batch``.
     """
     shapes = [tuple(t.shape) for t in example]
     dtypes = [dtype_name(t) for t in example]
@@ -233,36 +230,18 @@ def verification_batches(
         batches += real
         fed.append(f"{real_name} ({_shapes([tuple(t.shape) for t in real[0]])})")
     base = batches[0] if batches else list(example)
-    resized = None
+    if any(t.is_floating_point() for t in base):
+        batches.append([t * SCALE if t.is_floating_point() else t for t in base])
+        fed.append(f"1 batch scaled by {SCALE:g}")
     if other is not None:
         assert size is not None
         if same < count:
             moved = [tuple(t.shape) for t in with_batch(example, other, size)]
-            (resized,) = random_batches(moved, dtypes, 1, seed=seed + 1, values=values)
+            batches += random_batches(moved, dtypes, 1, seed=seed + 1, values=values)
         else:
-            resized = with_batch(base, other, batch_size(base) or size)
-    mixed = _last_sample_scaled(resized, other) if resized is not None else None
-    if mixed is None and any(t.is_floating_point() for t in base):
-        batches.append([t * SCALE if t.is_floating_point() else t for t in base])
-        fed.append(f"1 batch scaled by {SCALE:g}")
-    if resized is not None:
-        batches.append(mixed if mixed is not None else resized)
-        scaled = f", its last sample scaled by {SCALE:g}" if mixed is not None else ""
-        fed.append(f"1 batch of batch size {other} (the batch axis is dynamic){scaled}")
+            batches.append(with_batch(base, other, batch_size(base) or size))
+        fed.append(f"1 batch of batch size {other} (the batch axis is dynamic)")
     return batches, tuple(fed)
-
-
-def _last_sample_scaled(batch: list[torch.Tensor], size: int | None) -> list[torch.Tensor] | None:
-    """``batch`` with the last sample of every floating-point input whose first axis is the
-    batch (``size`` long) scaled by ``SCALE``; None when there is no such input."""
-    out, scaled = [], False
-    for t in batch:
-        if t.is_floating_point() and t.dim() > 0 and t.shape[0] == size:
-            t = t.clone()
-            t[-1] *= SCALE
-            scaled = True
-        out.append(t)
-    return out if scaled else None
 
 
 def _shapes(shapes: Sequence[tuple[int, ...]]) -> str:

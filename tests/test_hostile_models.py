@@ -667,8 +667,7 @@ def test_save_torch_alone_is_verified(arch_file, tmp_path):
     )
     assert result.exit_code == 0, result.output
     v = report["torch_verification"]
-    assert v["passed"] and v["target"] == "torch" and v["inputs"] >= 2
-    assert any("last sample scaled by 100" in f for f in v["fed"])
+    assert v["passed"] and v["target"] == "torch" and v["inputs"] >= 3
 
 
 def test_dropout_active_at_inference_is_not_the_identity(arch_file, tmp_path):
