@@ -86,6 +86,7 @@ def export_onnx(
     output_names: Sequence[str] | None = None,
     one_file: bool = True,
     program: ProgramSpec | None = None,
+    static_inputs: Sequence[torch.Tensor] | None = None,
 ) -> ExportResult:
     """Write ``folder/name`` (plus ``name.data`` for big models); return what was written.
 
@@ -98,7 +99,8 @@ def export_onnx(
     output structure flattened in pytree order), else the exporter names them.
 
     With ``dynamic_batch`` the batch axis is dynamic where the exporter manages it; when
-    it does not, the file gets a static batch and the result says so (a note, and
+    it does not, the file gets a static batch, that of ``static_inputs`` (the batch size
+    the user gave; ``example_inputs`` by default), and the result says so (a note, and
     ``dynamic_batch=False``).
 
     ``program`` (dynamo exporter): ``module`` is a graph unlifted from that torch.export
@@ -125,6 +127,7 @@ def export_onnx(
                 counts, dynamic = _export_dynamo(
                     module,
                     inputs,
+                    tuple(static_inputs) if static_inputs is not None else inputs,
                     path,
                     opset,
                     dynamic_batch,
@@ -283,6 +286,7 @@ def _quiet() -> Iterator[None]:
 def _export_dynamo(
     module: torch.nn.Module,
     inputs: tuple[torch.Tensor, ...],
+    static_inputs: tuple[torch.Tensor, ...],
     path: Path,
     opset: int | None,
     dynamic_batch: bool,
@@ -320,7 +324,7 @@ def _export_dynamo(
                 "has a static batch"
             )
             dynamic = False
-            program = torch.onnx.export(module, inputs, **kwargs)
+            program = torch.onnx.export(module, static_inputs, **kwargs)
     elif program is None:
         program = torch.onnx.export(module, inputs, **kwargs)
     if program is None:

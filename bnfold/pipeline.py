@@ -88,6 +88,11 @@ class Examples:
     notes: list[str] = field(default_factory=list)
     given: list[torch.Tensor] | None = None  # the example at the batch size it was given
 
+    @property
+    def static(self) -> list[torch.Tensor]:
+        """The inputs a static batch is exported with: at the batch size given."""
+        return self.given if self.given is not None else self.example
+
     def other_batch(self, dynamic: bool) -> int | None:
         """With a dynamic batch axis, the size of verification's batch of another size
         than the one given: the export's example size (a batch of 1 is exported at 2),
@@ -175,7 +180,7 @@ def run_fuse(
             written = _written(result, opts)
             file_reference = reference
             if dynamic and not result.dynamic_batch:
-                file_reference = _at_batch_of(reference, examples.example)
+                file_reference = _at_batch_of(reference, examples.static)
             folded_first = _outputs_of(folded_model, file_reference.batches[0])
             clock.lap("export")
         if opts.save_torch is not None:
@@ -379,7 +384,7 @@ def _capture(model: torch.nn.Module, examples: Examples) -> Captured:
     from bnfold.graph import capture_model
     from bnfold.inputs import batch_size
 
-    given = examples.given if examples.given is not None else examples.example
+    given = examples.static
     try:
         captured = capture_model(model, examples.example, examples.other, static=given)
     except CaptureError as e:
@@ -446,7 +451,7 @@ def _reference(
     from bnfold.verify import compute_reference
 
     batches, fed = verification_batches(
-        examples.given if examples.given is not None else examples.example,
+        examples.static,
         opts.verify_batches,
         seed=opts.seed + 1,
         real=examples.real,
@@ -510,6 +515,7 @@ def _export(
         output_names=names,
         one_file=False,  # joined by join_weights once the folded model is let go
         program=program,
+        static_inputs=examples.static,
     )
     notes.extend(result.notes)
     return result

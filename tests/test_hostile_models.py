@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -350,6 +351,31 @@ MODELS = textwrap.dedent('''
 
         def forward(self, x):
             return F.logsigmoid(self.bn(self.conv(x)))
+
+
+    class RolledLogSigmoid(nn.Module):
+        """Rolls its channels by the batch size: the dynamo exporter cannot export that
+        with a dynamic batch, and falls back to a static one."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return F.logsigmoid(torch.roll(self.bn(self.conv(x)), x.shape[0], 1))
+
+
+    class LogSigmoidOfScalar(nn.Module):
+        """A second input with no batch axis, the one large values break."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x, t):
+            return self.bn(self.conv(x)) + F.logsigmoid(-t.abs())
 ''')
 
 
@@ -820,6 +846,52 @@ def test_exporter_that_overflows_on_large_inputs_is_caught(arch_file, tmp_path):
     except AssertionError:
         wrong = True
     assert (result.exit_code == 1) is wrong
+
+
+def _wrong_on_large_inputs(model, out, make_inputs, size: int) -> bool:
+    try:
+        assert_onnx_matches(model, out, make_inputs, sizes=(size,), scales=(100.0,))
+    except AssertionError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("given", [1, 2])
+def test_large_inputs_are_fed_when_the_export_falls_back_to_a_static_batch(
+    arch_file, tmp_path, given
+):
+    """Review of issue 14: when the capture has a dynamic batch but the export falls back
+    to a static one, verification keeps only the batches the file takes; the batch
+    scaled by 100 must be among them, and the file takes the batch size given (a batch of
+    1 was exported static at 2, with only the batch of another size left to verify).
+    Exit 1 exactly when the file is wrong on large inputs (checked independently)."""
+    result, report, model, out = fuse(
+        arch_file, tmp_path, "RolledLogSigmoid", shapes=(f"{given},3,8,8",)
+    )
+    assert result.exit_code in (0, 1), result.output
+    assert report["dynamic_batch"] is False
+    assert any("scaled by 100" in f for f in report["verification"]["fed"])
+    batch = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_value == given
+    wrong = _wrong_on_large_inputs(model, out, image(channels=3), given)
+    assert (result.exit_code == 1) is wrong
+
+
+def test_float_inputs_without_a_batch_axis_are_scaled_too(arch_file, tmp_path):
+    """Review of issue 14: a 0-dimensional float input is scaled by 100 in verification
+    like the batched ones (the exporter's log(sigmoid(t)) is -inf at t = -100): exit 1
+    exactly when the file is wrong there (checked independently)."""
+    result, report, model, out = fuse(
+        arch_file, tmp_path, "LogSigmoidOfScalar", shapes=("2,3,8,8", "scalar")
+    )
+    assert result.exit_code in (0, 1), result.output
+    assert any("scaled by 100" in f for f in report["verification"]["fed"])
+
+    def inputs(size: int, scale: float) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(size)
+        return [torch.randn(size, 3, 8, 8, generator=gen) * scale, torch.tensor(scale)]
+
+    assert (result.exit_code == 1) is _wrong_on_large_inputs(model, out, inputs, 2)
 
 
 def test_uncapturable_model_is_one_clean_line(tmp_path):
