@@ -396,6 +396,8 @@ def as_program(gm: torch.fx.GraphModule, spec: ProgramSpec) -> torch.export.Expo
         TensorArgument,
     )
 
+    from bnfold.graph import attribute
+
     graph = torch.fx.Graph()
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
@@ -417,7 +419,7 @@ def as_program(gm: torch.fx.GraphModule, spec: ProgramSpec) -> torch.export.Expo
     for node in list(graph.nodes):
         if node.op == "get_attr":
             target = str(node.target)
-            value = _fetch(gm, target)
+            value = attribute(gm, target)
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{target} is not a tensor")
             if target not in weights:
@@ -456,13 +458,6 @@ def as_program(gm: torch.fx.GraphModule, spec: ProgramSpec) -> torch.export.Expo
         range_constraints=spec.range_constraints,
         module_call_graph=copy.deepcopy(spec.module_call_graph),
     )
-
-
-def _fetch(module: torch.nn.Module, target: str) -> Any:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def save_single_file(model: Any, path: Path) -> None:

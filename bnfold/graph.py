@@ -37,6 +37,7 @@ __all__ = [
     "BNSite",
     "Captured",
     "ChannelLaw",
+    "attribute",
     "bn_site",
     "capture",
     "capture_model",
@@ -618,10 +619,7 @@ def propagate_shapes(
             if meta is not None and hasattr(meta, "shape"):
                 shape = tuple(int(d) for d in meta.shape)
             found[node].append(shape)
-    for node, shapes in found.items():
-        node.meta["shapes"] = tuple(shapes)
-        if shapes[0] is not None:
-            node.meta["shape"] = shapes[0]
+    _record_shapes(found)
 
 
 def traced_shapes(
@@ -673,10 +671,7 @@ def traced_shapes(
             found[node] = shapes
         else:
             found[node] = [None] * len(bindings)
-    for node, shapes in found.items():
-        node.meta["shapes"] = tuple(shapes)
-        if shapes[0] is not None:
-            node.meta["shape"] = shapes[0]
+    _record_shapes(found)
     return True
 
 
@@ -692,6 +687,14 @@ def _resolved(shape: Sequence[Any], env: dict[Any, int]) -> tuple[int, ...] | No
                 return None
         sizes.append(int(dim))
     return tuple(sizes)
+
+
+def _record_shapes(found: dict[fx.Node, list[tuple[int, ...] | None]]) -> None:
+    """Each node's shape per input set in ``meta['shapes']``, the first in ``meta['shape']``."""
+    for node, shapes in found.items():
+        node.meta["shapes"] = tuple(shapes)
+        if shapes[0] is not None:
+            node.meta["shape"] = shapes[0]
 
 
 def shape_of(node: fx.Node, k: int = 0) -> tuple[int, ...] | None:
@@ -752,11 +755,17 @@ def _attr(gm: fx.GraphModule, node: Any) -> torch.Tensor | bool | None:
     if node is None:
         return None
     if isinstance(node, fx.Node) and node.op == "get_attr":
-        obj: Any = gm
-        for part in str(node.target).split("."):
-            obj = getattr(obj, part)
+        obj = attribute(gm, str(node.target))
         return obj if isinstance(obj, torch.Tensor) else False
     return False
+
+
+def attribute(root: nn.Module, target: str) -> Any:
+    """What a ``get_attr`` target (``"layer.0.weight"``) names on ``root``."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def submodule(root: nn.Module, target: str) -> nn.Module:

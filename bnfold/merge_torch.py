@@ -46,6 +46,7 @@ from bnfold import folding
 from bnfold.graph import (
     BNSite,
     FunctionalLayer,
+    attribute,
     functional_layer,
     has_hooks,
     is_plain,
@@ -946,10 +947,8 @@ def _channel_constant(
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         const = torch.full((c_out,), float(value), dtype=torch.float64)
     elif isinstance(value, fx.Node) and value.op == "get_attr":
-        obj: Any = gm
         try:
-            for part in str(value.target).split("."):
-                obj = getattr(obj, part)
+            obj = attribute(gm, str(value.target))
         except AttributeError:
             return None
         if not isinstance(obj, torch.Tensor) or obj.dtype != conv.weight.dtype:
